@@ -1,0 +1,1 @@
+"""Checkpoint conversion between Meta's PyTorch state_dict and our Flax parameter tree."""

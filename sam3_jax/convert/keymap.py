@@ -1,0 +1,148 @@
+"""The torch <-> Flax key map: one generic rule, and the few named exceptions.
+
+Our Flax modules mirror the reference's module tree (DESIGN §1.3), so a torch key becomes a Flax
+path mechanically:
+  * ``a.b.3.c`` -> ``a / b_3 / c`` (ModuleList / Sequential indices join their parent's name);
+  * leaf ``weight`` -> ``kernel`` (Linear, Conv), ``scale`` (LayerNorm, GroupNorm) or ``embedding``
+    (Embedding), whichever the target module has; ``in_proj_weight`` -> ``in_proj_kernel``;
+    any other leaf (``bias``, raw parameters such as ``pos_embed``) keeps its name;
+  * tensors: Linear (out, in) -> (in, out); Conv (out, in, kh, kw) -> (kh, kw, in, out);
+    ConvTranspose (in, out, kh, kw) -> (kh, kw, in, out) for the keys in ``CONV_TRANSPOSE``.
+Named exceptions: ``RECOMPUTED`` buffers (checked, not stored) and ``DEAD`` weights the reference
+holds but never uses (kept aside for export, not trained).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from flax import traverse_util
+
+CONV_TRANSPOSE = re.compile(r"(^|\.)(dconv_2x2(_[01])?|output_upscaling\.[03])\.weight$")
+
+# Buffers recomputed from the config (the converter checks them against the stored values).
+RECOMPUTED = {
+    "rope": re.compile(r"(^|\.)attn\.freqs_cis$"),
+}
+
+# Weights present in the official checkpoint that no forward pass reads (SAM3_SPEC §2.3, §2.12, §3.3).
+DEAD = {
+    "neck level 0.5 (dropped by scalp=1)": re.compile(r"(^|\.)(sam2_)?convs\.3\."),
+    "third pixel-decoder stage (only two are used)": re.compile(r"(^|\.)pixel_decoder\.(conv_layers|norms)\.2\."),
+    "text_projection (pool_type='none')": re.compile(r"(^|\.)encoder\.text_projection$"),
+}
+
+
+def dead_reason(key: str) -> str | None:
+    for reason, pattern in DEAD.items():
+        if pattern.search(key):
+            return reason
+    return None
+
+
+def recomputed_reason(key: str) -> str | None:
+    for reason, pattern in RECOMPUTED.items():
+        if pattern.search(key):
+            return reason
+    return None
+
+
+def module_path(torch_key: str) -> tuple[str, ...]:
+    """``a.layers.0.linear1.weight`` -> ``("a", "layers_0", "linear1", "weight")`` (leaf not renamed)."""
+    out: list[str] = []
+    for part in torch_key.split("."):
+        if part.isdigit() and out:
+            out[-1] = f"{out[-1]}_{part}"
+        else:
+            out.append(part)
+    return tuple(out)
+
+
+_LEAF_CANDIDATES = {
+    "weight": ("kernel", "scale", "embedding"),
+    "in_proj_weight": ("in_proj_kernel",),
+}
+
+
+def flax_path(torch_key: str, flax_paths) -> tuple[str, ...] | None:
+    """The Flax path of a torch key, given the set of paths that exist in the target tree."""
+    path = module_path(torch_key)
+    for leaf in _LEAF_CANDIDATES.get(path[-1], (path[-1],)):
+        candidate = path[:-1] + (leaf,)
+        if candidate in flax_paths:
+            return candidate
+    return None
+
+
+def to_flax(torch_key: str, leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf in ("kernel", "in_proj_kernel"):
+        if value.ndim == 2:
+            return value.T
+        if value.ndim == 4:
+            return value.transpose(2, 3, 0, 1) if CONV_TRANSPOSE.search(torch_key) else value.transpose(2, 3, 1, 0)
+    return value
+
+
+def to_torch(torch_key: str, leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf in ("kernel", "in_proj_kernel"):
+        if value.ndim == 2:
+            return value.T
+        if value.ndim == 4:
+            return value.transpose(2, 3, 0, 1) if CONV_TRANSPOSE.search(torch_key) else value.transpose(3, 2, 0, 1)
+    return value
+
+
+class ConversionError(ValueError):
+    """Raised with the complete list of problems, never just the first one."""
+
+
+@dataclass
+class Conversion:
+    params: dict
+    fate: dict[str, str] = field(default_factory=dict)  # torch key -> what became of it
+    dead: dict[str, np.ndarray] = field(default_factory=dict)  # kept aside for export
+    recomputed: dict[str, np.ndarray] = field(default_factory=dict)  # stored values, for checking
+
+
+def convert(state_dict: dict[str, np.ndarray], abstract_params, *, source: str = "state_dict") -> Conversion:
+    """Maps every key of ``state_dict`` onto ``abstract_params`` (a tree of arrays or ShapeDtypeStructs).
+
+    Raises ConversionError listing every unmapped, missing and shape-mismatched key.
+    """
+    targets = traverse_util.flatten_dict(abstract_params)
+    flat: dict = {}
+    result = Conversion(params={})
+    unmapped, mismatched = [], []
+    for key, value in state_dict.items():
+        if (reason := recomputed_reason(key)) is not None:
+            result.recomputed[key] = value
+            result.fate[key] = f"recomputed ({reason})"
+            continue
+        if (reason := dead_reason(key)) is not None:
+            result.dead[key] = value
+            result.fate[key] = f"dead, kept for export ({reason})"
+            continue
+        path = flax_path(key, targets)
+        if path is None:
+            unmapped.append(f"{key} {tuple(value.shape)}")
+            continue
+        converted = to_flax(key, path[-1], np.asarray(value))
+        want = tuple(targets[path].shape)
+        if converted.shape != want:
+            mismatched.append(f"{key} {tuple(value.shape)} -> {'/'.join(path)} expects {want}")
+            continue
+        flat[path] = converted.astype(targets[path].dtype, copy=False)
+        result.fate[key] = "mapped to " + "/".join(path)
+    missing = ["/".join(p) + f" {tuple(targets[p].shape)}" for p in targets if p not in flat]
+    if unmapped or missing or mismatched:
+        lines = [f"cannot convert {source}:"]
+        for title, items in (("torch keys with no Flax parameter", unmapped),
+                             ("Flax parameters with no torch key", missing),
+                             ("shape mismatches", mismatched)):
+            if items:
+                lines.append(f"  {title} ({len(items)}):")
+                lines.extend(f"    {item}" for item in items)
+        raise ConversionError("\n".join(lines))
+    result.params = traverse_util.unflatten_dict(flat)
+    return result

@@ -1,0 +1,1 @@
+"""Flax (Linen) modules mirroring SAM 3's detector and tracker."""

@@ -1,0 +1,1 @@
+"""Layers and ops shared by many modules (attention, MLPs, norms, RoPE, position encodings, ops)."""

@@ -1,0 +1,68 @@
+"""Multi-head attention with the semantics of ``torch.nn.MultiheadAttention`` (batch-first).
+
+Fused ``in_proj`` as in the reference (rows q, k, v; heads are contiguous slices), an additive
+bias (boxRPB, causal masks) and a boolean key-padding mask (True = ignore, torch's convention).
+Softmax runs in float32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def split_heads(x, num_heads: int):
+    b, l, c = x.shape
+    return x.reshape(b, l, num_heads, c // num_heads)
+
+
+def merge_heads(x):
+    b, l, h, d = x.shape
+    return x.reshape(b, l, h * d)
+
+
+def attend(q, k, v, bias=None, key_padding_mask=None, *, dropout_rate: float = 0.0,
+           dropout_rng=None, deterministic: bool = True):
+    """Scaled dot-product attention. q (B, Lq, H, D); k, v (B, Lk, H, D).
+
+    ``bias`` broadcasts to (B, H, Lq, Lk) and is added to the logits; ``key_padding_mask`` (B, Lk)
+    is True where a key must be ignored. Attention dropout applies only when not deterministic.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if key_padding_mask is not None:
+        logits = jnp.where(key_padding_mask[:, None, None, :], -jnp.inf, logits)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if not deterministic and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+
+
+class MultiheadAttention(nn.Module):
+    """torch.nn.MultiheadAttention: params ``in_proj_kernel`` (C, 3C), ``in_proj_bias``, ``out_proj``."""
+
+    embed_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, query, key, value, attn_bias=None, key_padding_mask=None, deterministic: bool = True):
+        c = self.embed_dim
+        kernel = self.param("in_proj_kernel", nn.initializers.xavier_uniform(), (c, 3 * c))
+        bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * c,))
+        dtype = self.dtype or query.dtype
+        kernel, bias = kernel.astype(dtype), bias.astype(dtype)
+
+        def project(x, i):
+            return split_heads(x.astype(dtype) @ kernel[:, i * c:(i + 1) * c] + bias[i * c:(i + 1) * c],
+                               self.num_heads)
+
+        q, k, v = project(query, 0), project(key, 1), project(value, 2)
+        rng = None if deterministic or self.dropout == 0.0 else self.make_rng("dropout")
+        out = attend(q, k, v, attn_bias, key_padding_mask, dropout_rate=self.dropout,
+                     dropout_rng=rng, deterministic=deterministic)
+        return nn.Dense(c, name="out_proj", dtype=self.dtype)(merge_heads(out))
