@@ -24,6 +24,15 @@ class ViTConfig:
     rope_theta: float = 10000.0
     drop_path_rate: float = 0.1
     ln_eps: float = 1e-5
+    # Training memory: rematerialise each block in the backward pass (the reference checkpoints
+    # every block in training); the policy is a name in ``jax.checkpoint_policies``.
+    remat: bool = True
+    remat_policy: str = "nothing_saveable"
+    # ``jax.nn.dot_product_attention``'s implementation: None (XLA) or "cudnn" (flash, GPU, bf16).
+    attention_impl: str | None = None
+    # Compile time: scan over the repeating [windowed..., global] groups of blocks (params stacked
+    # per position in the group, see ``vit.stack_blocks``) instead of unrolling every block.
+    scan_blocks: bool = False
 
     @property
     def grid(self) -> int:
@@ -49,6 +58,10 @@ class TextConfig:
     heads: int = 16
     layers: int = 24
     mlp_ratio: float = 4.0
+    # Rematerialise each block in the backward pass (the reference checkpoints them too);
+    # the policy is a name in jax.checkpoint_policies.
+    remat: bool = True
+    remat_policy: str = "nothing_saveable"
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class EncoderConfig:
     num_heads: int = 8
     dim_feedforward: int = 2048
     dropout: float = 0.1
+    remat: bool = True  # rematerialise each layer in the backward pass, as the reference checkpoints
 
 
 @dataclass(frozen=True)
@@ -78,11 +92,14 @@ class DecoderConfig:
     dac: bool = True  # training doubles the queries (one-to-many half)
     box_rpb: str = "log"
     presence_token: bool = True
+    remat: bool = True  # rematerialise each layer in the backward pass, as the reference checkpoints
+    scoring_mlp_dim: int = 2048  # hidden width of the dot-product scorer's prompt MLP
 
 
 @dataclass(frozen=True)
 class SegHeadConfig:
     upsampling_stages: int = 3
+    num_heads: int = 8  # cross_attend_prompt
 
 
 @dataclass(frozen=True)
@@ -123,3 +140,23 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Inverse of ``dataclasses.asdict`` (as stored in a checkpoint manifest)."""
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls, d):
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        value = d[f.name]
+        factory = f.default_factory
+        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+            value = _from_dict(factory, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)

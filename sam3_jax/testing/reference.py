@@ -79,3 +79,90 @@ def seed_all(seed: int) -> None:
 
 def to_numpy(t):
     return t.detach().cpu().float().numpy() if hasattr(t, "detach") else t
+
+
+def build_image_model(cfg, *, joint_box_scores: bool = False):
+    """The reference ``Sam3Image`` at the sizes of a ``ModelConfig``, built like ``model_builder``.
+
+    ``model_builder`` hard-codes the official sizes; this mirrors its ``_create_*`` functions with
+    sizes taken from ``cfg`` so that small configs can be checked end to end.
+    """
+    load()
+    from sam3.model.decoder import TransformerDecoder, TransformerDecoderLayer
+    from sam3.model.encoder import TransformerEncoderFusion, TransformerEncoderLayer
+    from sam3.model.geometry_encoders import SequenceGeometryEncoder
+    from sam3.model.maskformer_segmentation import PixelDecoder, UniversalSegmentationHead
+    from sam3.model.model_misc import MLP, DotProductScoring, MultiheadAttentionWrapper, TransformerWrapper
+    from sam3.model.necks import Sam3DualViTDetNeck
+    from sam3.model.position_encoding import PositionEmbeddingSine
+    from sam3.model.sam3_image import Sam3Image
+    from sam3.model.text_encoder_ve import VETextEncoder
+    from sam3.model.tokenizer_ve import SimpleTokenizer
+    from sam3.model.vitdet import ViT
+    import torch
+
+    d, v, t = cfg.d_model, cfg.vit, cfg.text
+    pos = PositionEmbeddingSine(num_pos_feats=d, normalize=True, temperature=10000)
+    trunk = ViT(img_size=v.img_size, pretrain_img_size=v.pretrain_img_size, patch_size=v.patch_size,
+                embed_dim=v.embed_dim, depth=v.depth, num_heads=v.num_heads, mlp_ratio=v.mlp_ratio,
+                norm_layer="LayerNorm", drop_path_rate=v.drop_path_rate, qkv_bias=True, use_abs_pos=True,
+                tile_abs_pos=True, global_att_blocks=v.global_att_blocks, rel_pos_blocks=(), use_rope=True,
+                use_interp_rope=True, window_size=v.window_size, pretrain_use_cls_token=True,
+                retain_cls_token=False, ln_pre=True, ln_post=False, return_interm_layers=False,
+                bias_patch_embed=False)
+    neck = Sam3DualViTDetNeck(position_encoding=pos, d_model=d, scale_factors=[4.0, 2.0, 1.0, 0.5], trunk=trunk,
+                              add_sam2_neck=cfg.neck.add_sam2_neck)
+    text = VETextEncoder(tokenizer=SimpleTokenizer(bpe_path=bpe_path()), d_model=d, width=t.width, heads=t.heads,
+                         layers=t.layers)
+    from sam3.model.vl_combiner import SAM3VLBackbone
+
+    backbone = SAM3VLBackbone(visual=neck, text=text, scalp=1)
+
+    e = cfg.encoder
+    enc_layer = TransformerEncoderLayer(
+        activation="relu", d_model=d, dim_feedforward=e.dim_feedforward, dropout=e.dropout, pos_enc_at_attn=True,
+        pos_enc_at_cross_attn_keys=False, pos_enc_at_cross_attn_queries=False, pre_norm=True,
+        self_attention=MultiheadAttentionWrapper(num_heads=e.num_heads, dropout=e.dropout, embed_dim=d, batch_first=True),
+        cross_attention=MultiheadAttentionWrapper(num_heads=e.num_heads, dropout=e.dropout, embed_dim=d, batch_first=True))
+    encoder = TransformerEncoderFusion(layer=enc_layer, num_layers=e.num_layers, d_model=d, num_feature_levels=1,
+                                       frozen=False, use_act_checkpoint=False, add_pooled_text_to_img_feat=False,
+                                       pool_text_with_mask=True)
+    dc = cfg.decoder
+    dec_layer = TransformerDecoderLayer(
+        activation="relu", d_model=d, dim_feedforward=dc.dim_feedforward, dropout=dc.dropout,
+        cross_attention=MultiheadAttentionWrapper(num_heads=dc.num_heads, dropout=dc.dropout, embed_dim=d),
+        n_heads=dc.num_heads, use_text_cross_attention=True)
+    decoder = TransformerDecoder(layer=dec_layer, num_layers=dc.num_layers, num_queries=dc.num_queries,
+                                 return_intermediate=True, box_refine=True, num_o2m_queries=0, dac=dc.dac,
+                                 boxRPB=dc.box_rpb, d_model=d, frozen=False, interaction_layer=None,
+                                 dac_use_selfatt_ln=True, resolution=v.img_size, stride=v.patch_size,
+                                 use_act_checkpoint=False, presence_token=dc.presence_token)
+    transformer = TransformerWrapper(encoder=encoder, decoder=decoder, d_model=d)
+
+    prompt_mlp = MLP(input_dim=d, hidden_dim=e.dim_feedforward, output_dim=d, num_layers=2, dropout=e.dropout,
+                     residual=True, out_norm=torch.nn.LayerNorm(d))
+    scoring = DotProductScoring(d_model=d, d_proj=d, prompt_mlp=prompt_mlp)
+    seg_head = UniversalSegmentationHead(
+        hidden_dim=d, upsampling_stages=cfg.seg.upsampling_stages, aux_masks=False, presence_head=False,
+        dot_product_scorer=None, act_ckpt=False,
+        cross_attend_prompt=MultiheadAttentionWrapper(num_heads=e.num_heads, dropout=0, embed_dim=d),
+        pixel_decoder=PixelDecoder(num_upsampling_stages=cfg.seg.upsampling_stages, interpolation_mode="nearest",
+                                   hidden_dim=d))
+    g = cfg.geometry
+    geo_layer = TransformerEncoderLayer(
+        activation="relu", d_model=d, dim_feedforward=g.dim_feedforward, dropout=g.dropout, pos_enc_at_attn=False,
+        pre_norm=True, pos_enc_at_cross_attn_queries=False, pos_enc_at_cross_attn_keys=True,
+        self_attention=MultiheadAttentionWrapper(num_heads=g.num_heads, dropout=g.dropout, embed_dim=d, batch_first=False),
+        cross_attention=MultiheadAttentionWrapper(num_heads=g.num_heads, dropout=g.dropout, embed_dim=d, batch_first=False))
+    geometry = SequenceGeometryEncoder(
+        pos_enc=PositionEmbeddingSine(num_pos_feats=d, normalize=True, temperature=10000),
+        encode_boxes_as_points=False, points_direct_project=True, points_pool=True, points_pos_enc=True,
+        boxes_direct_project=True, boxes_pool=True, boxes_pos_enc=True, d_model=d, num_layers=g.num_layers,
+        layer=geo_layer, use_act_ckpt=False, add_cls=True, add_post_encode_proj=True)
+    model = Sam3Image(backbone=backbone, transformer=transformer, input_geometry_encoder=geometry,
+                      segmentation_head=seg_head, num_feature_levels=1, o2m_mask_predict=True,
+                      dot_prod_scoring=scoring, use_instance_query=False, multimask_output=True,
+                      inst_interactive_predictor=None, matcher=None)
+    if joint_box_scores:
+        model.supervise_joint_box_scores = True
+    return model.eval()

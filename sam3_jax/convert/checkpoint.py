@@ -1,0 +1,87 @@
+"""The converted-checkpoint directory: Orbax params, vocabulary, manifest, dead weights.
+
+Layout of ``DIR``:
+  params/            Orbax (StandardCheckpointer) of ``{"params": ...}``; the trainer's
+                     ``--config.init_from=DIR`` reads it
+  manifest.json      source file + sha256, model config, and what became of every torch key
+  dead_weights.npz   tensors the reference stores but never uses, carried for export to torch
+  bpe_simple_vocab_16e6.txt.gz   the tokenizer vocabulary
+A directory is written under a temporary name and renamed into place, so a crash never leaves a
+half-written checkpoint where a complete one is expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+MANIFEST = "manifest.json"
+PARAMS = "params"
+DEAD = "dead_weights.npz"
+VOCAB = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def sha256(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write(output_dir: str, params, *, manifest: dict, dead: dict[str, np.ndarray], vocab_path: str,
+          overwrite: bool = False) -> None:
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and not overwrite:
+        raise FileExistsError(f"output directory exists (pass overwrite to replace it): {output_dir}")
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+    try:
+        checkpointer = ocp.StandardCheckpointer()  # saves asynchronously
+        checkpointer.save(os.path.join(tmp, PARAMS), {"params": params})
+        checkpointer.wait_until_finished()
+        np.savez(os.path.join(tmp, DEAD), **dead)
+        shutil.copyfile(vocab_path, os.path.join(tmp, VOCAB))
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+        if os.path.exists(output_dir):
+            old = output_dir + ".old"
+            os.rename(output_dir, old)
+            os.rename(tmp, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_manifest(checkpoint_dir: str) -> dict:
+    path = os.path.join(checkpoint_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"not a converted sam3-jax checkpoint (no {MANIFEST}): {checkpoint_dir}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_params(checkpoint_dir: str, abstract_params=None):
+    """Restores ``params``; with ``abstract_params`` (e.g. from jax.eval_shape) shapes are checked."""
+    path = os.path.join(os.path.abspath(checkpoint_dir), PARAMS)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no Orbax params in checkpoint directory: {path}")
+    target = None
+    if abstract_params is not None:
+        target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params)}
+    return ocp.StandardCheckpointer().restore(path, target)["params"]
+
+
+def config_to_json(cfg) -> dict:
+    return dataclasses.asdict(cfg)

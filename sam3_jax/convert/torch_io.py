@@ -1,0 +1,78 @@
+"""Reading and writing PyTorch checkpoint files (the only place besides tests that imports torch).
+
+``read_state_dict`` memory-maps the file, so a 3.4 GB ``sam3.pt`` is converted tensor by tensor
+without first being copied into RAM.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+
+
+class CheckpointFormatError(ValueError):
+    """The file is not a SAM 3 checkpoint (or is damaged); the message says what it looks like."""
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("reading a PyTorch checkpoint needs torch (pip install torch)") from e
+    return torch
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Loads ``{"model": sd}`` or a bare state_dict; strips a DDP ``module.`` prefix."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"torch checkpoint not found: {path}")
+    torch = _torch()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zip, pickle garbage, not a torch file at all
+        raise CheckpointFormatError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise CheckpointFormatError(f"{path}: expected a state_dict (or {{'model': state_dict}}), got {type(obj).__name__}")
+    out = {}
+    for key, value in obj.items():
+        if key.startswith("module."):
+            key = key[len("module."):]
+        if not hasattr(value, "numpy"):
+            raise CheckpointFormatError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        out[key] = value.detach().numpy()
+    return out
+
+
+def describe_prefixes(keys) -> str:
+    counts = Counter(k.split(".")[0] for k in keys)
+    return ", ".join(f"{p}.* ({n})" for p, n in counts.most_common(8))
+
+
+def check_is_sam3(keys, path: str) -> None:
+    """Fails with a message naming what the file looks like when it is not SAM 3."""
+    keys = list(keys)
+    if any(k.startswith("detector.backbone.vision_backbone.trunk.") for k in keys):
+        return
+    if any(k.startswith(("image_encoder.trunk.", "memory_attention.")) for k in keys):
+        raise CheckpointFormatError(
+            f"{path}: this looks like a SAM 2 checkpoint (image_encoder/memory_attention keys); "
+            "SAM 3 keys start with detector.* and tracker.*")
+    raise CheckpointFormatError(
+        f"{path}: not a SAM 3 checkpoint: no detector.backbone.vision_backbone.trunk.* keys; "
+        f"top-level prefixes found: {describe_prefixes(keys) or 'none (empty state_dict)'}")
+
+
+def write_state_dict(state_dict: dict[str, np.ndarray], path: str) -> None:
+    """Writes ``{"model": sd}`` atomically (temp file in the same directory, then rename)."""
+    torch = _torch()
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save({"model": tensors}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
