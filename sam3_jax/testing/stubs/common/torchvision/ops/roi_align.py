@@ -44,20 +44,25 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
     ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
     offset = 0.5 if aligned else 0.0
     out = input.new_zeros((boxes.shape[0], input.shape[1], ph, pw))
+    f32 = torch.float32
     for r, box in enumerate(boxes):
         feat = input[int(box[0])]
-        x1, y1, x2, y2 = [float(v) * spatial_scale - offset for v in box[1:]]
+        # Coordinates in float32 and in torchvision's order of operations, so samples that land
+        # exactly on a border are classified the same way as in its kernel.
+        x1, y1, x2, y2 = [(box[i].to(f32) * spatial_scale - offset) for i in range(1, 5)]
         rw, rh = x2 - x1, y2 - y1
         if not aligned:
-            rw, rh = max(rw, 1.0), max(rh, 1.0)
+            rw, rh = torch.clamp(rw, min=1.0), torch.clamp(rh, min=1.0)
         bh, bw = rh / ph, rw / pw
-        gh = sampling_ratio if sampling_ratio > 0 else math.ceil(rh / ph)
-        gw = sampling_ratio if sampling_ratio > 0 else math.ceil(rw / pw)
+        gh = sampling_ratio if sampling_ratio > 0 else int(math.ceil(float(rh) / ph))
+        gw = sampling_ratio if sampling_ratio > 0 else int(math.ceil(float(rw) / pw))
         count = max(gh * gw, 1)
+        iy = torch.arange(gh, dtype=f32)
+        ix = torch.arange(gw, dtype=f32)
         for i in range(ph):
-            ys = torch.tensor([y1 + i * bh + (iy + 0.5) * bh / gh for iy in range(gh)], dtype=input.dtype)
+            ys = y1 + i * bh + (iy + 0.5) * bh / gh
             for j in range(pw):
-                xs = torch.tensor([x1 + j * bw + (ix + 0.5) * bw / gw for ix in range(gw)], dtype=input.dtype)
+                xs = x1 + j * bw + (ix + 0.5) * bw / gw
                 yy, xx = torch.meshgrid(ys, xs, indexing="ij")
                 out[r, :, i, j] = _bilinear(feat, yy.reshape(-1), xx.reshape(-1)).sum(1) / count
     return out
