@@ -135,7 +135,8 @@ class ModelConfig:
             text=TextConfig(width=64, heads=4, layers=2),
             geometry=GeometryConfig(num_layers=2, num_heads=4, dim_feedforward=128),
             encoder=EncoderConfig(num_layers=2, num_heads=4, dim_feedforward=128),
-            decoder=DecoderConfig(num_layers=3, num_queries=16, num_heads=4, dim_feedforward=128),
+            decoder=DecoderConfig(num_layers=3, num_queries=16, num_heads=4, dim_feedforward=128, scoring_mlp_dim=128),
+            seg=SegHeadConfig(num_heads=4),
         )
 
     def replace(self, **changes) -> "ModelConfig":

@@ -13,53 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from sam3_jax.model.config import GeometryConfig
+from sam3_jax.model.encoder import TransformerEncoderLayer
 from sam3_jax.nn import layers, ops, position
-from sam3_jax.nn.attention import MultiheadAttention
-
-
-class TransformerEncoderLayer(nn.Module):
-    """The reference's pre-norm ``encoder.TransformerEncoderLayer`` (ReLU FFN), batch-first.
-
-    ``t += SA(LN1 t)``, ``t += CA(LN2 t, memory)``, ``t += FFN(LN3 t)``; the ``pos_enc_at_*`` flags
-    say where the position encodings are added, as in the reference's constructor. The fusion
-    encoder uses the same layer with other flags.
-    """
-
-    d_model: int
-    num_heads: int
-    dim_feedforward: int
-    dropout: float = 0.1
-    pos_enc_at_attn: bool = False
-    pos_enc_at_cross_attn_queries: bool = False
-    pos_enc_at_cross_attn_keys: bool = True
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, tgt, memory, tgt_key_padding_mask=None, memory_key_padding_mask=None, pos=None,
-                 query_pos=None, deterministic: bool = True):
-        def drop(x):
-            return nn.Dropout(self.dropout)(x, deterministic=deterministic)
-
-        def mha(name):
-            return MultiheadAttention(self.d_model, self.num_heads, self.dropout, name=name, dtype=self.dtype)
-
-        y = layers.LayerNorm(name="norm1", dtype=self.dtype)(tgt)
-        q = y + query_pos if self.pos_enc_at_attn else y
-        tgt = tgt + drop(mha("self_attn")(q, q, y, key_padding_mask=tgt_key_padding_mask,
-                                          deterministic=deterministic))
-        y = layers.LayerNorm(name="norm2", dtype=self.dtype)(tgt)
-        q = y + query_pos if self.pos_enc_at_cross_attn_queries else y
-        k = memory + pos if self.pos_enc_at_cross_attn_keys else memory
-        tgt = tgt + drop(mha("cross_attn_image")(q, k, memory, key_padding_mask=memory_key_padding_mask,
-                                                 deterministic=deterministic))
-        y = layers.LayerNorm(name="norm3", dtype=self.dtype)(tgt)
-        y = jax.nn.relu(nn.Dense(self.dim_feedforward, name="linear1", dtype=self.dtype)(y))
-        y = nn.Dense(self.d_model, name="linear2", dtype=self.dtype)(drop(y))
-        return tgt + drop(y)
 
 
 def box_cxcywh_to_xyxy(boxes):

@@ -139,13 +139,13 @@ def build_image_model(cfg, *, joint_box_scores: bool = False):
                                  use_act_checkpoint=False, presence_token=dc.presence_token)
     transformer = TransformerWrapper(encoder=encoder, decoder=decoder, d_model=d)
 
-    prompt_mlp = MLP(input_dim=d, hidden_dim=e.dim_feedforward, output_dim=d, num_layers=2, dropout=e.dropout,
+    prompt_mlp = MLP(input_dim=d, hidden_dim=dc.scoring_mlp_dim, output_dim=d, num_layers=2, dropout=dc.dropout,
                      residual=True, out_norm=torch.nn.LayerNorm(d))
     scoring = DotProductScoring(d_model=d, d_proj=d, prompt_mlp=prompt_mlp)
     seg_head = UniversalSegmentationHead(
         hidden_dim=d, upsampling_stages=cfg.seg.upsampling_stages, aux_masks=False, presence_head=False,
         dot_product_scorer=None, act_ckpt=False,
-        cross_attend_prompt=MultiheadAttentionWrapper(num_heads=e.num_heads, dropout=0, embed_dim=d),
+        cross_attend_prompt=MultiheadAttentionWrapper(num_heads=cfg.seg.num_heads, dropout=0, embed_dim=d),
         pixel_decoder=PixelDecoder(num_upsampling_stages=cfg.seg.upsampling_stages, interpolation_mode="nearest",
                                    hidden_dim=d))
     g = cfg.geometry
