@@ -1,0 +1,1 @@
+"""Inference: image loading and pre-processing, predictors, post-processing."""
