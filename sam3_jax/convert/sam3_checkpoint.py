@@ -6,6 +6,7 @@ checked (RoPE tables), kept aside as dead, or (tracker keys, until the tracker c
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import re
@@ -63,7 +64,7 @@ def check_rope(recomputed: dict[str, np.ndarray], cfg: ModelConfig) -> list[str]
 def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = None,
                  bpe_path: str | None = None, overwrite: bool = False) -> dict:
     """Converts ``torch_ckpt`` and writes ``output_dir`` atomically; returns the manifest."""
-    from sam3_jax.model import detector, tokenizer
+    from sam3_jax.model import detector, tokenizer, vit
 
     cfg = cfg or ModelConfig.official()
     vocab = bpe_path or tokenizer.DEFAULT_BPE_PATH
@@ -71,7 +72,9 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
         raise FileNotFoundError(f"BPE vocabulary not found: {vocab}")
     state_dict = torch_io.read_state_dict(torch_ckpt)
     det_sd, trk_sd = split_layout(state_dict, torch_ckpt)
-    conversion = keymap.convert(det_sd, detector.abstract_params(cfg), source=f"{torch_ckpt} (detector.*)")
+    # The key map targets the torch layout (unrolled ViT blocks); a scanned trunk is stacked after.
+    unrolled = cfg.replace(vit=dataclasses.replace(cfg.vit, scan_blocks=False))
+    conversion = keymap.convert(det_sd, detector.abstract_params(unrolled), source=f"{torch_ckpt} (detector.*)")
     problems = check_rope(conversion.recomputed, cfg)
     if problems:
         raise keymap.ConversionError(f"{torch_ckpt}:\n  " + "\n  ".join(problems))
@@ -88,7 +91,11 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
         "keys": fate,
         "summary": _summary(fate),
     }
-    params = jax.tree.map(np.asarray, conversion.params)
+    params = conversion.params
+    if cfg.vit.scan_blocks:
+        vision = params["backbone"]["vision_backbone"]
+        vision["trunk"] = vit.stack_blocks(vision["trunk"], cfg.vit)
+    params = jax.tree.map(np.asarray, params)
     del state_dict, det_sd, conversion
     checkpoint.write(output_dir, params, manifest=manifest, dead=dead, vocab_path=vocab, overwrite=overwrite)
     return manifest

@@ -39,7 +39,7 @@ def window_unpartition(windows, window: int, padded_hw: tuple[int, int], hw: tup
 
 
 def rope_angles(config: ViTConfig, window: int, grid_hw: tuple[int, int]) -> np.ndarray:
-    """RoPE table of one block: (tokens, head_dim // 2) angles, a constant of the config.
+    """RoPE table of one block: (tokens, head_dim // 2) angles, a constant (not a parameter).
 
     Windowed blocks rotate by window-local coordinates 0..window-1. Global blocks squeeze the whole
     grid into the window's coordinate range ("interpolated RoPE": scale window / grid, 24/72 for
@@ -138,13 +138,10 @@ class Block(nn.Module):
         return x + self._drop_path(y, drop_path_rate, deterministic)
 
     def _drop_path(self, y, rate, deterministic: bool):
-        """``layers.drop_path`` for a possibly traced rate (its ``rate == 0`` test needs a float);
-        a zero rate keeps every sample, so only a model-wide zero rate is skipped statically."""
+        """A model-wide zero rate is skipped statically; otherwise every block draws a mask."""
         if deterministic or self.config.drop_path_rate == 0.0:
             return y
-        keep = 1.0 - rate
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
-        return jnp.where(mask, y / keep, 0.0).astype(y.dtype)
+        return layers.drop_path(y, rate, self.make_rng("dropout"), deterministic)
 
 
 def block_group_size(config: ViTConfig) -> int:

@@ -90,9 +90,12 @@ class ConvTranspose2x2(nn.Module):
         return y
 
 
-def drop_path(x, rate: float, rng, deterministic: bool):
-    """Stochastic depth per sample (timm DropPath): zero the residual branch, rescale the rest."""
-    if deterministic or rate == 0.0:
+def drop_path(x, rate, rng, deterministic: bool):
+    """Stochastic depth per sample (timm DropPath): zero the residual branch, rescale the rest.
+
+    ``rate`` may be traced (a per-block rate under ``nn.scan``); only a Python zero is skipped.
+    """
+    if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
         return x
     keep = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
