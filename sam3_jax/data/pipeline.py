@@ -1,0 +1,62 @@
+"""The Grain pipeline: sources -> fixed-shape batches (schema.py), deterministic and resumable.
+
+Per source: ``range(len) -> shuffle -> repeat -> random_map(ClipBuilder)``; the sources are mixed
+by weight, the mixture is sharded per host, then batched and prefetched by worker processes:
+
+    MapDataset.mix([...], weights)[host::num_hosts]
+        .to_iter_dataset().batch(batch_size).mp_prefetch(num_workers)
+
+Every random choice comes from the rng Grain derives from (seed, source, element index), so the
+stream is a pure function of the config and seed; ``iterator.get_state()`` / ``set_state()``
+(or Orbax's ``grain.checkpoint`` handlers) resume it exactly. Note the batches depend on
+``num_workers`` (each worker batches its own slice): resume with the same value.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from sam3_jax.data import sources, synthetic
+from sam3_jax.data.clips import ClipBuilder
+
+
+def _seeds(seed: int, dataset_index: int) -> tuple[int, int]:
+    shuffle_seed, map_seed = np.random.SeedSequence([seed, dataset_index]).generate_state(2)
+    return int(shuffle_seed), int(map_seed)
+
+
+def build_dataset(data_cfg: Any, seed: int, shard_index: int | None = None,
+                  shard_count: int | None = None) -> grain.IterDataset:
+    """The training batch stream for this host (shard defaults: jax process index/count)."""
+    if shard_index is None or shard_count is None:
+        import jax  # lazy: only the default sharding needs it
+
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    if data_cfg.synthetic.output_dir:
+        s = data_cfg.synthetic
+        synthetic.ensure(s.output_dir, s.num_videos, s.num_frames, s.size, s.seed)
+    if not data_cfg.sources:
+        raise ValueError("data.sources is empty: configure at least one dataset")
+    datasets, weights = [], []
+    for i, (name, src_cfg) in enumerate(data_cfg.sources.items()):
+        source = sources.build(src_cfg, strict=data_cfg.on_error == "raise")
+        if len(source) == 0:
+            raise ValueError(f"data source {name!r} has no videos ({src_cfg.image_dir})")
+        shuffle_seed, map_seed = _seeds(seed, i)
+        ds = (grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed).repeat()
+              .random_map(ClipBuilder(source, data_cfg, i, name), seed=map_seed))
+        datasets.append(ds)
+        weights.append(src_cfg.weight)
+    mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    ds = mixed[shard_index::shard_count].to_iter_dataset(grain.ReadOptions(
+        num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch_buffer_size))
+    ds = ds.batch(data_cfg.batch_size, drop_remainder=True)
+    if data_cfg.num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags (tests, notebooks)
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data_cfg.num_workers, per_worker_buffer_size=data_cfg.worker_buffer_size))
+    return ds
