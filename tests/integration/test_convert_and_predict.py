@@ -197,3 +197,19 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(tiny_state_dict, tmp_pat
     assert not (tmp_path / "out2").exists()
     leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".out")]
     assert leftovers == []
+
+
+def test_scanned_trunk_layout_is_converted(tiny_state_dict, tmp_path):
+    import dataclasses
+
+    from sam3_jax.convert import checkpoint
+    from sam3_jax.model import detector
+
+    base = ModelConfig.tiny()
+    cfg = base.replace(vit=dataclasses.replace(base.vit, scan_blocks=True))
+    src = write_torch(tiny_state_dict, tmp_path / "in.pt")
+    convert_file(src, str(tmp_path / "scan"), cfg=cfg)
+    params = checkpoint.read_params(str(tmp_path / "scan"), detector.abstract_params(cfg))
+    stacked = np.asarray(params["backbone"]["vision_backbone"]["trunk"]["block_groups"]["blocks_1"]["attn"]["qkv"]["kernel"])
+    # torch block 3 = group 1, position 1 of the [windowed, global] pattern.
+    np.testing.assert_array_equal(stacked[1], tiny_state_dict["detector.backbone.vision_backbone.trunk.blocks.3.attn.qkv.weight"].T)

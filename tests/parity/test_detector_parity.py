@@ -62,7 +62,7 @@ def jax_outputs(cfg, params, image, caption, boxes, labels, max_boxes=4):
 
 
 def compare(cfg, image, caption, boxes, labels, seed=0):
-    torch_model = reference.build_image_model(cfg)
+    torch_model = reference.build_image_model(cfg, joint_box_scores=cfg.joint_box_scores)
     randomize_(torch_model, seed)
     sd = state_dict_numpy(torch_model)
     conversion = keymap.convert(sd, detector.abstract_params(cfg))
@@ -73,8 +73,9 @@ def compare(cfg, image, caption, boxes, labels, seed=0):
     return {k: (float(np.max(np.abs(got[k] - want[k]))), float(np.max(np.abs(want[k])))) for k in want}
 
 
-def test_tiny_detector_matches_reference(ref):
-    cfg = ModelConfig.tiny()
+@pytest.mark.parametrize("joint_box_scores", [False, True], ids=["image_scores", "video_scores"])
+def test_tiny_detector_matches_reference(ref, joint_box_scores):
+    cfg = ModelConfig.tiny().replace(joint_box_scores=joint_box_scores)
     rng = np.random.default_rng(0)
     image = rng.uniform(-1, 1, size=(1, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
     errors = compare(cfg, image, "a red circle", [[0.5, 0.4, 0.3, 0.2], [0.3, 0.6, 0.2, 0.5]], [1, 0])

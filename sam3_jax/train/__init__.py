@@ -1,0 +1,1 @@
+"""Training: on-device matchers and losses (``matcher``, ``losses``)."""
