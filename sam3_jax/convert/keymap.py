@@ -31,6 +31,7 @@ DEAD = {
     "neck level 0.5 (dropped by scalp=1)": re.compile(r"(^|\.)(sam2_)?convs\.3\."),
     "third pixel-decoder stage (only two are used)": re.compile(r"(^|\.)pixel_decoder\.(conv_layers|norms)\.2\."),
     "text_projection (pool_type='none')": re.compile(r"(^|\.)encoder\.text_projection$"),
+    "tracker no_mem_pos_enc (the memory-less path adds no_mem_embed only)": re.compile(r"(^|\.)no_mem_pos_enc$"),
 }
 
 
@@ -105,16 +106,20 @@ class Conversion:
     recomputed: dict[str, np.ndarray] = field(default_factory=dict)  # stored values, for checking
 
 
-def convert(state_dict: dict[str, np.ndarray], abstract_params, *, source: str = "state_dict") -> Conversion:
+def convert(state_dict: dict[str, np.ndarray], abstract_params, *, source: str = "state_dict",
+            consume: bool = False) -> Conversion:
     """Maps every key of ``state_dict`` onto ``abstract_params`` (a tree of arrays or ShapeDtypeStructs).
 
-    Raises ConversionError listing every unmapped, missing and shape-mismatched key.
+    Raises ConversionError listing every unmapped, missing and shape-mismatched key. With
+    ``consume`` entries are popped from ``state_dict`` as they are converted, so a large checkpoint
+    is never held twice.
     """
     targets = traverse_util.flatten_dict(abstract_params)
     flat: dict = {}
     result = Conversion(params={})
     unmapped, mismatched = [], []
-    for key, value in state_dict.items():
+    for key in list(state_dict):
+        value = state_dict.pop(key) if consume else state_dict[key]
         if (reason := recomputed_reason(key)) is not None:
             result.recomputed[key] = value
             result.fate[key] = f"recomputed ({reason})"
@@ -127,12 +132,13 @@ def convert(state_dict: dict[str, np.ndarray], abstract_params, *, source: str =
         if path is None:
             unmapped.append(f"{key} {tuple(value.shape)}")
             continue
-        converted = to_flax(key, path[-1], np.asarray(value))
+        converted = np.ascontiguousarray(to_flax(key, path[-1], np.asarray(value)))
         want = tuple(targets[path].shape)
         if converted.shape != want:
             mismatched.append(f"{key} {tuple(value.shape)} -> {'/'.join(path)} expects {want}")
             continue
         flat[path] = converted.astype(targets[path].dtype, copy=False)
+        del value
         result.fate[key] = "mapped to " + "/".join(path)
     missing = ["/".join(p) + f" {tuple(targets[p].shape)}" for p in targets if p not in flat]
     if unmapped or missing or mismatched:

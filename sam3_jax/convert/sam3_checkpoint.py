@@ -11,7 +11,6 @@ import datetime
 import os
 import re
 
-import jax
 import numpy as np
 
 from sam3_jax import __version__
@@ -71,10 +70,15 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
     if not os.path.isfile(vocab):
         raise FileNotFoundError(f"BPE vocabulary not found: {vocab}")
     state_dict = torch_io.read_state_dict(torch_ckpt)
+    num_keys = len(state_dict)
     det_sd, trk_sd = split_layout(state_dict, torch_ckpt)
+    if not trk_sd and not any(k.startswith("backbone.vision_backbone.sam2_convs.") for k in det_sd):
+        cfg = cfg.replace(neck=dataclasses.replace(cfg.neck, add_sam2_neck=False))  # image-model file
     # The key map targets the torch layout (unrolled ViT blocks); a scanned trunk is stacked after.
     unrolled = cfg.replace(vit=dataclasses.replace(cfg.vit, scan_blocks=False))
-    conversion = keymap.convert(det_sd, detector.abstract_params(unrolled), source=f"{torch_ckpt} (detector.*)")
+    del state_dict  # det_sd / trk_sd now own the tensors; convert frees each one as it goes
+    conversion = keymap.convert(det_sd, detector.abstract_params(unrolled), source=f"{torch_ckpt} (detector.*)",
+                                consume=True)
     problems = check_rope(conversion.recomputed, cfg)
     if problems:
         raise keymap.ConversionError(f"{torch_ckpt}:\n  " + "\n  ".join(problems))
@@ -86,7 +90,7 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
         "sam3_jax_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": {"path": os.path.abspath(torch_ckpt), "sha256": checkpoint.sha256(torch_ckpt),
-                   "num_keys": len(state_dict)},
+                   "num_keys": num_keys},
         "model_config": checkpoint.config_to_json(cfg),
         "keys": fate,
         "summary": _summary(fate),
@@ -95,15 +99,11 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
     if cfg.vit.scan_blocks:
         vision = params["backbone"]["vision_backbone"]
         vision["trunk"] = vit.stack_blocks(vision["trunk"], cfg.vit)
-    params = jax.tree.map(np.asarray, params)
-    del state_dict, det_sd, conversion
+    del det_sd, conversion
     checkpoint.write(output_dir, params, manifest=manifest, dead=dead, vocab_path=vocab, overwrite=overwrite)
     return manifest
 
 
 def _summary(fate: dict[str, str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in fate.values():
-        kind = v.split(" ")[0] if not v.startswith("not converted") else "not converted yet"
-        out[kind] = out.get(kind, 0) + 1
-    return out
+    kinds = ("mapped", "recomputed", "dead", "not converted yet")
+    return {kind: sum(v.startswith(kind) for v in fate.values()) for kind in kinds}

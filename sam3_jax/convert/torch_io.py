@@ -1,7 +1,7 @@
 """Reading and writing PyTorch checkpoint files (the only place besides tests that imports torch).
 
-``read_state_dict`` memory-maps the file, so a 3.4 GB ``sam3.pt`` is converted tensor by tensor
-without first being copied into RAM.
+Each tensor of a loaded file has its own storage, so the converter can free them one by one as it
+converts (``keymap.convert(consume=True)``) and a 3.4 GB ``sam3.pt`` is never held twice.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"torch checkpoint not found: {path}")
     torch = _torch()
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle garbage, not a torch file at all
         raise CheckpointFormatError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):

@@ -11,6 +11,9 @@ import jax
 import jax.numpy as jnp
 
 
+MASKED = -1e30
+
+
 def split_heads(x, num_heads: int):
     b, l, c = x.shape
     return x.reshape(b, l, num_heads, c // num_heads)
@@ -33,7 +36,9 @@ def attend(q, k, v, bias=None, key_padding_mask=None, *, dropout_rate: float = 0
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if key_padding_mask is not None:
-        logits = jnp.where(key_padding_mask[:, None, None, :], -jnp.inf, logits)
+        # A large finite value, not -inf: a row whose keys are all padding then stays finite
+        # (uniform weights) instead of NaN, which would poison gradients through jnp.where.
+        logits = jnp.where(key_padding_mask[:, None, None, :], MASKED, logits)
     weights = jax.nn.softmax(logits, axis=-1)
     if not deterministic and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
