@@ -1,0 +1,122 @@
+"""A fixed-size memory bank and the reference's choice of what a frame attends to, as array code.
+
+``MemoryBank`` holds, per object, K slots of past frame outputs (spatial memory, object pointer,
+frame index, conditioning flag, memory-selection score); one slot per frame (a clip of T frames
+uses K = T and slot = frame index; a ring buffer works the same way as long as it holds the frames
+the rules below reach). ``select_memory`` turns it into the ``SelectedMemory`` of one frame, as
+``Sam3TrackerBase._prepare_memory_conditioned_features`` does for forward tracking (r = 1):
+
+* conditioning frames: all, or if more than ``max_cond_frames_in_attn`` the closest one before the
+  frame, the closest at/after it, then the closest others (ties: earlier frame first, the
+  reference's insertion order when frames are added in time order); temporal slot 0;
+* previous frames for spatial memory (``num_maskmem - 1``) and pointers (``max_obj_ptrs - 1``),
+  from non-conditioning frames and unselected conditioning frames:
+  - without memory selection: the frames at distance 1, 2, ... (missing ones skipped);
+  - with memory selection (SAM2Long): the newest ``min(T, max_obj_ptrs) - 1`` non-conditioning frames
+    in 1..f-1 whose score exceeds ``mf_threshold``, plus frame f-1 always; the i-th newest gets
+    distance i. As in the reference the oldest entry of that list never gives a pointer;
+* pointers of the selected conditioning frames at or before the frame (all of them when
+  ``past_pointers_only`` is False, the reference's training mode), at their signed distance;
+* pointer distances are divided by ``min(num_frames, max_obj_ptrs) - 1``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from sam3_jax.model.tracker.config import TrackerConfig
+from sam3_jax.model.tracker.tracker import SelectedMemory
+
+_FAR = 1 << 28  # larger than any frame distance
+
+
+class MemoryBank(struct.PyTreeNode):
+    feats: jax.Array  # (B, K, h, w, mem_dim)
+    ptrs: jax.Array  # (B, K, d_model)
+    frame: jax.Array  # (B, K) int32, -1 = empty
+    is_cond: jax.Array  # (B, K) bool
+    score: jax.Array  # (B, K) float32, the memory-selection score (SAM2Long)
+
+    @classmethod
+    def empty(cls, cfg: TrackerConfig, batch: int, capacity: int, dtype=jnp.float32) -> MemoryBank:
+        g = cfg.grid
+        return cls(feats=jnp.zeros((batch, capacity, g, g, cfg.mem_dim), dtype),
+                   ptrs=jnp.zeros((batch, capacity, cfg.d_model), jnp.float32),
+                   frame=jnp.full((batch, capacity), -1, jnp.int32), is_cond=jnp.zeros((batch, capacity), bool),
+                   score=jnp.zeros((batch, capacity), jnp.float32))
+
+    def write(self, slot, frame_idx, maskmem_features, obj_ptr, is_cond, score) -> MemoryBank:
+        """Store one frame's outputs (B, ...) in ``slot`` (int or traced scalar); is_cond, score (B,) or scalar."""
+        b = self.frame.shape[0]
+        return self.replace(
+            feats=self.feats.at[:, slot].set(maskmem_features.astype(self.feats.dtype)),
+            ptrs=self.ptrs.at[:, slot].set(obj_ptr.astype(self.ptrs.dtype)),
+            frame=self.frame.at[:, slot].set(jnp.broadcast_to(jnp.asarray(frame_idx, jnp.int32), (b,))),
+            is_cond=self.is_cond.at[:, slot].set(jnp.broadcast_to(is_cond, (b,))),
+            score=self.score.at[:, slot].set(jnp.broadcast_to(score, (b,)).astype(jnp.float32)))
+
+
+def _gather(x, idx):
+    """x (B, K, ...) at idx (B, Q) -> (B, Q, ...)."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _by_rank(q, count: int):
+    """Slots whose rank q (B, K) equals 1..count -> index (B, count) and found (B, count)."""
+    match = q[:, None, :] == jnp.arange(1, count + 1)[None, :, None]
+    return jnp.argmax(match, axis=-1), jnp.any(match, axis=-1)
+
+
+def select_memory(bank: MemoryBank, frame_idx, num_frames, cfg: TrackerConfig, *,
+                  past_pointers_only: bool = True) -> SelectedMemory:
+    """The memories frame ``frame_idx`` attends to (see the module docstring). frame_idx and num_frames
+    may be traced scalars. Spatial slots: min(max_cond_frames_in_attn, K) + num_maskmem - 1; pointers:
+    min(max_cond_frames_in_attn, K) + max_obj_ptrs - 1."""
+    b, k = bank.frame.shape
+    f = jnp.asarray(frame_idx, jnp.int32)
+    frame, filled = bank.frame, bank.frame >= 0
+    cond, noncond = filled & bank.is_cond, filled & ~bank.is_cond
+
+    # Conditioning frames: order by (closest before, closest at/after, distance, frame) and keep the first kc.
+    kc = min(cfg.max_cond_frames_in_attn, k)
+    before = jnp.max(jnp.where(cond & (frame < f), frame, -1), axis=1, keepdims=True)
+    after = jnp.min(jnp.where(cond & (frame >= f), frame, _FAR), axis=1, keepdims=True)
+    key = jnp.where(frame == before, -2, jnp.where(frame == after, -1, jnp.abs(frame - f)))
+    order = jnp.lexsort((frame, jnp.where(cond, key, _FAR)), axis=-1)[:, :kc]
+    cond_valid = _gather(cond, order)
+    selected = jnp.zeros((b, k), bool).at[jnp.arange(b)[:, None], order].set(cond_valid)
+    cond_frame = _gather(frame, order)
+
+    # Previous frames: q = 1-based recency rank of each usable slot (0 = not usable).
+    usable = noncond | (cond & ~selected)
+    max_num = jnp.minimum(jnp.asarray(num_frames, jnp.int32), cfg.max_obj_ptrs)
+    if cfg.use_memory_selection:
+        good = noncond & (frame >= 1) & (frame < f) & (bank.score > cfg.mf_threshold)
+        newer = jnp.sum(good[:, None, :] & (frame[:, None, :] > frame[:, :, None]), axis=-1)
+        kept = good & (newer < max_num - 1)
+        last = usable & (frame == f - 1)  # always in the list (if it exists at all)
+        prev_kept = jnp.any(kept & (frame == f - 1), axis=1, keepdims=True)
+        shift = (~prev_kept).astype(jnp.int32)
+        q = jnp.where(kept, newer + 1 + shift, jnp.where(last & ~prev_kept, 1, 0))
+        list_len = jnp.sum(kept, axis=1, keepdims=True) + jnp.where(f >= 1, shift, 0)
+        ptr_limit = jnp.minimum(max_num, list_len)
+    else:
+        q = jnp.where(usable & (frame < f), f - frame, 0)
+        ptr_limit = max_num
+    n_prev, n_ptr = cfg.num_maskmem - 1, cfg.max_obj_ptrs - 1
+    prev_idx, prev_found = _by_rank(q, n_prev)
+    ptr_idx, ptr_found = _by_rank(q, n_ptr)
+    ptr_found = ptr_found & (jnp.arange(1, n_ptr + 1)[None, :] < ptr_limit)
+
+    cond_ptr_valid = cond_valid & (cond_frame <= f) if past_pointers_only else cond_valid
+    norm = jnp.maximum(max_num - 1, 1).astype(jnp.float32)
+    ptr_dist = jnp.concatenate([f - cond_frame, jnp.broadcast_to(jnp.arange(1, n_ptr + 1), (b, n_ptr))], axis=1)
+    return SelectedMemory(
+        feats=jnp.concatenate([_gather(bank.feats, order), _gather(bank.feats, prev_idx)], axis=1),
+        tpos=jnp.concatenate([jnp.full((b, kc), cfg.num_maskmem - 1, jnp.int32),
+                              jnp.broadcast_to(jnp.arange(n_prev, dtype=jnp.int32), (b, n_prev))], axis=1),
+        valid=jnp.concatenate([cond_valid, prev_found], axis=1),
+        ptrs=jnp.concatenate([_gather(bank.ptrs, order), _gather(bank.ptrs, ptr_idx)], axis=1),
+        ptr_tpos=ptr_dist.astype(jnp.float32) / norm,
+        ptr_valid=jnp.concatenate([cond_ptr_valid, ptr_found], axis=1))
