@@ -1,1 +1,1 @@
-"""Training: on-device matchers and losses (``matcher``, ``losses``)."""
+"""Training: on-device matchers (``matcher``), losses (``losses``) and the optimiser (``optim``)."""
