@@ -17,6 +17,7 @@ import numpy as np
 
 from sam3_jax.model.config import DecoderConfig
 from sam3_jax.nn.attention import MultiheadAttention
+from sam3_jax.nn.boxes import box_cxcywh_to_xyxy
 from sam3_jax.nn.layers import MLP, LayerNorm
 from sam3_jax.nn.position import sine_embed_for_position
 
@@ -25,11 +26,6 @@ def inverse_sigmoid(x, eps: float = 1e-3):
     """The reference's clamped logit: log(max(x, eps) / max(1 - x, eps)) with x clipped to [0, 1]."""
     x = jnp.clip(x, 0.0, 1.0)
     return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))
-
-
-def box_cxcywh_to_xyxy(boxes):
-    cx, cy, w, h = (boxes[..., i] for i in range(4))
-    return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
 
 
 class DecoderOutput(NamedTuple):

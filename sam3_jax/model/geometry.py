@@ -18,11 +18,7 @@ import jax.numpy as jnp
 from sam3_jax.model.config import GeometryConfig
 from sam3_jax.model.encoder import TransformerEncoderLayer
 from sam3_jax.nn import layers, ops, position
-
-
-def box_cxcywh_to_xyxy(boxes):
-    cx, cy, w, h = (boxes[..., i] for i in range(4))
-    return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+from sam3_jax.nn.boxes import box_cxcywh_to_xyxy
 
 
 def compact_order(mask):

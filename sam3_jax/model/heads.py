@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam3_jax.model.decoder import DecoderOutput, box_cxcywh_to_xyxy, inverse_sigmoid
+from sam3_jax.model.decoder import DecoderOutput, inverse_sigmoid
 from sam3_jax.nn.attention import MultiheadAttention
+from sam3_jax.nn.boxes import box_cxcywh_to_xyxy
 from sam3_jax.nn.layers import MLP, LayerNorm
 
 

@@ -74,6 +74,22 @@ class Source(abc.ABC):
         """Cheap: lists files and reads the index; masks load later. May raise DataError."""
 
 
+class ClassAgnosticSource(Source):
+    """Videos in ``<image_dir>/<video>/`` (optionally listed in ``file_list``) whose objects carry no
+    class: each gets ``phrase`` (e.g. "object") for the detector, or none when it is empty."""
+
+    def __init__(self, image_dir: str, annotation_dir: str, file_list: str = "", phrase: str = "object",
+                 exhaustive: bool = False):
+        self.image_dir, self.annotation_dir = image_dir, annotation_dir
+        self.names = list_videos(image_dir, file_list)
+        self.vocabulary = PhraseVocabulary([phrase] if phrase else [])
+        self.exhaustive = exhaustive
+        self._phrase = self.vocabulary.id(phrase) if phrase else -1
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def read_frame(path: str) -> Image.Image:
     """Decodes a frame fully (so truncation is caught here) as RGB."""
     try:

@@ -10,26 +10,14 @@ import numpy as np
 from PIL import Image
 
 from sam3_jax.data.errors import DataError
-from sam3_jax.data.phrases import PhraseVocabulary
-from sam3_jax.data.sources.base import FrameAnnotation, Source, Video, frame_number, list_videos
+from sam3_jax.data.sources.base import ClassAgnosticSource, FrameAnnotation, Video, frame_number
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 VOID_ID = 255  # palette index that DAVIS-style datasets use for "ignore", never an object
 
 
-class DavisSource(Source):
+class DavisSource(ClassAgnosticSource):
     """Class-agnostic: every object gets `phrase` (e.g. "object"), or none when it is empty."""
-
-    def __init__(self, image_dir: str, annotation_dir: str, file_list: str = "",
-                 phrase: str = "object", exhaustive: bool = False):
-        self.image_dir, self.annotation_dir = image_dir, annotation_dir
-        self.names = list_videos(image_dir, file_list)
-        self.vocabulary = PhraseVocabulary([phrase] if phrase else [])
-        self.exhaustive = exhaustive
-        self._phrase = self.vocabulary.id(phrase) if phrase else -1
-
-    def __len__(self) -> int:
-        return len(self.names)
 
     def video(self, index: int) -> Video:
         name = self.names[index]

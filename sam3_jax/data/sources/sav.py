@@ -8,26 +8,18 @@ import functools
 import os
 
 from sam3_jax.data.errors import DataError
-from sam3_jax.data.phrases import PhraseVocabulary
-from sam3_jax.data.sources.base import Source, Video, list_videos, read_json
+from sam3_jax.data.sources.base import ClassAgnosticSource, Video, read_json
 from sam3_jax.data.sources.davis import JPEG_SUFFIXES
 from sam3_jax.data.sources.rle import RleAnnotation
 
 
-class SavSource(Source):
+class SavSource(ClassAgnosticSource):
     """Class-agnostic like DAVIS: objects get `phrase` or none."""
 
     def __init__(self, image_dir: str, annotation_dir: str, file_list: str = "",
                  annotation_stride: int = 4, phrase: str = "object", exhaustive: bool = False):
-        self.image_dir, self.annotation_dir = image_dir, annotation_dir
+        super().__init__(image_dir, annotation_dir, file_list, phrase, exhaustive)
         self.stride = annotation_stride
-        self.names = list_videos(image_dir, file_list)
-        self.vocabulary = PhraseVocabulary([phrase] if phrase else [])
-        self.exhaustive = exhaustive
-        self._phrase = self.vocabulary.id(phrase) if phrase else -1
-
-    def __len__(self) -> int:
-        return len(self.names)
 
     def video(self, index: int) -> Video:
         name = self.names[index]
