@@ -15,6 +15,7 @@ import numpy as np
 
 from sam3_jax.model.decoder import DecoderOutput, inverse_sigmoid
 from sam3_jax.nn.attention import MultiheadAttention
+from sam3_jax.nn import ops
 from sam3_jax.nn.boxes import box_cxcywh_to_xyxy
 from sam3_jax.nn.layers import MLP, LayerNorm
 
@@ -50,17 +51,6 @@ class DotProductScoring(nn.Module):
         return jnp.clip(scores * np.float32(1.0 / np.sqrt(self.d_proj)), -self.clamp, self.clamp)
 
 
-def resize_nearest(x, size: tuple[int, int]):
-    """``F.interpolate(mode="nearest")`` on NHWC: source index floor(dst * in / out)."""
-
-    def index(n_in, n_out):
-        src = np.floor(np.arange(n_out, dtype=np.float32) * np.float32(n_in / n_out)).astype(np.int32)
-        return np.minimum(src, n_in - 1)
-
-    h, w = x.shape[1:3]
-    return x[:, index(h, size[0])][:, :, index(w, size[1])]
-
-
 class PixelDecoder(nn.Module):
     """FPN-style top-down path: from the coarsest map, repeatedly upsample (nearest) onto the next
     finer map, add, then Conv3x3 -> GroupNorm(8) -> ReLU (``conv_layers_{i}``, ``norms_{i}``).
@@ -76,7 +66,7 @@ class PixelDecoder(nn.Module):
         """feats: NHWC maps, finest first -> (B, H0, W0, hidden) at the finest level."""
         prev = feats[-1]
         for i, feat in enumerate(feats[-2::-1]):
-            prev = feat + resize_nearest(prev, feat.shape[1:3])
+            prev = feat + ops.resize_nearest(prev, feat.shape[1:3])
             prev = nn.Conv(self.hidden_dim, (3, 3), padding=((1, 1), (1, 1)), name=f"conv_layers_{i}",
                            dtype=self.dtype)(prev)
             prev = nn.GroupNorm(num_groups=8, epsilon=1e-5, use_fast_variance=False, name=f"norms_{i}",

@@ -6,7 +6,7 @@
   whatever the box size, and a cheap backward pass (no scatter).
 * ``grid_sample``: ``F.grid_sample`` (bilinear, zeros padding, ``align_corners=False``) at a few
   points, as four gathers.
-* ``resize_bilinear``, ``upsample_nearest2x``: ``F.interpolate`` in bilinear and nearest modes.
+* ``resize_bilinear``, ``resize_nearest``: ``F.interpolate`` in bilinear and nearest modes.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _bin_weights(start, extent, size: int, out_size: int, sampling_ratio: int, max_samples: int):
@@ -103,6 +104,12 @@ def resize_bilinear(x, size: tuple[int, int], antialias: bool = False):
     return jax.image.resize(x, (b, size[0], size[1], c), method="linear", antialias=antialias)
 
 
-def upsample_nearest2x(x):
-    """``F.interpolate(scale_factor=2, mode="nearest")`` on (B, H, W, C)."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+def resize_nearest(x, size: tuple[int, int]):
+    """``F.interpolate(mode="nearest")`` on (B, H, W, C): source index floor(dst * in / out)."""
+
+    def index(n_in, n_out):
+        src = np.floor(np.arange(n_out, dtype=np.float32) * np.float32(n_in / n_out)).astype(np.int32)
+        return np.minimum(src, n_in - 1)
+
+    h, w = x.shape[1:3]
+    return x[:, index(h, size[0])][:, :, index(w, size[1])]

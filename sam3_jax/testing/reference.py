@@ -18,14 +18,6 @@ LATE_STUBS = os.path.join(STUBS, "after_torch")  # triton: must not be seen by t
 INSTALL_HINT = "the PyTorch reference is not installed: run `bash scripts/install_reference.sh`"
 
 
-def available() -> bool:
-    try:
-        load()
-        return True
-    except ImportError:
-        return False
-
-
 @functools.cache
 def load() -> types.SimpleNamespace:
     """Imports torch and sam3 with the CPU shims; returns a namespace of the modules tests need."""
@@ -70,15 +62,6 @@ def bpe_path() -> str:
     from sam3_jax.model.tokenizer import DEFAULT_BPE_PATH
 
     return DEFAULT_BPE_PATH
-
-
-def seed_all(seed: int) -> None:
-    ref = load()
-    ref.torch.manual_seed(seed)
-
-
-def to_numpy(t):
-    return t.detach().cpu().float().numpy() if hasattr(t, "detach") else t
 
 
 def build_image_model(cfg, *, joint_box_scores: bool = False):

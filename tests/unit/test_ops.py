@@ -141,8 +141,9 @@ def test_resize_bilinear_matches_torch(ref, src, dst, antialias):
 
 
 @pytest.mark.parity
-def test_upsample_nearest2x_matches_torch(ref):
+@pytest.mark.parametrize("size", [(6, 10), (7, 9), (2, 3)])
+def test_resize_nearest_matches_torch(ref, size):
     torch = ref.torch
     x = np.random.default_rng(4).normal(size=(2, 3, 5, 4)).astype(np.float32)
-    want = torch.nn.functional.interpolate(torch.tensor(x.transpose(0, 3, 1, 2)), scale_factor=2, mode="nearest")
-    assert max_abs_diff(ops.upsample_nearest2x(jnp.asarray(x)), t2n(want).transpose(0, 2, 3, 1)) == 0.0
+    want = torch.nn.functional.interpolate(torch.tensor(x.transpose(0, 3, 1, 2)), size=size, mode="nearest")
+    assert max_abs_diff(ops.resize_nearest(jnp.asarray(x), size), t2n(want).transpose(0, 2, 3, 1)) == 0.0
