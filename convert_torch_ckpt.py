@@ -1,29 +1,48 @@
-"""Convert Meta's SAM 3 checkpoint (``sam3.pt``) into a sam3-jax checkpoint directory.
+"""Convert Meta's SAM 3 checkpoint (``sam3.pt``) into a sam3-jax checkpoint directory, and back.
 
   python convert_torch_ckpt.py --torch_ckpt=sam3.pt --output_dir=ckpt/sam3 [--bpe_path=...]
+  python convert_torch_ckpt.py --direction=to_torch --checkpoint=ckpt/sam3 --torch_ckpt=out.pt
+
+``to_torch`` writes ``{"model": state_dict}`` with exactly the keys of the original file (dead
+weights carried through, RoPE buffers recomputed), loadable by ``build_sam3_video_model``.
 """
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("torch_ckpt", None, "Path of the official sam3.pt (or a state_dict file).")
+flags.DEFINE_enum("direction", "to_jax", ["to_jax", "to_torch"],
+                  "to_jax: --torch_ckpt -> --output_dir; to_torch: --checkpoint -> --torch_ckpt.")
+flags.DEFINE_string("torch_ckpt", None, "The official sam3.pt (or a state_dict file); the output with to_torch.")
 flags.DEFINE_string("output_dir", None, "Directory to write (must not exist unless --overwrite).")
+flags.DEFINE_string("checkpoint", None, "Converted sam3-jax checkpoint directory to export (to_torch).")
 flags.DEFINE_string("bpe_path", None, "CLIP BPE vocabulary; defaults to the one shipped with sam3_jax.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing output directory (atomically).")
 flags.DEFINE_enum("preset", "official", ["official", "tiny"],
-                  "Model size the checkpoint holds (tiny: the small test/demo model).")
+                  "Model and tracker sizes the checkpoint holds (tiny: the small test/demo model).")
 
 
 def main(argv):
     del argv
+    if FLAGS.torch_ckpt is None:
+        raise app.UsageError("--torch_ckpt is required")
+    if FLAGS.direction == "to_torch":
+        from sam3_jax.convert.export import write_torch
+
+        if FLAGS.checkpoint is None:
+            raise app.UsageError("--direction=to_torch needs --checkpoint")
+        n = write_torch(FLAGS.checkpoint, FLAGS.torch_ckpt)
+        print(f"wrote {FLAGS.torch_ckpt}: {n} keys")
+        return
     from sam3_jax.convert.sam3_checkpoint import convert_file
     from sam3_jax.model.config import ModelConfig
+    from sam3_jax.model.tracker.config import TrackerConfig
 
-    cfg = getattr(ModelConfig, FLAGS.preset)()
-    manifest = convert_file(FLAGS.torch_ckpt, FLAGS.output_dir, cfg=cfg, bpe_path=FLAGS.bpe_path,
+    if FLAGS.output_dir is None:
+        raise app.UsageError("--output_dir is required")
+    manifest = convert_file(FLAGS.torch_ckpt, FLAGS.output_dir, cfg=getattr(ModelConfig, FLAGS.preset)(),
+                            tracker_cfg=getattr(TrackerConfig, FLAGS.preset)(), bpe_path=FLAGS.bpe_path,
                             overwrite=FLAGS.overwrite)
     print(f"wrote {FLAGS.output_dir}: " + ", ".join(f"{n} {k}" for k, n in sorted(manifest["summary"].items())))
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["torch_ckpt", "output_dir"])
     app.run(main)

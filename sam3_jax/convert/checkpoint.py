@@ -1,9 +1,11 @@
 """The converted-checkpoint directory: Orbax params, vocabulary, manifest, dead weights.
 
 Layout of ``DIR``:
-  params/            Orbax (StandardCheckpointer) of ``{"params": ...}``; the trainer's
+  params/            Orbax (StandardCheckpointer) of ``{"params": {"detector": ..., "tracker": ...}}``
+                     ("tracker" only when the source held one); the trainer's
                      ``--config.init_from=DIR`` reads it
-  manifest.json      source file + sha256, model config, and what became of every torch key
+  manifest.json      source file + sha256, model and tracker configs, and what became of every
+                     torch key (``export.py`` inverts the "mapped to <path>" entries)
   dead_weights.npz   tensors the reference stores but never uses, carried for export to torch
   bpe_simple_vocab_16e6.txt.gz   the tokenizer vocabulary
 A directory is written under a temporary name and renamed into place, so a crash never leaves a

@@ -1,8 +1,10 @@
 """Official ``sam3.pt`` -> converted directory (see ``checkpoint.py`` for its layout).
 
-Every key of the file is accounted for in the manifest: mapped to a Flax path, recomputed and
-checked (RoPE tables), kept aside as dead, or (tracker keys, until the tracker converter lands)
-"not converted yet". Anything else is an error listing every offending key.
+The params become ``{"detector": ..., "tracker": ...}``, mirroring the ``detector.*`` / ``tracker.*``
+prefixes of ``sam3.pt`` (a bare image-model state_dict gives only "detector"; a file in the video
+layout must hold the whole tracker). Every key of the file is accounted for in the manifest: mapped
+to a Flax path, recomputed and checked (RoPE tables), or kept aside as dead. Anything else is an
+error listing every offending key.
 """
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import datetime
 import os
 import re
 
+import jax
 import numpy as np
 
 from sam3_jax import __version__
 from sam3_jax.convert import checkpoint, keymap, torch_io
 from sam3_jax.model.config import ModelConfig
+from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.nn import rope
 
 DETECTOR = "detector."
@@ -39,40 +43,76 @@ def split_layout(state_dict: dict, path: str) -> tuple[dict, dict]:
     return det, trk
 
 
-def check_rope(recomputed: dict[str, np.ndarray], cfg: ModelConfig) -> list[str]:
-    """Compares stored ``freqs_cis`` buffers with the tables our ViT computes from the config."""
+def rope_args(key: str, cfg: ModelConfig) -> tuple | None:
+    """``(dim, end_x, end_y, theta, scale)`` of a ViT block's ``freqs_cis`` buffer (None: not one)."""
+    m = _BLOCK.search(key)
+    if m is None:
+        return None
     vit = cfg.vit
     head_dim = vit.embed_dim // vit.num_heads
+    if int(m.group(1)) in vit.global_att_blocks:
+        return head_dim, vit.grid, vit.grid, vit.rope_theta, vit.pretrain_grid / vit.grid
+    return head_dim, vit.window_size, vit.window_size, vit.rope_theta, 1.0
+
+
+def check_rope(recomputed: dict[str, np.ndarray], cfg: ModelConfig) -> list[str]:
+    """Compares stored ``freqs_cis`` buffers with the tables our ViT computes from the config."""
     problems = []
     for key, stored in recomputed.items():
-        m = _BLOCK.search(key)
-        if m is None:
+        args = rope_args(key, cfg)
+        if args is None:
             problems.append(f"{key}: unexpected recomputed buffer")
             continue
-        block = int(m.group(1))
-        if block in vit.global_att_blocks:
-            want = rope.axial_cis(head_dim, vit.grid, vit.grid, vit.rope_theta, vit.pretrain_grid / vit.grid)
-        else:
-            want = rope.axial_cis(head_dim, vit.window_size, vit.window_size, vit.rope_theta, 1.0)
+        want = rope.axial_cis(*args)
         if stored.shape != want.shape or not np.allclose(stored, want, atol=1e-4):
             err = np.max(np.abs(stored - want)) if stored.shape == want.shape else f"shape {stored.shape} vs {want.shape}"
             problems.append(f"{key}: stored RoPE table differs from the recomputed one ({err})")
     return problems
 
 
+def tracker_abstract_params(tracker_cfg: TrackerConfig):
+    from sam3_jax.model.tracker.tracker import Tracker
+
+    return jax.eval_shape(lambda: Tracker(tracker_cfg).init(jax.random.key(0), method=Tracker.all_paths))["params"]
+
+
+def configs(manifest: dict) -> tuple[ModelConfig, TrackerConfig | None]:
+    """(model config, tracker config or None) as recorded in a converted checkpoint's manifest."""
+    cfg = ModelConfig.from_dict(manifest["model_config"])
+    tracker = manifest.get("tracker_config")
+    if tracker is None:
+        return cfg, None
+    names = {f.name for f in dataclasses.fields(TrackerConfig)}
+    return cfg, TrackerConfig(**{k: v for k, v in tracker.items() if k in names})
+
+
+def abstract_params(cfg: ModelConfig, tracker_cfg: TrackerConfig | None) -> dict:
+    """The converted checkpoint's params tree (shapes and dtypes only)."""
+    from sam3_jax.model import detector
+
+    tree = {"detector": detector.abstract_params(cfg)}
+    if tracker_cfg is not None:
+        tree["tracker"] = tracker_abstract_params(tracker_cfg)
+    return tree
+
+
 def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = None,
-                 bpe_path: str | None = None, overwrite: bool = False) -> dict:
-    """Converts ``torch_ckpt`` and writes ``output_dir`` atomically; returns the manifest."""
+                 tracker_cfg: TrackerConfig | None = None, bpe_path: str | None = None,
+                 overwrite: bool = False) -> dict:
+    """Converts ``torch_ckpt`` and writes ``output_dir`` atomically; returns the manifest.
+    ``cfg`` / ``tracker_cfg`` give the sizes the file holds (default: official)."""
     from sam3_jax.model import detector, tokenizer, vit
 
     cfg = cfg or ModelConfig.official()
+    tracker_cfg = tracker_cfg or TrackerConfig.official()
     vocab = bpe_path or tokenizer.DEFAULT_BPE_PATH
     if not os.path.isfile(vocab):
         raise FileNotFoundError(f"BPE vocabulary not found: {vocab}")
     state_dict = torch_io.read_state_dict(torch_ckpt)
     num_keys = len(state_dict)
     det_sd, trk_sd = split_layout(state_dict, torch_ckpt)
-    if not trk_sd and not any(k.startswith("backbone.vision_backbone.sam2_convs.") for k in det_sd):
+    video_layout = any(k.startswith(DETECTOR) for k in state_dict)
+    if not video_layout and not any(k.startswith("backbone.vision_backbone.sam2_convs.") for k in det_sd):
         cfg = cfg.replace(neck=dataclasses.replace(cfg.neck, add_sam2_neck=False))  # image-model file
     # The key map targets the torch layout (unrolled ViT blocks); a scanned trunk is stacked after.
     unrolled = cfg.replace(vit=dataclasses.replace(cfg.vit, scan_blocks=False))
@@ -83,8 +123,18 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
     if problems:
         raise keymap.ConversionError(f"{torch_ckpt}:\n  " + "\n  ".join(problems))
     fate = {DETECTOR + k: v for k, v in conversion.fate.items()}
-    fate.update({TRACKER + k: "not converted yet (tracker)" for k in trk_sd})
     dead = {DETECTOR + k: v for k, v in conversion.dead.items()}
+    params = {"detector": conversion.params}
+    del det_sd, conversion
+    if video_layout:
+        tracked = keymap.convert(trk_sd, tracker_abstract_params(tracker_cfg), source=f"{torch_ckpt} (tracker.*)",
+                                 consume=True)
+        if tracked.recomputed:  # the tracker's RoPE tables are not buffers of the state_dict
+            raise keymap.ConversionError(f"{torch_ckpt}: unexpected tracker buffers: " + ", ".join(tracked.recomputed))
+        fate.update({TRACKER + k: v for k, v in tracked.fate.items()})
+        dead.update({TRACKER + k: v for k, v in tracked.dead.items()})
+        params["tracker"] = tracked.params
+        del tracked
     manifest = {
         "format": "sam3-jax converted checkpoint",
         "sam3_jax_version": __version__,
@@ -92,18 +142,17 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
         "source": {"path": os.path.abspath(torch_ckpt), "sha256": checkpoint.sha256(torch_ckpt),
                    "num_keys": num_keys},
         "model_config": checkpoint.config_to_json(cfg),
+        "tracker_config": checkpoint.config_to_json(tracker_cfg) if video_layout else None,
         "keys": fate,
         "summary": _summary(fate),
     }
-    params = conversion.params
     if cfg.vit.scan_blocks:
-        vision = params["backbone"]["vision_backbone"]
+        vision = params["detector"]["backbone"]["vision_backbone"]
         vision["trunk"] = vit.stack_blocks(vision["trunk"], cfg.vit)
-    del det_sd, conversion
     checkpoint.write(output_dir, params, manifest=manifest, dead=dead, vocab_path=vocab, overwrite=overwrite)
     return manifest
 
 
 def _summary(fate: dict[str, str]) -> dict[str, int]:
-    kinds = ("mapped", "recomputed", "dead", "not converted yet")
+    kinds = ("mapped", "recomputed", "dead")
     return {kind: sum(v.startswith(kind) for v in fate.values()) for kind in kinds}

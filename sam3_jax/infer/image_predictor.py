@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam3_jax.convert import checkpoint
+from sam3_jax.convert import checkpoint, sam3_checkpoint
 from sam3_jax.infer import image_io
 from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
@@ -50,8 +50,8 @@ class ImagePredictor:
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str, **kwargs) -> "ImagePredictor":
         manifest = checkpoint.read_manifest(checkpoint_dir)
-        cfg = ModelConfig.from_dict(manifest["model_config"])
-        params = checkpoint.read_params(checkpoint_dir, detector.abstract_params(cfg))
+        cfg, tracker_cfg = sam3_checkpoint.configs(manifest)
+        params = checkpoint.read_params(checkpoint_dir, sam3_checkpoint.abstract_params(cfg, tracker_cfg))["detector"]
         vocab = f"{checkpoint_dir}/{checkpoint.VOCAB}"
         return cls(cfg, params, SimpleTokenizer(vocab), **kwargs)
 

@@ -149,3 +149,47 @@ def build_image_model(cfg, *, joint_box_scores: bool = False):
     if joint_box_scores:
         model.supervise_joint_box_scores = True
     return model.eval()
+
+
+def build_tracker(cfg, seed: int = 7):
+    """The reference's ``Sam3TrackerBase`` at a ``TrackerConfig``'s sizes, built as
+    ``model_builder.build_tracker`` builds it (same classes and switches), with seeded random weights."""
+    ref = load()
+    from sam3.model.decoder import TransformerDecoderLayerv2, TransformerEncoderCrossAttention
+    from sam3.model.memory import CXBlock, SimpleFuser, SimpleMaskDownSampler, SimpleMaskEncoder
+    from sam3.model.model_misc import TransformerWrapper
+    from sam3.model.position_encoding import PositionEmbeddingSine
+    from sam3.model.sam3_tracker_base import Sam3TrackerBase
+    from sam3.sam.transformer import RoPEAttention
+
+    from sam3_jax.testing.parity import randomize_
+
+    def rope_attn(**kw):
+        return RoPEAttention(embedding_dim=cfg.d_model, num_heads=cfg.mem_attn_heads, downsample_rate=1,
+                             dropout=cfg.mem_attn_dropout, rope_theta=cfg.rope_theta, feat_sizes=[cfg.grid, cfg.grid],
+                             use_fa3=False, use_rope_real=False, **kw)
+
+    layer = TransformerDecoderLayerv2(
+        cross_attention_first=False, activation="relu", dim_feedforward=cfg.mem_attn_ffn, dropout=cfg.mem_attn_dropout,
+        pos_enc_at_attn=False, pre_norm=True, self_attention=rope_attn(), d_model=cfg.d_model,
+        pos_enc_at_cross_attn_keys=True, pos_enc_at_cross_attn_queries=False,
+        cross_attention=rope_attn(kv_in_dim=cfg.mem_dim, rope_k_repeat=True))
+    encoder = TransformerEncoderCrossAttention(
+        remove_cross_attention_layers=[], batch_first=True, d_model=cfg.d_model, frozen=False, pos_enc_at_input=True,
+        layer=layer, num_layers=cfg.mem_attn_layers, use_act_checkpoint=False)
+    size = cfg.mask_interpol_size
+    maskmem = SimpleMaskEncoder(
+        out_dim=cfg.mem_dim, in_dim=cfg.d_model,
+        position_encoding=PositionEmbeddingSine(num_pos_feats=cfg.mem_dim, normalize=True, scale=None, temperature=10000),
+        mask_downsampler=SimpleMaskDownSampler(embed_dim=cfg.d_model, kernel_size=3, stride=2, padding=1,
+                                               interpol_size=[size, size]),
+        fuser=SimpleFuser(layer=CXBlock(dim=cfg.d_model, kernel_size=7, padding=3, layer_scale_init_value=1e-6,
+                                        use_dwconv=True), num_layers=cfg.fuser_layers))
+    ref.torch.manual_seed(seed)  # the prompt encoder's gaussian matrix is drawn at construction
+    trk = Sam3TrackerBase(
+        backbone=None, transformer=TransformerWrapper(encoder, None, cfg.d_model), maskmem_backbone=maskmem,
+        num_maskmem=cfg.num_maskmem, image_size=cfg.image_size, backbone_stride=cfg.backbone_stride,
+        max_cond_frames_in_attn=cfg.max_cond_frames_in_attn, max_obj_ptrs_in_encoder=cfg.max_obj_ptrs,
+        forward_backbone_per_frame_for_eval=True).eval()
+    randomize_(trk, seed=seed)
+    return trk

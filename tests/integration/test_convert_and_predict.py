@@ -1,5 +1,6 @@
 """convert_torch_ckpt.py and python -m sam3_jax.predict end to end on a tiny model, and their
 behaviour on bad input (nothing half-written, errors that name the problem)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,32 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import REPO, write_torch
+
 from sam3_jax.convert import keymap, torch_io
 from sam3_jax.convert.sam3_checkpoint import convert_file
 from sam3_jax.model.config import ModelConfig
+from sam3_jax.model.tracker.config import TrackerConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.parity
-
-
-@pytest.fixture(scope="module")
-def tiny_state_dict(ref):
-    from sam3_jax.testing import reference
-    from sam3_jax.testing.parity import randomize_, state_dict_numpy
-
-    model = reference.build_image_model(ModelConfig.tiny())
-    randomize_(model, seed=3)
-    sd = {"detector." + k: v for k, v in state_dict_numpy(model).items()}
-    sd["tracker.no_obj_ptr"] = np.zeros((1, 64), np.float32)  # stands in for the tracker's keys
-    return sd
-
-
-def write_torch(sd, path, wrap=True, prefix=""):
-    import torch
-
-    tensors = {prefix + k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
-    torch.save({"model": tensors} if wrap else tensors, path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +35,12 @@ def test_manifest_accounts_for_every_key(tiny_ckpt):
     manifest = json.load(open(out / "manifest.json"))
     assert set(manifest["keys"]) == set(sd)
     fates = manifest["keys"]
-    assert fates["tracker.no_obj_ptr"].startswith("not converted yet")
+    assert fates["tracker.no_obj_ptr"] == "mapped to no_obj_ptr"
+    assert fates["tracker.no_mem_pos_enc"].startswith("dead")
+    assert fates["tracker.sam_mask_decoder.output_upscaling.0.weight"] == \
+        "mapped to sam_mask_decoder/output_upscaling_0/kernel"
+    assert manifest["summary"]["mapped"] + manifest["summary"]["dead"] + manifest["summary"]["recomputed"] == len(sd)
+    assert manifest["tracker_config"] == dataclasses.asdict(TrackerConfig.tiny())
     assert fates["detector.backbone.vision_backbone.trunk.blocks.0.attn.freqs_cis"].startswith("recomputed")
     assert fates["detector.backbone.vision_backbone.convs.3.conv_1x1.weight"].startswith("dead")
     assert fates["detector.transformer.decoder.query_embed.weight"] == "mapped to transformer/decoder/query_embed/embedding"
@@ -64,13 +52,13 @@ def test_manifest_accounts_for_every_key(tiny_ckpt):
 
 
 def test_params_round_trip_through_orbax(tiny_ckpt):
-    from sam3_jax.convert import checkpoint
-    from sam3_jax.model import detector
+    from sam3_jax.convert import checkpoint, sam3_checkpoint
 
     out, sd = tiny_ckpt
-    params = checkpoint.read_params(str(out), detector.abstract_params(ModelConfig.tiny()))
-    kernel = np.asarray(params["backbone"]["vision_backbone"]["trunk"]["blocks_0"]["attn"]["qkv"]["kernel"])
+    params = checkpoint.read_params(str(out), sam3_checkpoint.abstract_params(ModelConfig.tiny(), TrackerConfig.tiny()))
+    kernel = np.asarray(params["detector"]["backbone"]["vision_backbone"]["trunk"]["blocks_0"]["attn"]["qkv"]["kernel"])
     np.testing.assert_array_equal(kernel, sd["detector.backbone.vision_backbone.trunk.blocks.0.attn.qkv.weight"].T)
+    np.testing.assert_array_equal(np.asarray(params["tracker"]["no_obj_ptr"]), sd["tracker.no_obj_ptr"])
 
 
 def _predict(ckpt, image_path, tmp_path, *extra):
@@ -166,7 +154,7 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(tiny_state_dict, tmp_pat
 
     def convert(sd, **kw):
         src = write_torch(sd, tmp_path / "in.pt", **kw)
-        return convert_file(src, str(out), cfg=cfg)
+        return convert_file(src, str(out), cfg=cfg, tracker_cfg=TrackerConfig.tiny())
 
     missing = dict(tiny_state_dict)
     del missing["detector.transformer.decoder.presence_token.weight"]
@@ -175,6 +163,19 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(tiny_state_dict, tmp_pat
     wrong = dict(tiny_state_dict)
     wrong["detector.dot_prod_scoring.hs_proj.weight"] = np.zeros((3, 3), np.float32)
     with pytest.raises(keymap.ConversionError, match=r"hs_proj.weight \(3, 3\)"):
+        convert(wrong)
+    # The tracker: keys missing (all of them, or one) or mis-shaped are listed by name.
+    no_tracker = {k: v for k, v in tiny_state_dict.items() if not k.startswith("tracker.")}
+    with pytest.raises(keymap.ConversionError, match=r"\(tracker\.\*\)") as err:
+        convert(no_tracker)
+    assert "no_obj_ptr (1, 64)" in str(err.value) and "maskmem_tpos_enc (3, 1, 1, 16)" in str(err.value)
+    missing = dict(tiny_state_dict)
+    del missing["tracker.obj_ptr_proj.layers.1.bias"]
+    with pytest.raises(keymap.ConversionError, match=r"Flax parameters with no torch key \(1\):\n    obj_ptr_proj/layers_1/bias"):
+        convert(missing)
+    wrong = dict(tiny_state_dict)
+    wrong["tracker.maskmem_tpos_enc"] = np.zeros((2, 1, 1, 16), np.float32)
+    with pytest.raises(keymap.ConversionError, match=r"maskmem_tpos_enc \(2, 1, 1, 16\) -> maskmem_tpos_enc expects"):
         convert(wrong)
     extra = dict(tiny_state_dict)
     extra["detector.new_head.weight"] = np.zeros((2,), np.float32)
@@ -193,23 +194,20 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(tiny_state_dict, tmp_pat
     data = open(src, "rb").read()
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(torch_io.CheckpointFormatError, match="trunc.pt"):
-        convert_file(str(tmp_path / "trunc.pt"), str(tmp_path / "out2"), cfg=cfg)
+        convert_file(str(tmp_path / "trunc.pt"), str(tmp_path / "out2"), cfg=cfg, tracker_cfg=TrackerConfig.tiny())
     assert not (tmp_path / "out2").exists()
     leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".out")]
     assert leftovers == []
 
 
 def test_scanned_trunk_layout_is_converted(tiny_state_dict, tmp_path):
-    import dataclasses
-
-    from sam3_jax.convert import checkpoint
-    from sam3_jax.model import detector
+    from sam3_jax.convert import checkpoint, sam3_checkpoint
 
     base = ModelConfig.tiny()
     cfg = base.replace(vit=dataclasses.replace(base.vit, scan_blocks=True))
     src = write_torch(tiny_state_dict, tmp_path / "in.pt")
-    convert_file(src, str(tmp_path / "scan"), cfg=cfg)
-    params = checkpoint.read_params(str(tmp_path / "scan"), detector.abstract_params(cfg))
-    stacked = np.asarray(params["backbone"]["vision_backbone"]["trunk"]["block_groups"]["blocks_1"]["attn"]["qkv"]["kernel"])
+    convert_file(src, str(tmp_path / "scan"), cfg=cfg, tracker_cfg=TrackerConfig.tiny())
+    params = checkpoint.read_params(str(tmp_path / "scan"), sam3_checkpoint.abstract_params(cfg, TrackerConfig.tiny()))
+    stacked = np.asarray(params["detector"]["backbone"]["vision_backbone"]["trunk"]["block_groups"]["blocks_1"]["attn"]["qkv"]["kernel"])
     # torch block 3 = group 1, position 1 of the [windowed, global] pattern.
     np.testing.assert_array_equal(stacked[1], tiny_state_dict["detector.backbone.vision_backbone.trunk.blocks.3.attn.qkv.weight"].T)
