@@ -1,0 +1,149 @@
+"""Training checkpoints: an Orbax ``CheckpointManager`` over the train state and the Grain iterator.
+
+Each step directory holds two items: ``state`` (the train-state pytree, Orbax standard format) and
+``data`` (the Grain iterator's position, a small JSON per process), so a resumed run continues from
+the same example. Orbax writes a step under a temporary name and renames it into place when the
+write is complete, so a run killed mid-save leaves the previous checkpoints intact; the manager
+lists only committed steps and deletes leftover temporary directories when it is created.
+
+``load_params`` serves the trainer's ``--config.init_from``: a converted official checkpoint
+(``sam3_jax.convert.checkpoint``) or a training checkpoint.
+"""
+from __future__ import annotations
+
+import os
+
+from etils import epath
+import grain
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from sam3_jax.convert import checkpoint as converted
+
+STATE, DATA, CHECKPOINTS = "state", "data", "checkpoints"
+
+
+class Checkpointer:
+    """Saves every step given to ``save`` (keeping the newest ``max_to_keep``); restores the newest."""
+
+    def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                               create=True, cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, data_iterator=None) -> None:
+        """Starts saving ``state`` (and the iterator's position); with ``async_save`` it returns once
+        the arrays are copied off the device, and the files are written in the background."""
+        items = {STATE: ocp.args.StandardSave(_keys_to_data(state))}
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._manager.save(step, args=ocp.args.Composite(**items))
+
+    def restore_latest(self, abstract_state, data_iterator=None):
+        """The newest state shaped, typed and sharded like ``abstract_state`` (arrays or
+        ``jax.ShapeDtypeStruct``s; leaves without a sharding go to the default device), or None when
+        there is no checkpoint. ``data_iterator`` is moved, in place, to the saved position."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        items = {STATE: ocp.args.StandardRestore(_restore_target(abstract_state))}
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return _data_to_keys(restored[STATE], abstract_state)
+
+    def wait(self) -> None:
+        """Blocks until the pending asynchronous save is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def load_params(directory: str, abstract_params: dict) -> dict:
+    """Parameters shaped like ``abstract_params`` (e.g. ``{"detector": ...}``) from ``directory``: a
+    converted checkpoint (``directory/params``; only the requested subtrees are read), a training
+    run's ``checkpoints`` directory or the run's workdir (the newest step's ``state["params"]``)."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"init_from directory does not exist: {directory}")
+    if os.path.isfile(os.path.join(directory, converted.MANIFEST)):
+        return _restore_params(os.path.join(directory, converted.PARAMS), abstract_params)
+    for candidate in (directory, os.path.join(directory, CHECKPOINTS)):
+        if os.path.isdir(candidate) and (latest := _latest_step_dir(candidate)):
+            return _restore_params(os.path.join(latest, STATE), abstract_params)
+    raise ValueError(f"neither a converted checkpoint ({converted.MANIFEST} + {converted.PARAMS}/) nor a training "
+                     f"checkpoint directory (or a workdir holding {CHECKPOINTS}/): {directory}")
+
+
+def _latest_step_dir(directory: str) -> str | None:
+    """The newest committed step directory, found as ``CheckpointManager`` finds it."""
+    latest = ocp.path.step.latest_step_metadata(directory, ocp.path.step.standard_name_format())
+    return None if latest is None else str(latest.path)
+
+
+def _restore_params(path: str, abstract_params: dict) -> dict:
+    """Restores ``{"params": abstract_params}`` from the pytree item at ``path``, which may hold more
+    (the other model's parameters, the optimiser state): Orbax's partial restore reads only these."""
+    target = {"params": _restore_target(abstract_params)}
+    handler = ocp.PyTreeCheckpointHandler()
+    _check_shapes(handler.metadata(epath.Path(path)).tree.get("params", {}), target["params"])
+    with ocp.Checkpointer(handler) as checkpointer:
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))["params"]
+
+
+def _check_shapes(saved, target) -> None:
+    """Orbax reports a missing or misshapen parameter without its path; name it here."""
+    flat_saved = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
+    for key, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+        name = jax.tree_util.keystr(key, simple=True, separator="/")
+        if key not in flat_saved:
+            raise ValueError(f"parameter {name} is not in the checkpoint")
+        if tuple(flat_saved[key].shape) != tuple(leaf.shape):
+            raise ValueError(f"parameter {name}: shape {tuple(flat_saved[key].shape)} in the checkpoint, "
+                             f"{tuple(leaf.shape)} expected")
+
+
+def _is_key(x) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree):
+    """Orbax cannot write typed PRNG keys: store their raw bits."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _data_to_keys(tree, abstract):
+    """Wraps restored key bits with the key implementation the abstract tree asks for."""
+    def leaf(x, a):
+        if not _is_key(a):
+            return x
+        impl = jax.random.key_impl(jnp.zeros((), a.dtype))  # key_impl takes key arrays, not abstract ones
+        return jax.random.wrap_key_data(x, impl=impl)
+
+    return jax.tree.map(leaf, tree, abstract)
+
+
+def _restore_target(abstract):
+    """``jax.ShapeDtypeStruct``s with a sharding each (the abstract leaf's, else the default device),
+    and the raw-bits form of PRNG keys."""
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def leaf(path, x):
+        sharding = getattr(x, "sharding", None) or default
+        if isinstance(getattr(sharding, "mesh", None), jax.sharding.AbstractMesh):
+            # What jax.eval_shape of sharded arrays gives; Orbax needs the devices to place shards on.
+            raise ValueError(f"{jax.tree_util.keystr(path, simple=True, separator='/')}: the abstract sharding is "
+                             "on an AbstractMesh; give a NamedSharding on a concrete jax.sharding.Mesh")
+        if _is_key(x):
+            data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract)
