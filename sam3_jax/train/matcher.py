@@ -49,6 +49,11 @@ def linear_sum_assignment(cost, row_valid=None):
     rows = jnp.argsort(~row_valid, stable=True) + 1  # valid rows first
     inf = jnp.asarray(jnp.inf, dtype)
 
+    def full(shape, value, dtype):
+        """Loop carries made like ``a``: inside ``shard_map`` they vary over the same mesh axes as
+        what the loop bodies compute from it (a fresh constant would not, and lax loops insist)."""
+        return jnp.full_like(a, value, shape=shape, dtype=dtype)
+
     def add_row(k, state):
         u, v, owner = state
         owner = owner.at[0].set(rows[k])
@@ -70,8 +75,8 @@ def linear_sum_assignment(cost, row_valid=None):
             minv = jnp.where(used, minv, minv - delta)
             return j1, used, minv, way, u, v, steps + 1
 
-        start = (jnp.int32(0), jnp.zeros(m + 1, bool), jnp.full(m + 1, inf), jnp.zeros(m + 1, jnp.int32),
-                 u, v, jnp.int32(0))
+        start = (full((), 0, jnp.int32), full(m + 1, False, bool), full(m + 1, inf, dtype),
+                 full(m + 1, 0, jnp.int32), u, v, full((), 0, jnp.int32))
         j0, _, _, way, u, v, _ = jax.lax.while_loop(
             lambda s: (owner[s[0]] != 0) & (s[-1] <= m), grow, start)
 
@@ -81,10 +86,10 @@ def linear_sum_assignment(cost, row_valid=None):
             return j1, owner.at[j0].set(owner[j1]), steps + 1
 
         _, owner, _ = jax.lax.while_loop(lambda s: (s[0] != 0) & (s[2] <= m), flip,
-                                         (j0, owner, jnp.int32(0)))
+                                         (j0, owner, full((), 0, jnp.int32)))
         return u, v, owner
 
-    init = (jnp.zeros(n + 1, dtype), jnp.zeros(m + 1, dtype), jnp.zeros(m + 1, jnp.int32))
+    init = (full(n + 1, 0, dtype), full(m + 1, 0, dtype), full(m + 1, 0, jnp.int32))
     _, _, owner = jax.lax.fori_loop(0, row_valid.sum(), add_row, init)
     col_of_row = jnp.full(n + 1, -1, jnp.int32).at[owner[1:]].set(jnp.arange(m, dtype=jnp.int32))
     return jnp.where(row_valid, col_of_row[1:], -1)

@@ -34,6 +34,10 @@ from sam3_jax.train.losses.point_sampling import point_sample, sample_points
 _DUMMY_BOX = (0.5, 0.5, 1.0, 1.0)
 
 
+def _identity(x):
+    return x
+
+
 @dataclasses.dataclass(frozen=True)
 class DetectorLossConfig:
     """Weights and switches; defaults are the reference's SAM 3 fine-tuning configs."""
@@ -89,7 +93,7 @@ def _safe_boxes(boxes, valid):
 
 
 def classification_loss(logits, boxes_xyxy, match, tgt_xyxy, keep, query_valid, exhaustive,
-                        config: DetectorLossConfig, presence_logits=None):
+                        config: DetectorLossConfig, presence_logits=None, global_sum=_identity):
     """``IABCEMdetr``: IoU-aware BCE over all queries, and the presence loss.
 
     logits (B, Q, 1); boxes_xyxy (B, Q, 4); match (B, Q, N); tgt_xyxy (B, N, 4) (padding made
@@ -97,7 +101,7 @@ def classification_loss(logits, boxes_xyxy, match, tgt_xyxy, keep, query_valid, 
     presence_logits (B, 1) or None. Matched queries are pushed towards
     max(p^alpha IoU^(1-alpha), 0.01) with weight ``pos_weight``; the others towards 0 with weight
     p^gamma. Queries without a visible target get no such loss (presence gating) but train the
-    presence logit towards 0.
+    presence logit towards 0. Means divide by counts summed with ``global_sum``.
     """
     x = logits[..., 0].astype(jnp.float32)
     prob = jax.nn.sigmoid(x)
@@ -116,10 +120,10 @@ def classification_loss(logits, boxes_xyxy, match, tgt_xyxy, keep, query_valid, 
     if config.use_presence:
         loss = loss * keep[:, None]
     counted = jnp.broadcast_to(query_valid[:, None], loss.shape)
-    num_queries = jnp.maximum(query_valid.sum(), 1).astype(jnp.float32)
+    num_queries = jnp.maximum(global_sum(query_valid.sum()), 1).astype(jnp.float32)
     if config.weak_loss:
         counted = counted & (exhaustive[:, None] | matched)
-        loss_ce = (loss * counted).sum() / (counted.sum() + 1e-6)
+        loss_ce = (loss * counted).sum() / (global_sum(counted.sum()) + 1e-6)
     else:
         per_image = max(loss.shape[1], config.pad_n_queries or 0)
         loss_ce = (loss * counted).sum() / (num_queries * per_image)
@@ -222,7 +226,7 @@ def _hungarian_matches(problems, tgt_boxes, valid, config):
 
 def detector_loss(outputs: Mapping[str, Any], targets: Mapping[str, Any],
                   config: DetectorLossConfig = DetectorLossConfig(), *, num_boxes=None, query_valid=None,
-                  rng=None):
+                  rng=None, global_sum=_identity):
     """``Sam3LossWrapper`` on the final and every aux decoder layer, o2o and o2m queries.
 
     o2o queries are matched by the Hungarian matcher in every layer; o2m queries by the one-to-many
@@ -230,9 +234,11 @@ def detector_loss(outputs: Mapping[str, Any], targets: Mapping[str, Any],
     ``use_o2m_matcher_on_o2m_aux``), and their terms are scaled by ``o2m_weight``. Masks only on
     the final layer (unless ``masks_on_aux``) and only when ``pred_masks`` and ``targets["masks"]``
     exist. ``num_boxes``: what box and mask terms are divided by (clamped >= 1); the default is the
-    local count of valid targets, a data-parallel caller passes its global mean. ``query_valid``
+    count of valid targets (summed with ``global_sum``). ``query_valid``
     (B,) marks real queries (default all): padding queries add no loss and are not counted.
-    ``rng`` is needed only for point-sampled mask losses.
+    ``rng`` is needed only for point-sampled mask losses. ``global_sum`` sums a count over every
+    shard of a data-parallel batch (e.g. a ``psum``): each normaliser (valid targets, real queries)
+    is then global, so the shards' results add up to the loss of the whole batch.
 
     Returns (total, terms): terms named as the reference logs them (``loss_ce``,
     ``loss_giou_aux_2``, ``loss_bbox_o2m``, ``loss_ce_aux_0_o2m``...), unweighted except that o2m
@@ -250,7 +256,7 @@ def detector_loss(outputs: Mapping[str, Any], targets: Mapping[str, Any],
     safe_boxes = _safe_boxes(tgt_boxes, valid)
     safe_xyxy = box_cxcywh_to_xyxy(safe_boxes)
     if num_boxes is None:
-        num_boxes = valid.sum()
+        num_boxes = global_sum(valid.sum())
     num_boxes = jnp.maximum(jnp.asarray(num_boxes, jnp.float32), 1.0)
     masks = targets.get("masks")
     mask_valid = valid if targets.get("mask_valid") is None else targets["mask_valid"].astype(bool) & valid
@@ -286,7 +292,7 @@ def detector_loss(outputs: Mapping[str, Any], targets: Mapping[str, Any],
         if boxes_xyxy is None:
             boxes_xyxy = box_cxcywh_to_xyxy(out["pred_boxes"])
         got = classification_loss(out["pred_logits"], boxes_xyxy, match, safe_xyxy, keep, query_valid,
-                                  exhaustive, config, out.get("presence_logit_dec"))
+                                  exhaustive, config, out.get("presence_logit_dec"), global_sum)
         got.update(box_loss(out["pred_boxes"], boxes_xyxy, match, safe_boxes, safe_xyxy, num_boxes))
         if "pred_masks" in out and masks is not None and (config.masks_on_aux or not is_aux):
             mask_rng = None if rng is None else jax.random.fold_in(rng, len(terms))
@@ -298,5 +304,5 @@ def detector_loss(outputs: Mapping[str, Any], targets: Mapping[str, Any],
             if config.weight(name) != 0:
                 total = total + config.weight(name) * scale * value
     if config.scale_by_find_batch_size:
-        total = total * jnp.sqrt(query_valid.sum().astype(jnp.float32))
+        total = total * jnp.sqrt(global_sum(query_valid.sum()).astype(jnp.float32))
     return total, terms
