@@ -31,8 +31,16 @@ import numpy as np
 import optax
 
 VISION, TEXT, REST, FROZEN = "vision", "text", "rest", "frozen"
-GROUPS = {VISION: re.compile(r"^backbone/vision_backbone/"), TEXT: re.compile(r"^backbone/language_backbone/")}
+# Paths are of the detector's tree; the trainer's ``{"detector": ..., "tracker": ...}`` is
+# understood too (the tracker's parameters are all in ``rest``).
+DETECTOR = "detector/"
+GROUPS = {VISION: re.compile(r"^(detector/)?backbone/vision_backbone/"),
+          TEXT: re.compile(r"^(detector/)?backbone/language_backbone/")}
 TRUNK = "backbone/vision_backbone/trunk/"
+
+
+def _model_path(path: str) -> str:
+    return path[len(DETECTOR):] if path.startswith(DETECTOR) else path
 
 # Parameters here that are buffers in the reference: never trained, whatever the config says.
 ALWAYS_FROZEN = {
@@ -63,7 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
         final_lr_fraction=0.1,  # cosine: lr at the end / base lr
         clip_norm=0.1,  # global L2 norm of the trainable gradients; 0 turns it off
         accumulate_steps=1,
-        freeze="",  # regex searched in '/'-joined paths, e.g. "^backbone/"
+        freeze="",  # regex searched in '/'-joined paths, e.g. "detector/backbone/" (the whole backbone)
     ))
 
 
@@ -106,6 +114,7 @@ def trunk_depth(params) -> int | None:
     """Number of ViT blocks in the tree (unrolled ``blocks_i`` or stacked ``block_groups``), or None."""
     unrolled, stacked = set(), {}
     for path, x in by_path(params).items():
+        path = _model_path(path)
         if m := re.match(re.escape(TRUNK) + r"blocks_(\d+)/", path):
             unrolled.add(int(m[1]))
         elif m := re.match(re.escape(TRUNK) + r"block_groups/blocks_(\d+)/", path):
@@ -135,6 +144,7 @@ def layer_scales(params, cfg):
     depth = trunk_depth(params)
 
     def scale(path, x):
+        path = _model_path(path)
         if depth is None or not path.startswith(TRUNK):
             return 1.0
         rel = path[len(TRUNK):]

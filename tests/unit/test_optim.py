@@ -341,3 +341,17 @@ def test_updates_match_torch_adamw_with_param_groups_and_clipping(ref):
     got = optim.by_path(got)
     for p, t in tensors.items():
         np.testing.assert_allclose(got[p], t.detach().numpy(), rtol=1e-5, atol=2e-6, err_msg=p)
+
+
+def test_trainer_tree_gets_the_detector_groups_and_factors(tiny_tree):
+    """The trainer's ``{"detector": ..., "tracker": ...}``: same labels and layer factors below
+    ``detector/``; the tracker is ``rest`` and undecayed by layer."""
+    cfg = optim.default_config()
+    tree = {"detector": tiny_tree, "tracker": {"sam_mask_decoder": {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}}}
+    labels = optim.by_path(optim.param_labels(tree, cfg))
+    scales = optim.by_path(optim.layer_scales(tree, cfg))
+    for path, label in optim.by_path(optim.param_labels(tiny_tree, cfg)).items():
+        assert labels["detector/" + path] == label, path
+    for path, s in optim.by_path(optim.layer_scales(tiny_tree, cfg)).items():
+        assert scales["detector/" + path] == s, path
+    assert labels["tracker/sam_mask_decoder/w"] == "rest" and scales["tracker/sam_mask_decoder/w"] == 1.0
