@@ -1,0 +1,233 @@
+"""The training loop behind ``train.py``: config -> mesh, state, data -> jitted steps -> logs and checkpoints.
+
+Everything the run writes lives in ``workdir``: ``config.json`` (the resolved config),
+``checkpoints/`` (Orbax: state + Grain iterator), ``metrics.jsonl`` and ``tensorboard/``.
+Running again with the same workdir resumes from the newest checkpoint, with the data stream
+and random numbers exactly where they were.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from sam3_jax.data import pipeline
+from sam3_jax.model.config import ModelConfig
+from sam3_jax.model.detector import abstract_params, init_params
+from sam3_jax.train import checkpoint, metrics, optim, reporting
+from sam3_jax.train import mesh as mesh_lib
+from sam3_jax.train import step as step_lib
+from sam3_jax.train.losses.detector import DetectorLossConfig
+
+log = logging.getLogger(__name__)
+
+# Batch fields that identify a clip, reported when a step's loss is not finite.
+BATCH_IDS = ("dataset_index", "video_index", "frame_indices")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradients were NaN/Inf and the config says to stop."""
+
+
+def check_finite(pending, consecutive_bad: int, policy: str, max_consecutive: int) -> int:
+    """Empties ``pending`` ((step, finite flag, batch ids) per step, oldest first) and returns the
+    count of non-finite steps in a row. Each such step's update was already skipped; raises
+    `NonFiniteLoss` naming the batch for ``policy="stop"`` or after ``max_consecutive`` in a row."""
+    if policy not in ("skip", "stop"):
+        raise ValueError(f"nonfinite must be 'skip' or 'stop', got {policy!r}")
+    while pending:
+        step, finite, ids = pending.popleft()
+        if bool(finite):
+            consecutive_bad = 0
+            continue
+        consecutive_bad += 1
+        where = ", ".join(f"{k}={np.asarray(v).tolist()}" for k, v in ids.items())
+        log.warning("step %d: non-finite loss or gradients, update skipped (%s)", step, where)
+        if policy == "stop" or consecutive_bad > max_consecutive:
+            raise NonFiniteLoss(f"step {step}: non-finite loss or gradients on the batch {where}")
+    return consecutive_bad
+
+
+def model_config(config) -> ModelConfig:
+    cfg = ModelConfig.from_dict(config.model.to_dict())
+    if config.data.image_size != cfg.image_size:
+        raise ValueError(f"data.image_size={config.data.image_size} but the model takes "
+                         f"model.vit.img_size={cfg.image_size}: set them equal")
+    return cfg
+
+
+def write_config(config, workdir: str) -> None:
+    """The resolved config as JSON, written whole (temp file + rename)."""
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + ".tmp", path)
+
+
+def eval_data_config(config) -> ml_collections.ConfigDict | None:
+    """The held-out data: the training data config with ``eval.sources``, unaugmented, in-process."""
+    if not config.eval.every or not config.eval.sources:
+        return None
+    data = copy.deepcopy(config.data)
+    with data.unlocked():
+        data.sources = config.eval.sources
+        data.augment.enabled = False
+        data.num_workers = 0
+    return data
+
+
+class Trainer:
+    """One run: builds everything from the config, then ``run()`` trains to ``total_steps``."""
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.is_main = jax.process_index() == 0
+        os.makedirs(workdir, exist_ok=True)
+        if self.is_main:
+            write_config(config, workdir)
+        self.model_cfg = model_config(config)
+        self.mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.frame)
+        mesh_lib.check_divisible(self.mesh, config.data.batch_size * jax.process_count(), config.data.num_frames)
+        self.loss_cfg = DetectorLossConfig.from_dict(config.loss.to_dict())
+        abstract = {"detector": abstract_params(self.model_cfg)}
+        self.tx = step_lib.wrap_nonfinite(optim.make_optimizer(config.optim, abstract, config.total_steps))
+        labels = optim.param_labels(abstract, config.optim)
+        frozen = jax.tree.map(lambda label: label == optim.FROZEN, labels)
+        replicated = mesh_lib.replicated(self.mesh)
+        self.abstract_state = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+            jax.eval_shape(lambda p: step_lib.init_state(p, self.tx, config.seed), abstract))
+
+        self.data = iter(pipeline.build_dataset(config.data, config.seed))
+        self.checkpoints = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINTS),
+                                                   max_to_keep=config.keep_checkpoints,
+                                                   async_save=config.checkpoint_async)
+        state = self.checkpoints.restore_latest(self.abstract_state, self.data)
+        if state is None:
+            state = self._fresh_state(abstract)
+        else:
+            log.info("resumed from %s at step %d", workdir, int(state["step"]))
+        self.state = state
+        log.info("%s", optim.summarize(abstract, config.optim, config.total_steps))
+
+        with jax.set_mesh(self.mesh):
+            loss_fn = step_lib.make_loss_fn(self.model_cfg, self.loss_cfg, self.mesh)
+            self.train_step = jax.jit(step_lib.make_train_step(
+                loss_fn, self.tx, frozen=frozen,
+                learning_rates=lambda s: optim.learning_rates(config.optim, config.total_steps, s)),
+                donate_argnums=(0,))
+            self.eval_step = jax.jit(step_lib.make_eval_fn(self.model_cfg, self.loss_cfg, self.mesh))
+        self.predict = jax.jit(step_lib.make_predict_fn(self.model_cfg))
+
+    def _fresh_state(self, abstract):
+        config = self.config
+        replicated = mesh_lib.replicated(self.mesh)
+        if config.init_from:
+            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+            params = checkpoint.load_params(config.init_from, target)
+            log.info("initialised from %s", config.init_from)
+        else:
+            params = {"detector": jax.jit(init_params, static_argnums=0, out_shardings=replicated)(
+                self.model_cfg, jax.random.key(config.seed))}
+        init = jax.jit(lambda p: step_lib.init_state(p, self.tx, config.seed),
+                       out_shardings=jax.tree.map(lambda x: x.sharding, self.abstract_state))
+        return init(params)
+
+    # ------------------------------------------------------------------------------------------ run
+    def run(self) -> dict[str, float]:
+        """Trains to ``total_steps``; returns the last logged metrics."""
+        config = self.config
+        start = int(self.state["step"])
+        writer = reporting.MetricsWriter(self.workdir, start_step=start) if self.is_main else None
+        progress = reporting.Progress(config.total_steps, start)
+        # (step, finite flag on device, the batch's clip ids): checked at each log and save.
+        pending: collections.deque = collections.deque()
+        consecutive_bad, last = 0, {}
+        frames_per_step = config.data.batch_size * jax.process_count() * config.data.num_frames
+        tick, tick_step = time.perf_counter(), start
+        try:
+            for step in range(start + 1, config.total_steps + 1):
+                batch = next(self.data)
+                with jax.set_mesh(self.mesh):
+                    self.state, step_metrics = self.train_step(self.state, mesh_lib.shard_batch(self.mesh, batch))
+                pending.append((step, step_metrics["finite"], {k: batch[k] for k in BATCH_IDS}))
+                log_now = step % config.log_every == 0 or step == config.total_steps
+                save_now = step % config.checkpoint_every == 0 or step == config.total_steps
+                if log_now or save_now:
+                    consecutive_bad = check_finite(pending, consecutive_bad, config.nonfinite,
+                                                   config.max_consecutive_nonfinite)
+                if log_now:
+                    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    now = time.perf_counter()
+                    values["step_time_s"] = (now - tick) / (step - tick_step)
+                    values["frames_per_s"] = frames_per_step / values["step_time_s"]
+                    values["nonfinite_steps"] = float(self._nonfinite_total())
+                    tick, tick_step = now, step
+                    last = values
+                    if writer:
+                        writer.scalars(step, values)
+                    log.info("%s", progress.line(step, {k: values[k] for k in ("loss", "grad_norm",
+                                                                                   "frames_per_s")}))
+                if config.eval.every and (step % config.eval.every == 0 or step == config.total_steps):
+                    evaluated = self.evaluate(step, writer)
+                    last.update({f"eval/{k}": v for k, v in evaluated.items()})
+                if save_now:
+                    self.checkpoints.save(step, self.state, self.data)
+        finally:
+            self.checkpoints.wait()
+            if writer:
+                writer.close()
+        return last
+
+    def _nonfinite_total(self) -> int:
+        return int(self.state["opt_state"].total_notfinite)
+
+    # ------------------------------------------------------------------------------------- evaluate
+    def evaluate(self, step: int, writer) -> dict[str, float]:
+        """Loss and detection rates on the held-out clips (the same ones every time), and an overlay."""
+        data_cfg = eval_data_config(self.config)
+        if data_cfg is None:
+            return {}
+        data = iter(pipeline.build_dataset(data_cfg, self.config.seed))
+        totals: dict[str, float] = collections.defaultdict(float)
+        first = None
+        for _ in range(self.config.eval.num_batches):
+            batch = next(data)
+            first = batch if first is None else first
+            with jax.set_mesh(self.mesh):
+                sums = self.eval_step(self.state["params"], mesh_lib.shard_batch(self.mesh, batch),
+                                      jax.random.key(0))
+            for k, v in jax.device_get(sums).items():
+                totals[k] += float(v)
+        n = self.config.eval.num_batches
+        result = {"loss": totals["loss"] / n, **metrics.rates(totals)}
+        log.info("eval at step %d: %s", step, " | ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        if writer:
+            writer.scalars(step, {f"eval/{k}": v for k, v in result.items()})
+            if self.config.overlay_every and step % self.config.overlay_every == 0:
+                writer.images(step, {"overlays/clip0": self.overlay(first)})
+        return result
+
+    def overlay(self, batch) -> np.ndarray:
+        """Predictions for the first phrase of the batch's first clip, over its frames (GT below)."""
+        clip = {k: np.asarray(v[:1]) for k, v in batch.items()}
+        with jax.set_mesh(self.mesh):
+            masks, scores = jax.device_get(self.predict(self.state["params"], clip))
+        p = clip["phrase_valid"].shape[1]
+        gt = clip["masks"][0] & clip["query_positives"][0, :, 0, :, None, None]
+        return reporting.overlay_clip(clip["frames"][0], masks[::p] > 0, scores[::p], gt_masks=gt,
+                                      score_threshold=self.config.eval.overlay_score_threshold)
+
+
+def train(config, workdir: str) -> dict[str, float]:
+    """``train.py``'s body, callable from Python (tests, notebooks)."""
+    if config.distributed:
+        jax.distributed.initialize()
+    return Trainer(config, workdir).run()
+
