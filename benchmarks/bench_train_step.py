@@ -1,0 +1,413 @@
+"""Detector train step on one clip: JAX (the real trainer step, after compile) vs the PyTorch reference.
+
+Both sides train the same model size on the same frames: one clip of ``--frames`` frames from the
+generated demo videos (resized to the model's image size), one find query per (frame, phrase) with a
+text prompt and no box prompt, the detector losses (IABCEMdetr + Boxes + Masks, o2o + o2m, aux
+layers) and an AdamW-style update with gradient clipping.
+
+* JAX: ``sam3_jax.train.step.make_loss_fn`` + ``make_train_step`` with the trainer's optimiser
+  (``optim.make_optimizer(optim.default_config())``, non-finite skip), ``jit(donate_argnums=0)``
+  on a (data=1, frame=#devices) mesh, remat as ``ModelConfig`` sets it (every ViT block, text
+  block, encoder and decoder layer).
+* PyTorch: ``Sam3Image`` built at the same ``ModelConfig`` by ``sam3_jax.testing.reference``, in
+  train mode with activation checkpointing switched on where the official builder has it (ViT,
+  text encoder, encoder, decoder, segmentation head, geometry encoder), ``model(BatchedDatapoint)``
+  (its matcher runs inside ``forward``), ``Sam3LossWrapper`` configured as the training configs
+  do, ``backward()``, ``clip_grad_norm_(0.1)`` and ``torch.optim.AdamW``.
+
+Each side runs in its own subprocess so peak memory is measured separately. Run:
+
+  CPU (small):  python benchmarks/bench_train_step.py --size=tiny --frames=8 --repeats=3
+  GPU (H100/H200, the issue's targets):
+                python benchmarks/bench_train_step.py --size=official --dtype=bfloat16 --frames=8
+
+``--dtype=bfloat16`` means JAX compute in bf16 and PyTorch under bf16 autocast (the reference's
+training mode). ``--side=jax`` skips the reference (e.g. where it is not installed).
+On a CPU shared with other work, the reference's small ops are slowed a lot by OpenMP threads
+waiting on each other; ``--torch-threads=1`` shows how much (the default keeps torch's own setting).
+
+Reported: compile time (JAX), mean step time over ``--repeats`` steps after one warm-up step,
+frames/s per device, peak host RSS, peak device memory (GPU), and on GPUs of known peak
+throughput:
+
+* MFU = model FLOPs / step time / peak bf16 dense FLOP/s, with model FLOPs = what XLA's cost
+  analysis counts on the lowered (uncompiled) ``value_and_grad`` of the loss with every remat
+  switch off: forward + backward, no recomputation. The PyTorch column uses the same count.
+* HFU = the compiled step's ``cost_analysis()["flops"]`` / step time / peak. That count is of the
+  optimised HLO of the real step, so it includes the remat recomputation (and the optimiser).
+
+Caveats of XLA's FLOP counts: custom calls (e.g. cuDNN flash attention) count 0, and a while
+loop's body (the Hungarian matcher, ``vit.scan_blocks=True``) is counted once, not per trip.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Peak dense bf16 FLOP/s (no sparsity) by a substring of ``jax.devices()[0].device_kind``; first match wins.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
+                   ("A100", 312e12))
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_flops(device_kind: str) -> float | None:
+    return next((f for name, f in PEAK_BF16_FLOPS if name in device_kind), None)
+
+
+def model_config(size: str, dtype: str):
+    from sam3_jax.model.config import ModelConfig
+
+    cfg = ModelConfig.official() if size == "official" else ModelConfig.tiny()
+    return cfg.replace(compute_dtype=dtype)
+
+
+def without_remat(cfg):
+    """The same model with every remat switch off (for counting model FLOPs)."""
+    from sam3_jax.model.config import ModelConfig
+
+    d = dataclasses.asdict(cfg)
+    for part in ("vit", "text", "encoder", "decoder"):
+        d[part]["remat"] = False
+    return ModelConfig.from_dict(d)
+
+
+def pad_n_queries(size: str) -> int | None:
+    """The reference configs pad the CE mean to 200 queries; the tiny decoder only has 16."""
+    return 200 if size == "official" else None
+
+
+# ------------------------------------------------------------------------------------------- data
+def make_batch(size: str, frames: int, phrases: int, path: str) -> None:
+    """One clip of the generated demo videos at the model's image size, saved to ``path`` (.npz),
+    with the phrases as text for the reference's text encoder."""
+    from sam3_jax.data import config as data_config
+    from sam3_jax.data import pipeline
+    from sam3_jax.model.tokenizer import SimpleTokenizer
+
+    data = data_config.get_config("demo")
+    data.synthetic.output_dir = os.path.join(os.path.dirname(path), "videos")
+    data.image_size = model_config(size, "float32").image_size
+    data.num_frames, data.batch_size, data.max_phrases, data.num_workers = frames, 1, phrases, 0
+    batch = next(iter(pipeline.build_dataset(data, seed=0, shard_index=0, shard_count=1)))
+    tok = SimpleTokenizer()
+    texts = []
+    for ids, valid in zip(batch["phrase_tokens"][0], batch["phrase_token_valid"][0]):
+        ids = [i for i in ids[valid] if i not in (tok.sot_token_id, tok.eot_token_id)]
+        texts.append(tok.decode(ids).strip())
+    np.savez(path, phrase_text=np.array(texts), **batch)
+
+
+def load_batch(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+# -------------------------------------------------------------------------------------------- JAX
+def run_jax(args, batch_path: str) -> dict:
+    import jax
+
+    from sam3_jax.model.detector import abstract_params, init_params
+    from sam3_jax.train import mesh as mesh_lib
+    from sam3_jax.train import optim
+    from sam3_jax.train import step as step_lib
+    from sam3_jax.train.losses.detector import DetectorLossConfig
+
+    batch_np = load_batch(batch_path)
+    batch_np.pop("phrase_text")
+    cfg = model_config(args.size, args.dtype)
+    n_dev = jax.device_count()
+    mesh = mesh_lib.make_mesh(1, n_dev)  # the clip's frames over every device
+    mesh_lib.check_divisible(mesh, 1, args.frames)
+    loss_cfg = DetectorLossConfig(pad_n_queries=pad_n_queries(args.size))
+    optim_cfg = optim.default_config()
+    abstract = {"detector": abstract_params(cfg)}
+    tx = step_lib.wrap_nonfinite(optim.make_optimizer(optim_cfg, abstract, 1000))
+    frozen = jax.tree.map(lambda label: label == optim.FROZEN, optim.param_labels(abstract, optim_cfg))
+    replicated = mesh_lib.replicated(mesh)
+
+    with jax.set_mesh(mesh):
+        params = {"detector": jax.jit(init_params, static_argnums=0, out_shardings=replicated)(cfg, jax.random.key(0))}
+        state = jax.jit(lambda p: step_lib.init_state(p, tx, 0), out_shardings=replicated)(params)
+        batch = mesh_lib.shard_batch(mesh, batch_np)
+        loss_fn = step_lib.make_loss_fn(cfg, loss_cfg, mesh)
+        # Model FLOPs: forward + backward of the loss without remat, as lowered (nothing is compiled).
+        plain_loss = step_lib.make_loss_fn(without_remat(cfg), loss_cfg, mesh)
+        model_cost = jax.jit(jax.value_and_grad(plain_loss, has_aux=True)).lower(
+            state["params"], batch, jax.random.key(1)).cost_analysis() or {}
+        step = jax.jit(step_lib.make_train_step(loss_fn, tx, frozen=frozen), donate_argnums=(0,))
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        step_cost = compiled.cost_analysis() or {}
+        if isinstance(step_cost, list):  # older JAX: one dict per executable
+            step_cost = step_cost[0]
+        if isinstance(model_cost, list):
+            model_cost = model_cost[0]
+
+        state, metrics = compiled(state, batch)  # warm-up
+        jax.block_until_ready((state, metrics["loss"]))
+        times, losses = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics["loss"]))
+            times.append(time.perf_counter() - t0)
+            losses.append(float(metrics["loss"]))
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() or {}
+    return {"step_s": float(np.mean(times)), "compile_s": compile_s, "peak_rss_gib": peak_rss_gib(),
+            "device_peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "devices": n_dev,
+            "device_kind": dev.device_kind, "platform": dev.platform, "losses": losses,
+            "step_flops": float(step_cost.get("flops", 0.0)),
+            "model_flops": float(model_cost.get("flops", 0.0))}
+
+
+# ---------------------------------------------------------------------------------------- PyTorch
+def install_loss_shims(torch) -> None:
+    """CPU stand-ins that ``sam3.train.loss.loss_fns`` imports: the Triton focal-loss kernels (the
+    formula of their docstring, so the reference's own reductions still run) and torchmetrics (only
+    a logged F1). Duplicated from the ``tref`` fixture of ``tests/parity/test_losses_parity.py``."""
+    import types
+
+    F = torch.nn.functional
+
+    def focal(inputs, targets, alpha=0.25, gamma=2):
+        prob = inputs.sigmoid()
+        p_t = prob * targets + (1 - prob) * (1 - targets)
+        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+        return alpha_t * F.binary_cross_entropy_with_logits(inputs, targets, reduction="none") * (1 - p_t) ** gamma
+
+    kernels = types.ModuleType("sam3.train.loss.sigmoid_focal_loss")
+    kernels.triton_sigmoid_focal_loss = focal
+    kernels.triton_sigmoid_focal_loss_reduce = lambda *a: focal(*a).sum()
+    sys.modules.setdefault("sam3.train.loss.sigmoid_focal_loss", kernels)
+    metrics = types.ModuleType("torchmetrics")
+    metrics.functional = types.SimpleNamespace(f1_score=lambda *a, **k: torch.zeros(()))
+    sys.modules.setdefault("torchmetrics", metrics)
+
+
+def reference_inputs(torch, batch: dict, device: str):
+    """The clip as the reference's ``BatchedDatapoint``: one find query per valid (frame, phrase),
+    targets packed (valid slots first in the padded views), as its collator builds them."""
+    from sam3.model.data_misc import BatchedDatapoint, BatchedFindTarget, FindStage
+
+    frames = batch["frames"][0]  # (T, S, S, 3) uint8
+    t_, p_ = batch["query_positives"].shape[1:3]
+    n_max = batch["object_valid"].shape[-1]
+    img_ids, text_ids, num_boxes, exhaustive = [], [], [], []
+    boxes, masks, obj_ids, boxes_padded, ids_padded = [], [], [], [], []
+    for t in range(t_):
+        for p in range(p_):
+            if not (batch["frame_valid"][0, t] and batch["phrase_valid"][0, p]):
+                continue
+            slots = np.flatnonzero(batch["query_positives"][0, t, p] & batch["object_valid"][0, t])
+            img_ids.append(t)
+            text_ids.append(p)
+            num_boxes.append(len(slots))
+            exhaustive.append(bool(batch["query_exhaustive"][0, t, p]))
+            boxes.append(batch["boxes"][0, t, slots])
+            masks.append(batch["masks"][0, t, slots])
+            obj_ids.append(batch["object_ids"][0, slots])
+            pad = np.zeros((n_max, 4), np.float32)
+            pad[:len(slots)] = batch["boxes"][0, t, slots]
+            boxes_padded.append(pad)
+            ids = np.full(n_max, -1, np.int64)
+            ids[:len(slots)] = batch["object_ids"][0, slots]
+            ids_padded.append(ids)
+    q = len(img_ids)
+
+    def tensor(x, dtype=None):
+        return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
+
+    packed_boxes = tensor(np.concatenate(boxes), torch.float32)
+    target = BatchedFindTarget(
+        num_boxes=tensor(num_boxes, torch.long), boxes=packed_boxes,
+        boxes_padded=tensor(np.stack(boxes_padded), torch.float32), repeated_boxes=None,
+        segments=tensor(np.concatenate(masks), torch.bool), semantic_segments=None,
+        is_valid_segment=torch.ones(len(packed_boxes), dtype=torch.bool, device=device),
+        is_exhaustive=tensor(exhaustive, torch.bool), object_ids=tensor(np.concatenate(obj_ids), torch.long),
+        object_ids_padded=tensor(np.stack(ids_padded), torch.long))
+    find = FindStage(
+        img_ids=tensor(img_ids, torch.long), text_ids=tensor(text_ids, torch.long),
+        input_boxes=torch.zeros(0, q, 4, device=device), input_boxes_mask=torch.zeros(q, 0, dtype=torch.bool, device=device),
+        input_boxes_label=torch.zeros(0, q, dtype=torch.long, device=device), input_points=None, input_points_mask=None)
+    img = tensor(frames, torch.float32).permute(0, 3, 1, 2) / 127.5 - 1.0  # as step.normalize_frames
+    return BatchedDatapoint(img_batch=img.contiguous(), find_text_batch=[str(s) for s in batch["phrase_text"]],
+                            find_inputs=[find], find_targets=[target], find_metadatas=[None])
+
+
+def run_torch(args, batch_path: str) -> dict:
+    from sam3_jax.testing import reference
+    from sam3_jax.testing.parity import randomize_
+
+    ref = reference.load()
+    torch = ref.torch
+    install_loss_shims(torch)
+    from sam3.train import matcher as tmatcher
+    from sam3.train.loss import loss_fns, sam3_loss
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    cfg = model_config(args.size, "float32")
+    model = reference.build_image_model(cfg)
+    randomize_(model, seed=0)  # some of its parameters are torch.empty until a checkpoint is loaded
+    # Activation checkpointing where model_builder switches it on (the ViT and text encoder have it already).
+    model.transformer.encoder.use_act_checkpoint = True
+    model.transformer.decoder.use_act_checkpoint = True
+    model.segmentation_head.act_ckpt = True
+    model.geometry_encoder.use_act_ckpt = True
+    hungarian = tmatcher.BinaryHungarianMatcherV2(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, focal=True,
+                                                  alpha=0.25, gamma=2, stable=False)
+    model.matcher = hungarian
+    model = model.to(device).train()
+    decoder = model.transformer.decoder
+    if cuda and decoder.compilable_cord_cache is not None:  # built on the CPU by reference.load()'s shim
+        decoder.compilable_cord_cache = tuple(c.to(device) for c in decoder.compilable_cord_cache)
+    loss = sam3_loss.Sam3LossWrapper(
+        [loss_fns.IABCEMdetr(pos_weight=10.0, weight_dict={"loss_ce": 20.0, "presence_loss": 20.0}, gamma=2,
+                             alpha=0.25, weak_loss=False, use_presence=True, pad_n_queries=pad_n_queries(args.size)),
+         loss_fns.Boxes(weight_dict={"loss_bbox": 5.0, "loss_giou": 2.0}),
+         loss_fns.Masks(weight_dict={"loss_mask": 200.0, "loss_dice": 10.0}, focal_alpha=0.25, focal_gamma=2.0,
+                        compute_aux=False)],
+        normalization="local", matcher=hungarian,
+        o2m_matcher=tmatcher.BinaryOneToManyMatcher(alpha=0.3, threshold=0.4, topk=4), o2m_weight=2.0,
+        use_o2m_matcher_on_o2m_aux=False, scale_by_find_batch_size=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=8e-5, weight_decay=0.1)
+    datapoint = reference_inputs(torch, load_batch(batch_path), device)
+
+    def train_step() -> float:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+            stages = model(datapoint)
+            targets = [model.back_convert(t) for t in datapoint.find_targets]
+            core = loss(stages, targets)["core_loss"]
+        core.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return float(core.detach())
+
+    train_step()  # warm-up
+    times, losses = [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        losses.append(train_step())
+        times.append(time.perf_counter() - t0)
+    return {"step_s": float(np.mean(times)), "peak_rss_gib": peak_rss_gib(),
+            "device_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+            "devices": 1, "device": device, "threads": torch.get_num_threads(), "losses": losses,
+            "queries": len(datapoint.find_inputs[0].img_ids)}
+
+
+# ------------------------------------------------------------------------------------------ report
+def fmt(x, spec=".3f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def ratio(a, b):
+    return None if a is None or b is None or not b else a / b
+
+
+def report(args, j: dict | None, t: dict | None) -> None:
+    frames = args.frames
+    kind = j["device_kind"] if j else t["device"]
+    peak = peak_flops(kind) if j and j["platform"] == "gpu" else None
+    rows = []
+
+    def side(r, key):
+        return None if r is None else r.get(key)
+
+    j_fps = frames / j["step_s"] / j["devices"] if j else None
+    t_fps = frames / t["step_s"] if t else None
+    rows.append(("step time (s)", side(j, "step_s"), side(t, "step_s"), ratio(side(j, "step_s"), side(t, "step_s")), ".3f"))
+    rows.append(("frames/s per device", j_fps, t_fps, ratio(t_fps, j_fps), ".2f"))
+    rows.append(("peak host RSS (GiB)", side(j, "peak_rss_gib"), side(t, "peak_rss_gib"),
+                 ratio(side(j, "peak_rss_gib"), side(t, "peak_rss_gib")), ".2f"))
+    if (j and j["device_peak_gib"]) or (t and t["device_peak_gib"]):
+        rows.append(("peak device mem (GiB)", side(j, "device_peak_gib"), side(t, "device_peak_gib"),
+                     ratio(side(j, "device_peak_gib"), side(t, "device_peak_gib")), ".2f"))
+    model_flops = j["model_flops"] if j else None
+
+    def util(flops, r, devices):
+        if peak is None or not flops or r is None:
+            return None
+        return flops / r["step_s"] / (peak * devices)
+
+    rows.append(("MFU", util(model_flops, j, j["devices"] if j else 1), util(model_flops, t, 1), None, ".1%"))
+    rows.append(("HFU (compiled, + remat)", util(j and j["step_flops"], j, j["devices"] if j else 1), None, None, ".1%"))
+
+    print(f"detector train step, {args.size} size, 1 clip x {frames} frames x {args.phrases} phrase(s) at "
+          f"{model_config(args.size, 'float32').image_size}px, {args.dtype}, mean of {args.repeats} steps after 1 warm-up")
+    print(f"{'':26}{'JAX':>12}{'PyTorch':>12}{'ratio':>10}")
+    for name, a, b, r, spec in rows:
+        print(f"{name:26}{fmt(a, spec):>12}{fmt(b, spec):>12}{fmt(r, '.2f'):>10}")
+    print("ratio: JAX/PyTorch for time and memory, PyTorch/JAX for frames/s (< 1 means JAX is better)")
+    if j:
+        print(f"JAX: compile {j['compile_s']:.1f} s; {j['devices']} x {kind} ({j['platform']}); "
+              f"model FLOPs/step {j['model_flops']:.3e} (no remat), compiled step FLOPs {j['step_flops']:.3e} "
+              f"(incl. remat recompute); peak bf16 {fmt(peak, '.3e')} FLOP/s; losses {np.round(j['losses'], 4).tolist()}")
+    if t:
+        print(f"PyTorch: {t['device']}, {t['threads']} threads, {t['queries']} find queries; "
+              f"losses {np.round(t['losses'], 4).tolist()}")
+    print(f"machine: {kind}, {os.cpu_count()} CPUs")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["tiny", "official"], default=None,
+                        help="model size (default: official on GPU, tiny on CPU)")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--phrases", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--side", default="both", choices=["jax", "torch", "both"])
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch.set_num_threads for the reference (default 0: torch's own default)")
+    parser.add_argument("--batch", help=argparse.SUPPRESS)  # internal: the saved clip, for a --side run
+    args = parser.parse_args()
+    if args.size is None:  # not via jax.devices(): this process must not claim the GPU's memory
+        args.size = "official" if glob.glob("/dev/nvidia[0-9]*") else "tiny"
+
+    if args.batch:  # one side, in a subprocess
+        fn = run_jax if args.side == "jax" else run_torch
+        print("RESULT " + json.dumps(fn(args, args.batch)))
+        return
+
+    results = {"jax": None, "torch": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        batch_path = os.path.join(tmp, "clip.npz")
+        make_batch(args.size, args.frames, args.phrases, batch_path)
+        for name in ("jax", "torch"):
+            if args.side not in (name, "both"):
+                continue
+            cmd = [sys.executable, os.path.abspath(__file__), f"--side={name}", f"--size={args.size}",
+                   f"--frames={args.frames}", f"--phrases={args.phrases}", f"--repeats={args.repeats}",
+                   f"--dtype={args.dtype}", f"--torch-threads={args.torch_threads}", f"--batch={batch_path}"]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode or not line:
+                sys.exit(f"{name} run failed:\n{proc.stderr[-4000:]}")
+            results[name] = json.loads(line[-1][len("RESULT "):])
+    report(args, results["jax"], results["torch"])
+
+
+if __name__ == "__main__":
+    main()
