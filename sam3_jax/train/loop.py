@@ -157,13 +157,14 @@ class Trainer:
                 with jax.set_mesh(self.mesh):
                     self.state, step_metrics = self.train_step(self.state, mesh_lib.shard_batch(self.mesh, batch))
                 pending.append((step, step_metrics["finite"], {k: batch[k] for k in BATCH_IDS}))
-                log_now = step % config.log_every == 0 or step == config.total_steps
+                log_now = step % config.log_every == 0 or step in (start + 1, config.total_steps)
                 save_now = step % config.checkpoint_every == 0 or step == config.total_steps
                 if log_now or save_now:
                     consecutive_bad = check_finite(pending, consecutive_bad, config.nonfinite,
                                                    config.max_consecutive_nonfinite)
                 if log_now:
                     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    values["lr"] = values[f"lr/{optim.REST}"]  # the head's lr; lr/<group> has each group's
                     now = time.perf_counter()
                     values["step_time_s"] = (now - tick) / (step - tick_step)
                     values["frames_per_s"] = frames_per_step / values["step_time_s"]

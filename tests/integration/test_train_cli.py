@@ -62,6 +62,11 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     expected = _losses(tmp_path / "whole")
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert _losses(run) == expected  # bitwise: the same float for every step
+    with open(run / "metrics.jsonl") as f:
+        record = json.loads(f.readline())
+    for key in ("step", "loss", "loss_ce", "presence_loss", "loss_mask_o2m", "lr", "lr/vision", "grad_norm",
+                "frames_per_s", "skipped_samples"):
+        assert key in record, key
     for name in ("config.json", "tensorboard"):
         assert os.path.exists(run / name)
 
