@@ -145,7 +145,7 @@ class Trainer:
         config = self.config
         start = int(self.state["step"])
         writer = reporting.MetricsWriter(self.workdir, start_step=start) if self.is_main else None
-        progress = reporting.Progress(config.total_steps, start)
+        progress = reporting.Progress(config.total_steps)
         # (step, finite flag on device, the batch's clip ids): checked at each log and save.
         pending: collections.deque = collections.deque()
         consecutive_bad, last = 0, {}

@@ -139,15 +139,12 @@ class Progress:
     """The console progress line, with an ETA from the wall-clock rate of this run's steps.
 
     The rate is measured from the first ``line`` call on, so that the first step's compilation (and
-    the data pipeline's warm-up) does not drag it down; until a second call there is nothing else to
-    go by, and the first line's rate counts from construction.
+    the data pipeline's warm-up) does not drag it down; the first line has no ETA.
     """
 
-    def __init__(self, total_steps: int, start_step: int = 0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, total_steps: int, clock: Callable[[], float] = time.monotonic):
         self._total = int(total_steps)
         self._clock = clock
-        self._origin = (int(start_step), clock())
         self._anchor: tuple[int, float] | None = None
 
     def line(self, step: int, values: Mapping[str, object]) -> str:
@@ -156,14 +153,10 @@ class Progress:
         ``frames_per_s`` in ``values`` is shown as 'N frames/s', every other key as 'key value'.
         """
         step, now = int(step), self._clock()
-        start = self._anchor if self._anchor is not None and step > self._anchor[0] else self._origin
         if self._anchor is None:
             self._anchor = (step, now)
-        steps, elapsed = step - start[0], now - start[1]
-        if steps > 0 and elapsed > 0:
-            eta = format_duration(max(self._total - step, 0) * elapsed / steps)
-        else:
-            eta = "?"
+        steps, elapsed = step - self._anchor[0], now - self._anchor[1]
+        eta = format_duration(max(self._total - step, 0) * elapsed / steps) if steps > 0 and elapsed > 0 else "?"
         parts = [f"step {step}/{self._total} ({100 * step // max(self._total, 1)}%)"]
         for key, value in values.items():
             value = _plain(key, value)

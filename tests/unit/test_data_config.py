@@ -20,14 +20,15 @@ def video_config(arg):
 def test_variants_name_one_known_source_kind(variant):
     c = video_config(variant)
     assert isinstance(c.seed, int)
-    want = "ytvis" if variant in (None, "demo") else variant  # the demo reads the YTVIS layout
+    # The demo reads the YTVIS layout; the default (official-size) config, DAVIS.
+    want = {None: "davis", "demo": "ytvis"}.get(variant, variant)
     assert [s.kind for s in c.data.sources.values()] == [want]
     assert all(s.kind in sources.KINDS for s in c.data.sources.values())
     schema.Dims.from_config(c.data)  # every static maximum is present
 
 
 def test_unknown_variant_is_rejected():
-    with pytest.raises(ValueError, match="unknown data variant"):
+    with pytest.raises(ValueError, match="unknown variant 'kinetics'"):
         video_config("kinetics")
 
 

@@ -122,3 +122,24 @@ def test_unknown_override_lists_valid_keys():
     argv = ["train.py", "--config=configs/video.py:demo", "--config.seed=3", "--workdir=/x"]
     assert overrides.override_paths(argv) == ["seed"]
     assert overrides.config_spec(argv, "default.py") == "configs/video.py:demo"
+
+
+@pytest.mark.parametrize("spec", ["configs/video.py", "configs/video.py:demo", "configs/video.py:sav",
+                                  "configs/video.py:coco", "configs/image.py", "configs/image.py:demo"])
+def test_configs_load_and_agree_with_the_model(spec):
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    config = overrides.load_config(os.path.join(repo, spec))
+    cfg = loop.model_config(config)  # raises if data.image_size and the model disagree
+    for field in ("total_steps", "checkpoint_every", "log_every", "init_from", "seed"):
+        assert field in config, field
+    assert {"data", "frame"} <= set(config.mesh.keys())
+    for section in ("data", "model", "optim", "loss"):
+        assert section in config, section
+    if spec.startswith("configs/image.py"):
+        assert config.data.num_frames == 1 and config.mesh.frame == 1
+    if spec.endswith(":demo"):
+        assert cfg.image_size <= 224 and config.total_steps <= 1000
+    else:
+        assert cfg.vit.depth == 32 and cfg.compute_dtype == "bfloat16"
