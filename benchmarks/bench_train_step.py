@@ -177,29 +177,6 @@ def run_jax(args, batch_path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- PyTorch
-def install_loss_shims(torch) -> None:
-    """CPU stand-ins that ``sam3.train.loss.loss_fns`` imports: the Triton focal-loss kernels (the
-    formula of their docstring, so the reference's own reductions still run) and torchmetrics (only
-    a logged F1). Duplicated from the ``tref`` fixture of ``tests/parity/test_losses_parity.py``."""
-    import types
-
-    F = torch.nn.functional
-
-    def focal(inputs, targets, alpha=0.25, gamma=2):
-        prob = inputs.sigmoid()
-        p_t = prob * targets + (1 - prob) * (1 - targets)
-        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-        return alpha_t * F.binary_cross_entropy_with_logits(inputs, targets, reduction="none") * (1 - p_t) ** gamma
-
-    kernels = types.ModuleType("sam3.train.loss.sigmoid_focal_loss")
-    kernels.triton_sigmoid_focal_loss = focal
-    kernels.triton_sigmoid_focal_loss_reduce = lambda *a: focal(*a).sum()
-    sys.modules.setdefault("sam3.train.loss.sigmoid_focal_loss", kernels)
-    metrics = types.ModuleType("torchmetrics")
-    metrics.functional = types.SimpleNamespace(f1_score=lambda *a, **k: torch.zeros(()))
-    sys.modules.setdefault("torchmetrics", metrics)
-
-
 def reference_inputs(torch, batch: dict, device: str):
     """The clip as the reference's ``BatchedDatapoint``: one find query per valid (frame, phrase),
     targets packed (valid slots first in the padded views), as its collator builds them."""
@@ -256,7 +233,7 @@ def run_torch(args, batch_path: str) -> dict:
 
     ref = reference.load()
     torch = ref.torch
-    install_loss_shims(torch)
+    reference.install_loss_shims(torch)
     from sam3.train import matcher as tmatcher
     from sam3.train.loss import loss_fns, sam3_loss
 

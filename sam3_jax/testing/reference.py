@@ -58,6 +58,27 @@ def load() -> types.SimpleNamespace:
     return types.SimpleNamespace(torch=torch, model_builder=model_builder)
 
 
+def install_loss_shims(torch) -> None:
+    """CPU stand-ins for what ``sam3.train.loss.loss_fns`` imports: the Triton focal-loss kernels
+    (the formula of their docstring, so the reference's own reductions and normalisation still run)
+    and torchmetrics (only a logged F1). Call before importing ``sam3.train.loss``."""
+    F = torch.nn.functional
+
+    def focal(inputs, targets, alpha=0.25, gamma=2):
+        prob = inputs.sigmoid()
+        p_t = prob * targets + (1 - prob) * (1 - targets)
+        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+        return alpha_t * F.binary_cross_entropy_with_logits(inputs, targets, reduction="none") * (1 - p_t) ** gamma
+
+    kernels = types.ModuleType("sam3.train.loss.sigmoid_focal_loss")
+    kernels.triton_sigmoid_focal_loss = focal
+    kernels.triton_sigmoid_focal_loss_reduce = lambda *args: focal(*args).sum()
+    sys.modules.setdefault("sam3.train.loss.sigmoid_focal_loss", kernels)
+    metrics = types.ModuleType("torchmetrics")
+    metrics.functional = types.SimpleNamespace(f1_score=lambda *a, **k: torch.zeros(()))
+    sys.modules.setdefault("torchmetrics", metrics)
+
+
 def bpe_path() -> str:
     from sam3_jax.model.tokenizer import DEFAULT_BPE_PATH
 

@@ -40,7 +40,7 @@ TRUNK = "backbone/vision_backbone/trunk/"
 
 
 def _model_path(path: str) -> str:
-    return path[len(DETECTOR):] if path.startswith(DETECTOR) else path
+    return path.removeprefix(DETECTOR)
 
 # Parameters here that are buffers in the reference: never trained, whatever the config says.
 ALWAYS_FROZEN = {

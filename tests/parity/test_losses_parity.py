@@ -1,11 +1,9 @@
 """Matchers and detector losses against the reference's ``sam3/train`` code on CPU.
 
 ``loss_fns`` imports a Triton focal-loss kernel module (which needs the real triton) and
-``torchmetrics`` (only for a logged F1); the fixture below puts CPU stand-ins for both in
-``sys.modules`` first. The stand-in kernels compute the formula the kernel's docstring gives, so
-the reference's own reduction and normalisation code still runs.
+``torchmetrics`` (only for a logged F1); the fixture below installs CPU stand-ins for both first
+(``reference.install_loss_shims``), so the reference's own reduction and normalisation code runs.
 """
-import sys
 import types
 
 import jax
@@ -23,22 +21,10 @@ RTOL = 2e-5
 
 @pytest.fixture(scope="module")
 def tref(ref):
+    from sam3_jax.testing import reference
+
     torch = ref.torch
-    F = torch.nn.functional
-
-    def focal(inputs, targets, alpha=0.25, gamma=2):
-        prob = inputs.sigmoid()
-        p_t = prob * targets + (1 - prob) * (1 - targets)
-        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-        return alpha_t * F.binary_cross_entropy_with_logits(inputs, targets, reduction="none") * (1 - p_t) ** gamma
-
-    kernels = types.ModuleType("sam3.train.loss.sigmoid_focal_loss")
-    kernels.triton_sigmoid_focal_loss = focal
-    kernels.triton_sigmoid_focal_loss_reduce = lambda *args: focal(*args).sum()
-    sys.modules.setdefault("sam3.train.loss.sigmoid_focal_loss", kernels)
-    metrics = types.ModuleType("torchmetrics")
-    metrics.functional = types.SimpleNamespace(f1_score=lambda *a, **k: torch.zeros(()))
-    sys.modules.setdefault("torchmetrics", metrics)
+    reference.install_loss_shims(torch)
 
     from sam3.model import box_ops
     from sam3.model.model_misc import SAM3Output
