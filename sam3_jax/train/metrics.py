@@ -23,17 +23,23 @@ from sam3_jax.nn.boxes import box_cxcywh_to_xyxy, box_iou
 from sam3_jax.nn.ops import resize_bilinear
 
 
+def query_scores(outputs: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(scores (B, Q): class probability x presence probability, presence probability (B,))."""
+    prob = jax.nn.sigmoid(outputs["pred_logits"][..., 0].astype(jnp.float32))
+    presence = jax.nn.sigmoid(outputs["presence_logit_dec"][:, 0].astype(jnp.float32))
+    return prob * presence[:, None], presence
+
+
 def detection_counts(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Array], query_valid,
                      iou_threshold: float = 0.5) -> dict[str, jax.Array]:
     """Sums over B queries (see ``detector_loss`` for the layouts); add them up across batches."""
-    prob = jax.nn.sigmoid(outputs["pred_logits"][..., 0].astype(jnp.float32))
-    presence = jax.nn.sigmoid(outputs["presence_logit_dec"][:, 0].astype(jnp.float32))
+    score, presence = query_scores(outputs)
     valid = targets["valid"] & query_valid[:, None]
     iou = box_iou(box_cxcywh_to_xyxy(outputs["pred_boxes"].astype(jnp.float32))[:, :, None],
                   box_cxcywh_to_xyxy(targets["boxes"].astype(jnp.float32))[:, None])  # (B, Q, N)
     iou = jnp.where(valid[:, None, :], iou, 0.0)
     positive = valid.any(-1)
-    top = jnp.argmax(prob * presence[:, None], axis=1)
+    top = jnp.argmax(score, axis=1)
     top_iou = jnp.take_along_axis(iou, top[:, None, None], axis=1)[:, 0].max(-1)
     counts = {
         "gt": valid.sum(), "gt_best_iou_sum": jnp.where(valid, iou.max(1), 0.0).sum(),

@@ -176,8 +176,7 @@ def make_predict_fn(model_cfg: ModelConfig):
 
     def predict(params, batch):
         _, out = _ground_clips(model, params["detector"], batch, deterministic=True, rngs={})
-        presence = jax.nn.sigmoid(out["presence_logit_dec"])
-        return out["pred_masks"], jax.nn.sigmoid(out["pred_logits"][..., 0]) * presence
+        return out["pred_masks"], metrics.query_scores(out)[0]
 
     return predict
 
