@@ -47,14 +47,16 @@ class MemoryBank(struct.PyTreeNode):
                    score=jnp.zeros((batch, capacity), jnp.float32))
 
     def write(self, slot, frame_idx, maskmem_features, obj_ptr, is_cond, score) -> MemoryBank:
-        """Store one frame's outputs (B, ...) in ``slot`` (int or traced scalar); is_cond, score (B,) or scalar."""
+        """Store one frame's outputs (B, ...) in ``slot``; slot, frame_idx, is_cond and score are
+        scalars (traced or not) or per object (B,) (objects of different clips at different frames)."""
         b = self.frame.shape[0]
+        rows, cols = jnp.arange(b), jnp.broadcast_to(jnp.asarray(slot, jnp.int32), (b,))
         return self.replace(
-            feats=self.feats.at[:, slot].set(maskmem_features.astype(self.feats.dtype)),
-            ptrs=self.ptrs.at[:, slot].set(obj_ptr.astype(self.ptrs.dtype)),
-            frame=self.frame.at[:, slot].set(jnp.broadcast_to(jnp.asarray(frame_idx, jnp.int32), (b,))),
-            is_cond=self.is_cond.at[:, slot].set(jnp.broadcast_to(is_cond, (b,))),
-            score=self.score.at[:, slot].set(jnp.broadcast_to(score, (b,)).astype(jnp.float32)))
+            feats=self.feats.at[rows, cols].set(maskmem_features.astype(self.feats.dtype)),
+            ptrs=self.ptrs.at[rows, cols].set(obj_ptr.astype(self.ptrs.dtype)),
+            frame=self.frame.at[rows, cols].set(jnp.broadcast_to(jnp.asarray(frame_idx, jnp.int32), (b,))),
+            is_cond=self.is_cond.at[rows, cols].set(jnp.broadcast_to(is_cond, (b,))),
+            score=self.score.at[rows, cols].set(jnp.broadcast_to(score, (b,)).astype(jnp.float32)))
 
 
 def _gather(x, idx):

@@ -67,6 +67,12 @@ def _resize(x, size: int, antialias: bool):
     return ops.resize_bilinear(x[..., None].astype(jnp.float32), (size, size), antialias=antialias)[..., 0]
 
 
+def use_multimask(cfg: TrackerConfig, is_init_cond_frame, num_points):
+    """``_use_multimask``, per object (B,): several candidate masks for ambiguous prompts (few points)."""
+    return (cfg.multimask_output_in_sam & (is_init_cond_frame | cfg.multimask_output_for_tracking)
+            & (num_points >= cfg.multimask_min_pt_num) & (num_points <= cfg.multimask_max_pt_num))
+
+
 class Tracker(nn.Module):
     """Initialise with ``method=Tracker.all_paths`` so that every parameter exists."""
 
@@ -118,8 +124,12 @@ class Tracker(nn.Module):
         """``_forward_sam_heads``: prompts -> the output mask, its IoU, the object pointer and score.
 
         multimask (B,) bool: use the best of the multimask outputs (else token 0, or its stable
-        fallback at eval). mask_prompt (B, 4h, 4w) optional dense prompt. Returns low-res logits
-        (B, 4h, 4w) with absent objects at NO_OBJ_SCORE, iou (B,), obj_ptr (B, C), score (B, 1).
+        fallback at eval). mask_prompt (B, 4h, 4w) optional dense prompt. Returns a dict: ``masks``
+        low-res logits (B, 4h, 4w) with absent objects at NO_OBJ_SCORE, ``iou`` (B,), ``obj_ptr``
+        (B, C), ``score`` (B, 1), and what training supervises: ``all_masks`` (B, K, 4h, 4w) every
+        mask token's logits (absent objects at NO_OBJ_SCORE, as the reference's multimasks),
+        ``all_ious`` (B, K) and ``candidates`` (B, K) bool, the tokens the output chose among
+        (1..K-1 for multimask output, else 0).
         """
         decoder = self.sam_mask_decoder
         # No point at all: the reference feeds one real "not a point" (label -1).
@@ -133,10 +143,13 @@ class Tracker(nn.Module):
         token_idx = best if self.cfg.use_multimask_token_for_obj_ptr else jnp.zeros_like(best)
         token_idx = jnp.where(multimask, token_idx, 0)
         present = score > 0  # (B, 1)
-        low_res = _where(present[:, 0], _take(masks, mask_idx), NO_OBJ_SCORE)
+        all_masks = _where(present[:, 0], masks.astype(jnp.float32), NO_OBJ_SCORE)
         obj_ptr = self.obj_ptr_proj(_take(tokens, token_idx))
         obj_ptr = jnp.where(present, obj_ptr, self.no_obj_ptr.astype(obj_ptr.dtype))
-        return low_res.astype(jnp.float32), _take(iou, mask_idx), obj_ptr, score
+        token = jnp.arange(masks.shape[1])
+        candidates = jnp.where(multimask[:, None], token > 0, token == 0)
+        return {"masks": _take(all_masks, mask_idx), "iou": _take(iou, mask_idx), "obj_ptr": obj_ptr, "score": score,
+                "all_masks": all_masks, "all_ious": iou, "candidates": candidates}
 
     def mask_as_output(self, pix, high_res, mask_inputs, deterministic: bool = True):
         """``_use_mask_as_output``: a mask input (B, Sm, Sm) is the prediction; the SAM heads on the raw
@@ -146,8 +159,8 @@ class Tracker(nn.Module):
         mask_prompt = self.mask_downsample(m[..., None])[..., 0]
         mask_prompt = _resize(mask_prompt, self.cfg.low_res_mask_size, antialias=True)
         none = jnp.zeros((b, 1), bool)
-        _, _, obj_ptr, _ = self.sam_heads(pix, high_res, jnp.zeros((b, 1, 2)), jnp.full((b, 1), -1), none,
-                                          jnp.zeros((b,), bool), mask_prompt, deterministic)
+        obj_ptr = self.sam_heads(pix, high_res, jnp.zeros((b, 1, 2)), jnp.full((b, 1), -1), none,
+                                 jnp.zeros((b,), bool), mask_prompt, deterministic)["obj_ptr"]
         present = jnp.any(m > 0, axis=(1, 2))[:, None]
         # The pointer is mixed with no_obj_ptr a second time, by the mask's own presence (as the reference).
         obj_ptr = jnp.where(present, obj_ptr, self.no_obj_ptr.astype(obj_ptr.dtype))
@@ -187,20 +200,30 @@ class Tracker(nn.Module):
         selection's per-object score; the reference averages it over the objects it tracks
         together), and maskmem_features (B, h, w, mem_dim) when run_mem_encoder.
         """
+        if point_coords.shape[1] > self.cfg.max_points:
+            raise ValueError(f"{point_coords.shape[1]} point slots, more than max_points={self.cfg.max_points}")
+        feats = self.conditioned_features(pix, memory, is_init_cond_frame, deterministic)
+        num_points = jnp.sum(point_valid, axis=1)
+        heads = self.sam_heads(feats, high_res, point_coords, point_labels, point_valid,
+                               use_multimask(self.cfg, is_init_cond_frame, num_points), deterministic=deterministic)
+        return self.frame_outputs(pix, high_res, heads, num_points, mask_inputs, has_mask_input,
+                                  run_mem_encoder=run_mem_encoder, deterministic=deterministic)
+
+    def conditioned_features(self, pix, memory: SelectedMemory | None, is_init_cond_frame, deterministic: bool):
+        """What the SAM heads see: ``pix + no_mem_embed`` on initial conditioning frames (and
+        everywhere when ``memory`` is None), the memory-attended features elsewhere."""
+        no_mem = pix + self.no_mem_embed.astype(pix.dtype)
+        if memory is None:
+            return no_mem
+        return _where(is_init_cond_frame, no_mem, self.memory_conditioned_features(pix, memory, deterministic))
+
+    def frame_outputs(self, pix, high_res, heads: dict, num_points, mask_inputs=None, has_mask_input=None, *,
+                      run_mem_encoder: bool = True, deterministic: bool = True):
+        """A frame's outputs from its final ``sam_heads`` result (``heads``) or, where ``has_mask_input``,
+        from its mask input; the memory is encoded from the final mask (see ``track_step``)."""
         cfg = self.cfg
         b = pix.shape[0]
-        if point_coords.shape[1] > cfg.max_points:
-            raise ValueError(f"{point_coords.shape[1]} point slots, more than max_points={cfg.max_points}")
-        if memory is None:
-            feats = pix + self.no_mem_embed.astype(pix.dtype)
-        else:
-            feats = _where(is_init_cond_frame, pix + self.no_mem_embed.astype(pix.dtype),
-                           self.memory_conditioned_features(pix, memory, deterministic))
-        num_points = jnp.sum(point_valid, axis=1)
-        multimask = (cfg.multimask_output_in_sam & (is_init_cond_frame | cfg.multimask_output_for_tracking)
-                     & (num_points >= cfg.multimask_min_pt_num) & (num_points <= cfg.multimask_max_pt_num))
-        low_res, iou, obj_ptr, score = self.sam_heads(feats, high_res, point_coords, point_labels, point_valid,
-                                                      multimask, deterministic=deterministic)
+        low_res, iou, obj_ptr, score = heads["masks"], heads["iou"], heads["obj_ptr"], heads["score"]
         high_res_masks = _resize(low_res, cfg.image_size, antialias=False)
         mem_masks = self.mask_for_memory(high_res_masks, (num_points > 0) & deterministic)
         if mask_inputs is not None:
@@ -217,8 +240,8 @@ class Tracker(nn.Module):
             m_mem = self.mask_for_memory(m_logits, jnp.zeros((b,), bool))
             mem_masks = _where(has_mask_input, _resize(m_mem, size, True), _resize(mem_masks, size, True))
         out = {"pred_masks": low_res, "pred_masks_high_res": high_res_masks, "obj_ptr": obj_ptr,
-                   "object_score_logits": score, "iou_score": iou,
-                   "memory_score": jnp.where(score[:, 0] > 0, 2.0 * jax.nn.sigmoid(score[:, 0]) - 1.0, 0.0) * iou}
+               "object_score_logits": score, "iou_score": iou,
+               "memory_score": jnp.where(score[:, 0] > 0, 2.0 * jax.nn.sigmoid(score[:, 0]) - 1.0, 0.0) * iou}
         if run_mem_encoder:
             out["maskmem_features"] = self.encode_memory(pix, mem_masks, score)
         return out
