@@ -1,0 +1,199 @@
+"""Score saved predictions against ground truth: DAVIS J&F, COCO box/mask AP or YouTube-VIS mAP.
+
+  python -m sam3_jax.evaluate --metric=jf --predictions=RESULTS_DIR --gt=DAVIS_ROOT [--output=m.json]
+  python -m sam3_jax.evaluate --metric=coco --predictions=dets.json --gt=instances_val.json
+  python -m sam3_jax.evaluate --metric=ytvis --predictions=results.json --gt=valid.json
+
+jf: DIR/<video>/<frame>.png palette PNGs of object ids (0 background, 255 void) for both sides;
+--gt may also be a DAVIS root (its Annotations/480p is used). The objects of a video are the ids
+in its first ground-truth frame; every ground-truth frame needs a prediction of the same size.
+Scored as the DAVIS 2017 semi-supervised benchmark: first and last frames dropped, void pixels
+counted as background. coco / ytvis: JSON files (or a directory holding one).
+
+Prints the table; --output writes the numbers as JSON. Bad input exits non-zero naming the file.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from sam3_jax.data.errors import DataError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("predictions", None, "Predictions: a directory of PNG videos (jf) or a JSON file.")
+flags.DEFINE_string("gt", None, "Ground truth: a directory of PNG videos or DAVIS root (jf), or a JSON file.")
+flags.DEFINE_enum("metric", None, ["jf", "coco", "ytvis"], "Which benchmark to compute.")
+flags.DEFINE_string("output", None, "Optional JSON file for the numbers.")
+flags.DEFINE_enum("coco_iou_type", "auto", ["auto", "bbox", "segm"],
+                  "coco: box AP, mask AP, or auto (box AP, plus mask AP when every detection has "
+                  "a segmentation).")
+
+
+def annotation_dir(root: str) -> str:
+    """The directory of per-video folders: a DAVIS root's Annotations/480p (or Annotations), or
+    `root` itself."""
+    for sub in (("Annotations", "480p"), ("Annotations",)):
+        if os.path.isdir(os.path.join(root, *sub)):
+            return os.path.join(root, *sub)
+    return root
+
+
+def _pngs(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(".png"))
+
+
+def load_video(pred_dir: str, gt_dir: str, name: str):
+    """(pred, gt) bool (T, O, H, W) and the object ids of one video, or None when its first
+    ground-truth frame has no objects."""
+    from sam3_jax.data.sources.davis import LabelMapAnnotation
+
+    frames = _pngs(os.path.join(gt_dir, name))
+    first = LabelMapAnnotation(os.path.join(gt_dir, name, frames[0]))
+    ids = first.visible_ids()
+    if not ids:
+        return None
+    pred = np.zeros((len(frames), len(ids)) + first.size, bool)
+    gt = np.zeros_like(pred)
+    for t, frame in enumerate(frames):
+        gt_path = os.path.join(gt_dir, name, frame)
+        pred_path = os.path.join(pred_dir, name, frame)
+        g = first if t == 0 else LabelMapAnnotation(gt_path)
+        if g.size != first.size:
+            raise DataError(gt_path, "size", f"{g.size} differs from the video's first frame {first.size}")
+        if not os.path.isfile(pred_path):
+            raise DataError(pred_path, "frame", f"missing prediction for ground-truth frame {gt_path}")
+        p = LabelMapAnnotation(pred_path)
+        if p.size != g.size:
+            raise DataError(pred_path, "size", f"prediction {p.size} != ground truth {g.size} ({gt_path})")
+        gt[t], pred[t] = g.masks(ids), p.masks(ids)
+    return pred, gt, ids
+
+
+def run_jf(pred_root: str, gt_root: str) -> dict:
+    """J&F of every video under gt_root against pred_root: the DAVIS table plus per-video and
+    per-object values."""
+    from sam3_jax.evaluation import jf
+
+    gt_dir = annotation_dir(gt_root)
+    for path, what in ((gt_dir, "ground truth"), (pred_root, "predictions")):
+        if not os.path.isdir(path):
+            raise DataError(path, "directory", f"{what} directory does not exist")
+    names = sorted(n for n in os.listdir(gt_dir)
+                   if os.path.isdir(os.path.join(gt_dir, n)) and _pngs(os.path.join(gt_dir, n)))
+    if not names:
+        raise DataError(gt_dir, "videos", "no video folders of PNG frames")
+    all_scores, videos = [], {}
+    for name in names:
+        if not os.path.isdir(os.path.join(pred_root, name)):
+            raise DataError(os.path.join(pred_root, name), "video", "missing prediction folder")
+        loaded = load_video(pred_root, gt_dir, name)
+        if loaded is None:
+            print(f"warning: {name}: no objects in the first ground-truth frame, skipped", file=sys.stderr)
+            continue
+        pred, gt, ids = loaded
+        if len(pred) < 3:
+            raise DataError(os.path.join(gt_dir, name), "frames",
+                            f"{len(pred)} frame(s); J&F drops the first and last, so needs 3 or more")
+        scores = jf.evaluate_video(pred, gt)
+        all_scores.append(scores)
+        per = jf.per_object(scores)
+        objects = {str(i): {k.replace("-Mean", ""): float(v[n]) for k, v in per.items()}
+                   for n, i in enumerate(ids)}
+        j, f = float(np.mean(per["J-Mean"])), float(np.mean(per["F-Mean"]))
+        videos[name] = {"J": j, "F": f, "J&F": (j + f) / 2, "objects": objects}
+    table = jf.summarize(all_scores)
+    return {"J": table["J-Mean"], "F": table["F-Mean"], "J&F": table["J&F-Mean"],
+            **{k: table[k] for k in ("J-Recall", "J-Decay", "F-Recall", "F-Decay")},
+            "videos": videos}
+
+
+def json_file(path: str, flag: str) -> str:
+    """`path` if a file, else the one JSON file in directory `path` (results.json if several)."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".json"))
+        if len(found) == 1 or "results.json" in found:
+            return os.path.join(path, found[0] if len(found) == 1 else "results.json")
+        raise DataError(path, flag, f"expected a JSON file or a directory holding one; found {found}")
+    raise DataError(path, flag, "does not exist")
+
+
+def _renamed(e: DataError, names: dict[str, str]) -> DataError:
+    """The in-memory placeholders the metric modules name, replaced by the files they came from."""
+    return DataError(names.get(e.path, e.path), e.field, e.message)
+
+
+def run_coco(pred_path: str, gt_path: str, iou_type: str) -> dict:
+    from sam3_jax.evaluation import coco
+
+    gt, dets = coco.load_json(gt_path), coco.load_json(pred_path)
+    types = [iou_type]
+    if iou_type == "auto":
+        masks = isinstance(dets, list) and dets and all(isinstance(d, dict) and "segmentation" in d
+                                                         for d in dets)
+        types = ["bbox", "segm"] if masks else ["bbox"]
+    try:
+        return {t: coco.evaluate(gt, dets, t) for t in types}
+    except DataError as e:
+        raise _renamed(e, {"<ground truth>": gt_path, "<detections>": pred_path}) from e
+
+
+def run_ytvis(pred_path: str, gt_path: str) -> dict:
+    from sam3_jax.evaluation import coco, ytvis
+
+    gt, preds = coco.load_json(gt_path), coco.load_json(pred_path)
+    try:
+        return ytvis.evaluate(gt, preds)
+    except DataError as e:
+        raise _renamed(e, {"<ground truth>": gt_path, "<predictions>": pred_path}) from e
+
+
+def format_table(metric: str, result: dict) -> str:
+    if metric == "jf":
+        cols = ["J&F", "J", "J-Recall", "J-Decay", "F", "F-Recall", "F-Decay"]
+        lines = ["  ".join(f"{c:>8}" for c in cols), "  ".join(f"{result[c]:8.3f}" for c in cols), "",
+                 f"{'object':<24}  {'J':>6}  {'F':>6}"]
+        for name, video in result["videos"].items():
+            for obj, v in video["objects"].items():
+                lines.append(f"{name + '_' + obj:<24}  {v['J']:6.3f}  {v['F']:6.3f}")
+        return "\n".join(lines)
+    groups = result.items() if metric == "coco" else [("segm", result)]
+    return "\n".join(f"{t:<5} " + "  ".join(f"{k} {v:.3f}" for k, v in stats.items())
+                     for t, stats in groups)
+
+
+def write_json(path: str, value: dict) -> None:
+    """Atomically: readers never see half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv):
+    del argv
+    try:
+        if FLAGS.metric == "jf":
+            result = run_jf(FLAGS.predictions, FLAGS.gt)
+        elif FLAGS.metric == "coco":
+            result = run_coco(json_file(FLAGS.predictions, "predictions"), json_file(FLAGS.gt, "gt"),
+                              FLAGS.coco_iou_type)
+        else:
+            result = run_ytvis(json_file(FLAGS.predictions, "predictions"), json_file(FLAGS.gt, "gt"))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_table(FLAGS.metric, result))
+    if FLAGS.output:
+        write_json(FLAGS.output, {"metric": FLAGS.metric, **result})
+        print(f"wrote {FLAGS.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["predictions", "gt", "metric"])
+    app.run(main)
