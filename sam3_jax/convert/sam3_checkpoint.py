@@ -13,7 +13,6 @@ import datetime
 import os
 import re
 
-import jax
 import numpy as np
 
 from sam3_jax import __version__
@@ -71,9 +70,9 @@ def check_rope(recomputed: dict[str, np.ndarray], cfg: ModelConfig) -> list[str]
 
 
 def tracker_abstract_params(tracker_cfg: TrackerConfig):
-    from sam3_jax.model.tracker.tracker import Tracker
+    from sam3_jax.model.tracker.tracker import abstract_params as tracker_params
 
-    return jax.eval_shape(lambda: Tracker(tracker_cfg).init(jax.random.key(0), method=Tracker.all_paths))["params"]
+    return tracker_params(tracker_cfg)
 
 
 def configs(manifest: dict) -> tuple[ModelConfig, TrackerConfig | None]:

@@ -11,17 +11,26 @@ import ml_collections
 
 from sam3_jax.data import config as data_config
 from sam3_jax.model.config import ModelConfig
+from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.train import optim
 from sam3_jax.train.losses.detector import DetectorLossConfig
+from sam3_jax.train.losses.tracker import TrackerLossConfig
+from sam3_jax.train.tracker_prompts import PromptConfig
 
-VIDEO_VARIANTS = ("default", "demo", "davis", "sav", "ytvis", "coco")
+VIDEO_VARIANTS = ("default", "demo", "davis", "sav", "ytvis", "coco", "tracker", "joint", "tracker_demo")
+# What a run trains: the detector's losses, the tracker's, or both on the same clips (one backbone pass).
+MODES = ("detector", "tracker", "joint")
+# Tracker-only training of a model trained from scratch: the detector's own parts (text encoder,
+# fusion encoder, decoder, heads, its neck) get no gradient and must not drift by weight decay.
+DETECTOR_HEADS = r"^detector/(?!backbone/vision_backbone/(trunk|sam2_convs))"
 
 
 def as_config(dataclass_value) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dataclasses.asdict(dataclass_value))
 
 
-def base_config(model: ModelConfig, data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def base_config(model: ModelConfig, data: ml_collections.ConfigDict,
+                tracker: TrackerConfig | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 20_000
@@ -36,12 +45,19 @@ def base_config(model: ModelConfig, data: ml_collections.ConfigDict) -> ml_colle
 
     # Devices: clips over "data", the frames of each clip over "frame"; data=-1 takes the rest.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, frame=1))
+    c.mode = "detector"  # one of MODES
     c.model = as_config(model)
+    # The tracker (modes "tracker" and "joint"): its sizes, SAM 2's prompt simulation and losses.
+    tracker = tracker or TrackerConfig.official()
+    c.tracker = ml_collections.ConfigDict(dict(
+        model=dataclasses.asdict(tracker.replace(image_size=model.image_size)),
+        prompts=dataclasses.asdict(PromptConfig()), loss=dataclasses.asdict(TrackerLossConfig())))
     c.data = data
     c.data.image_size = model.image_size
     c.optim = optim.default_config()
     c.loss = as_config(DetectorLossConfig())
-    # Held-out clips: losses and detection rates (sam3_jax.train.metrics) every `every` steps.
+    # Held-out clips every `every` steps: losses and detection rates (sam3_jax.train.metrics) and,
+    # when the tracker trains, J&F of the semi-supervised protocol (GT mask on frame 0).
     c.eval = ml_collections.ConfigDict(dict(every=0, num_batches=4, overlay_score_threshold=0.5,
                                             sources=ml_collections.ConfigDict()))
     c.overlay_every = 0  # prediction overlays to TensorBoard at evaluations on these steps; 0: none
@@ -50,7 +66,7 @@ def base_config(model: ModelConfig, data: ml_collections.ConfigDict) -> ml_colle
 
 def demo_config() -> ml_collections.ConfigDict:
     """The tiny model on 4-frame clips of the generated videos, float32 on CPU."""
-    c = base_config(ModelConfig.tiny(), data_config.get_config("demo"))
+    c = base_config(ModelConfig.tiny(), data_config.get_config("demo"), TrackerConfig.tiny())
     c.total_steps, c.log_every, c.checkpoint_every = 150, 10, 50
     c.mesh.frame = 1
     c.optim.update(dict(lr=dict(vision=1e-3, text=1e-3, rest=1e-3), layer_decay=1.0, weight_decay=0.01,
@@ -65,9 +81,37 @@ def demo_config() -> ml_collections.ConfigDict:
     return c
 
 
+def tracker_demo_config() -> ml_collections.ConfigDict:
+    """The demo's tiny model and videos, training the tracker (and the backbone it reads) alone;
+    evaluated by J&F on the held-out videos."""
+    c = demo_config()
+    c.mode = "tracker"
+    c.optim.freeze = DETECTOR_HEADS
+    c.eval.num_batches = 3
+    return c
+
+
+def tracker_config(mode: str) -> ml_collections.ConfigDict:
+    """SAM 3's stage 4 (``tracker``: backbone and detector frozen) or both models at once (``joint``),
+    at official size on 8-frame DAVIS/MOSE-style clips with up to 3 objects; the tracker's optimiser
+    is SAM 2's MOSE fine-tune (SAM3_SPEC §5.4). Longer clips: ``--config.data.num_frames=16`` and
+    ``--config.optim.lr.rest=5e-7`` (the paper's 0.1x). ``mesh.frame`` must divide ``data.max_objects``."""
+    c = base_config(ModelConfig.official().replace(compute_dtype="bfloat16"), data_config.get_config("davis"))
+    c.mode = mode
+    if mode == "tracker":
+        c.optim.update(dict(lr=dict(vision=3e-6, text=3e-6, rest=5e-6), weight_decay=0.1, layer_decay=0.9,
+                            schedule="cosine", warmup_steps=0, final_lr_fraction=0.1, clip_norm=0.1,
+                            freeze="^detector/"))
+    return c
+
+
 def video_config(variant: str = "default") -> ml_collections.ConfigDict:
     if variant == "demo":
         return demo_config()
+    if variant == "tracker_demo":
+        return tracker_demo_config()
+    if variant in ("tracker", "joint"):
+        return tracker_config(variant)
     if variant not in VIDEO_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VIDEO_VARIANTS)}")
     model = ModelConfig.official().replace(compute_dtype="bfloat16")

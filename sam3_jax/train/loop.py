@@ -18,12 +18,19 @@ import ml_collections
 import numpy as np
 
 from sam3_jax.data import pipeline
+from sam3_jax.evaluation import jf
+from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
-from sam3_jax.model.detector import abstract_params, init_params
+from sam3_jax.model.tracker import tracker as tracker_lib
+from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.train import checkpoint, metrics, optim, reporting
+from sam3_jax.train import config as config_lib
 from sam3_jax.train import mesh as mesh_lib
 from sam3_jax.train import step as step_lib
+from sam3_jax.train import tracker_stage
 from sam3_jax.train.losses.detector import DetectorLossConfig
+from sam3_jax.train.losses.tracker import TrackerLossConfig
+from sam3_jax.train.tracker_prompts import PromptConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,17 @@ def model_config(config) -> ModelConfig:
     return cfg
 
 
+def tracker_config(config, model_cfg: ModelConfig) -> TrackerConfig:
+    """The tracker of ``config.tracker.model``, checked against the backbone that feeds it."""
+    cfg = TrackerConfig(**config.tracker.model.to_dict())
+    need = {"d_model": model_cfg.d_model, "image_size": model_cfg.image_size,
+            "backbone_stride": model_cfg.vit.patch_size}
+    for name, value in need.items():
+        if getattr(cfg, name) != value:
+            raise ValueError(f"tracker.model.{name}={getattr(cfg, name)} but the backbone gives {value}: set them equal")
+    return cfg
+
+
 def write_config(config, workdir: str) -> None:
     """The resolved config as JSON, written whole (temp file + rename)."""
     path = os.path.join(workdir, "config.json")
@@ -92,10 +110,16 @@ class Trainer:
         if self.is_main:
             write_config(config, workdir)
         self.model_cfg = model_config(config)
+        if config.mode not in config_lib.MODES:
+            raise ValueError(f"mode={config.mode!r}: one of {', '.join(config_lib.MODES)}")
+        self.detects, self.tracks = config.mode != "tracker", config.mode != "detector"
         self.mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.frame)
         mesh_lib.check_divisible(self.mesh, config.data.batch_size * jax.process_count(), config.data.num_frames)
         self.loss_cfg = DetectorLossConfig.from_dict(config.loss.to_dict())
-        abstract = {"detector": abstract_params(self.model_cfg)}
+        abstract = {"detector": detector.abstract_params(self.model_cfg)}
+        if self.tracks:
+            self.tracker_cfg = tracker_config(config, self.model_cfg)
+            abstract["tracker"] = tracker_lib.abstract_params(self.tracker_cfg)
         self.tx = step_lib.wrap_nonfinite(optim.make_optimizer(config.optim, abstract, config.total_steps))
         labels = optim.param_labels(abstract, config.optim)
         frozen = jax.tree.map(lambda label: label == optim.FROZEN, labels)
@@ -116,13 +140,24 @@ class Trainer:
         self.state = state
         log.info("%s", optim.summarize(abstract, config.optim, config.total_steps))
 
+        dtype = self.model_cfg.compute_dtype
+        stage = None
+        if self.tracks:
+            stage = tracker_stage.make_tracker_stage(
+                self.tracker_cfg, PromptConfig(**config.tracker.prompts.to_dict()),
+                TrackerLossConfig(**config.tracker.loss.to_dict()), dtype=dtype)
         with jax.set_mesh(self.mesh):
-            loss_fn = step_lib.make_loss_fn(self.model_cfg, self.loss_cfg, self.mesh)
+            loss_fn = step_lib.make_loss_fn(self.model_cfg, self.loss_cfg, self.mesh, clip_stage=stage,
+                                            detect=self.detects)
             self.train_step = jax.jit(step_lib.make_train_step(
                 loss_fn, self.tx, frozen=frozen,
                 learning_rates=lambda s: optim.learning_rates(config.optim, config.total_steps, s)),
                 donate_argnums=(0,))
-            self.eval_step = jax.jit(step_lib.make_eval_fn(self.model_cfg, self.loss_cfg, self.mesh))
+            if self.detects:
+                self.eval_step = jax.jit(step_lib.make_eval_fn(self.model_cfg, self.loss_cfg, self.mesh))
+            if self.tracks:
+                self.track_eval = jax.jit(step_lib.make_tracker_eval_fn(
+                    self.model_cfg, tracker_stage.make_tracker_predict(self.tracker_cfg, dtype=dtype), self.mesh))
         self.predict = jax.jit(step_lib.make_predict_fn(self.model_cfg))
 
     def _fresh_state(self, abstract):
@@ -133,8 +168,12 @@ class Trainer:
             params = checkpoint.load_params(config.init_from, target)
             log.info("initialised from %s", config.init_from)
         else:
-            params = {"detector": jax.jit(init_params, static_argnums=0, out_shardings=replicated)(
-                self.model_cfg, jax.random.key(config.seed))}
+            det_key, trk_key = jax.random.split(jax.random.key(config.seed))
+            params = {"detector": jax.jit(detector.init_params, static_argnums=0, out_shardings=replicated)(
+                self.model_cfg, det_key)}
+            if self.tracks:
+                params["tracker"] = jax.jit(tracker_lib.init_params, static_argnums=0, out_shardings=replicated)(
+                    self.tracker_cfg, trk_key)
         init = jax.jit(lambda p: step_lib.init_state(p, self.tx, config.seed),
                        out_shardings=jax.tree.map(lambda x: x.sharding, self.abstract_state))
         return init(params)
@@ -152,6 +191,8 @@ class Trainer:
         frames_per_step = config.data.batch_size * jax.process_count() * config.data.num_frames
         tick, tick_step = time.perf_counter(), start
         try:
+            if start == 0 and config.eval.every:  # the untrained model's figures: where the curves start
+                last.update({f"val_{k}": v for k, v in self.evaluate(0, writer).items()})
             for step in range(start + 1, config.total_steps + 1):
                 batch = next(self.data)
                 with jax.set_mesh(self.mesh):
@@ -177,7 +218,7 @@ class Trainer:
                                                                                    "frames_per_s")}))
                 if config.eval.every and (step % config.eval.every == 0 or step == config.total_steps):
                     evaluated = self.evaluate(step, writer)
-                    last.update({f"eval/{k}": v for k, v in evaluated.items()})
+                    last.update({f"val_{k}": v for k, v in evaluated.items()})
                 if save_now:
                     self.checkpoints.save(step, self.state, self.data)
         finally:
@@ -191,27 +232,38 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- evaluate
     def evaluate(self, step: int, writer) -> dict[str, float]:
-        """Loss and detection rates on the held-out clips (the same ones every time), and an overlay."""
+        """On the held-out clips (the same ones every time): the detector's loss and detection rates,
+        the tracker's J&F, and an overlay."""
         data_cfg = eval_data_config(self.config)
         if data_cfg is None:
             return {}
         data = iter(pipeline.build_dataset(data_cfg, self.config.seed))
         totals: dict[str, float] = collections.defaultdict(float)
+        videos: list[jf.VideoScores] = []
         first = None
         for _ in range(self.config.eval.num_batches):
             batch = next(data)
             first = batch if first is None else first
             with jax.set_mesh(self.mesh):
-                sums = self.eval_step(self.state["params"], mesh_lib.shard_batch(self.mesh, batch),
-                                      jax.random.key(0))
-            for k, v in jax.device_get(sums).items():
-                totals[k] += float(v)
+                sharded = mesh_lib.shard_batch(self.mesh, batch)
+                if self.detects:
+                    sums = self.eval_step(self.state["params"], sharded, jax.random.key(0))
+                if self.tracks:
+                    tracked = self.track_eval(self.state["params"], sharded)
+            if self.detects:
+                for k, v in jax.device_get(sums).items():
+                    totals[k] += float(v)
+            if self.tracks:
+                videos += video_scores(*jax.device_get(tracked), batch["frame_valid"])
         n = self.config.eval.num_batches
-        result = {"loss": totals["loss"] / n, **metrics.rates(totals)}
+        result = {"loss": totals["loss"] / n, **metrics.rates(totals)} if self.detects else {}
+        if videos:
+            table = jf.summarize(videos)
+            result.update({"j": table["J-Mean"], "f": table["F-Mean"], "jf": table["J&F-Mean"]})
         log.info("eval at step %d: %s", step, " | ".join(f"{k} {v:.4g}" for k, v in result.items()))
         if writer:
-            writer.scalars(step, {f"eval/{k}": v for k, v in result.items()})
-            if self.config.overlay_every and step % self.config.overlay_every == 0:
+            writer.scalars(step, {f"val_{k}": v for k, v in result.items()})
+            if self.detects and self.config.overlay_every and step % self.config.overlay_every == 0:
                 writer.images(step, {"overlays/clip0": self.overlay(first)})
         return result
 
@@ -224,6 +276,17 @@ class Trainer:
         gt = clip["masks"][0] & clip["query_positives"][0, :, 0, :, None, None]
         return reporting.overlay_clip(clip["frames"][0], masks[::p] > 0, scores[::p], gt_masks=gt,
                                       score_threshold=self.config.eval.overlay_score_threshold)
+
+
+def video_scores(pred, gt, tracked, frame_valid) -> list[jf.VideoScores]:
+    """DAVIS J and F per clip, over its tracked objects and valid frames; pred, gt (B, N, T, M, M)."""
+    scores = []
+    for b in range(pred.shape[0]):
+        objects, frames = np.flatnonzero(tracked[b]), int(frame_valid[b].sum())
+        if objects.size and frames >= 3:  # DAVIS scores the frames between the first and the last
+            scores.append(jf.evaluate_video(np.swapaxes(pred[b, objects, :frames], 0, 1),
+                                            np.swapaxes(gt[b, objects, :frames], 0, 1)))
+    return scores
 
 
 def train(config, workdir: str) -> dict[str, float]:

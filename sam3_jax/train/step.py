@@ -32,11 +32,12 @@ GATHER_DTYPE = jnp.bfloat16
 # What of the detector's final-layer outputs the clip-level stage receives, per (frame, phrase).
 CLIP_DETECTIONS = ("pred_logits", "pred_boxes", "presence_logit_dec")
 
-# clip_stage(params, clip, batch) -> (loss, metrics): ``clip`` holds the gathered arrays of the
-# shard's clips (every frame), ``batch`` the shard's batch. The returned loss and metrics are
-# partial sums: the step adds them up over the whole mesh (so a stage may divide its work, e.g.
-# the clip's objects, over the "frame" devices).
-ClipStage = Callable[[Any, dict, dict], tuple[jax.Array, dict]]
+# clip_stage(params, clip, batch, rng) -> (loss, metrics): ``clip`` holds the gathered arrays of the
+# shard's clips (every frame), ``batch`` the shard's batch, ``rng`` the step's key (the same on every
+# device: fold in global indices). The returned loss and metrics are partial sums: the step adds
+# them up over the whole mesh (so a stage may divide its work, e.g. the clip's objects, over the
+# "frame" devices). `tracker_stage.make_tracker_stage` is the tracker's.
+ClipStage = Callable[[Any, dict, dict, jax.Array], tuple[jax.Array, dict]]
 
 
 def normalize_frames(frames):
@@ -64,14 +65,19 @@ def query_targets(batch: Mapping[str, jax.Array]) -> tuple[dict, jax.Array]:
     return targets, query_valid
 
 
+def _encode_frames(model: Sam3Detector, params, batch, *, deterministic: bool, rngs: dict) -> dict:
+    """The backbone's features of the local frames (b * t, ...)."""
+    frames = batch["frames"]
+    return model.apply({"params": params}, normalize_frames(frames.reshape((-1,) + frames.shape[2:])),
+                       deterministic, method=Sam3Detector.encode_image, rngs=rngs)
+
+
 def _ground_clips(model: Sam3Detector, params, batch, *, deterministic: bool, rngs: dict) -> tuple[dict, dict]:
     """Image features of the local frames and detector outputs of all their (frame, phrase) queries."""
-    frames = batch["frames"]
-    b, t = frames.shape[:2]
+    b, t = batch["frames"].shape[:2]
     p, length = batch["phrase_tokens"].shape[1:]
     variables = {"params": params}
-    feats = model.apply(variables, normalize_frames(frames.reshape((b * t,) + frames.shape[2:])),
-                        deterministic, method=Sam3Detector.encode_image, rngs=rngs)
+    feats = _encode_frames(model, params, batch, deterministic=deterministic, rngs=rngs)
     text, text_mask = model.apply(variables, batch["phrase_tokens"].reshape(b * p, length), deterministic,
                                   method=Sam3Detector.encode_text, rngs=rngs)
     clip_i, frame_i, phrase_i = jnp.meshgrid(jnp.arange(b), jnp.arange(t), jnp.arange(p), indexing="ij")
@@ -97,10 +103,15 @@ def _gather_clip(feats: dict, outputs: dict, b: int, t: int, p: int) -> dict:
     return clip
 
 
+def _shard_rngs(rng):
+    """(dropout, loss) keys of this shard."""
+    shard = jax.lax.axis_index("data") * jax.lax.axis_size("frame") + jax.lax.axis_index("frame")
+    return jax.random.split(jax.random.fold_in(rng, shard))
+
+
 def _shard_loss(model, loss_cfg, params, batch, rng, *, deterministic: bool):
     """The detector part of a shard: its partial loss and terms, and what it computed on the way."""
-    shard = jax.lax.axis_index("data") * jax.lax.axis_size("frame") + jax.lax.axis_index("frame")
-    drop_rng, loss_rng = jax.random.split(jax.random.fold_in(rng, shard))
+    drop_rng, loss_rng = _shard_rngs(rng)
     feats, outputs = _ground_clips(model, params["detector"], batch, deterministic=deterministic,
                                    rngs={"dropout": drop_rng})
     targets, query_valid = query_targets(batch)
@@ -120,25 +131,33 @@ def _sharded(fn, mesh, batch, out_specs):
 
 
 def make_loss_fn(model_cfg: ModelConfig, loss_cfg: DetectorLossConfig, mesh, *, clip_stage: ClipStage | None = None,
-                 return_clip: bool = False, deterministic: bool = False):
+                 detect: bool = True, return_clip: bool = False, deterministic: bool = False):
     """``loss_fn(params, batch, rng) -> (loss, aux)`` over the mesh; ``params = {"detector": ...}``
-    (plus whatever ``clip_stage`` reads). aux: ``terms`` (every loss term), ``num_boxes``,
-    ``num_queries`` and, with ``return_clip``, ``clip``: the gathered arrays (for tests and tools)
-    with a leading axis over the "frame" devices, each of which holds the whole clip."""
+    (plus whatever ``clip_stage`` reads). ``detect=False`` leaves out the detector's grounding and
+    losses (the backbone still runs: tracker-only training). aux: ``terms`` (every loss term),
+    ``num_boxes``, ``num_queries`` and, with ``return_clip``, ``clip``: the gathered arrays (for tests
+    and tools) with a leading axis over the "frame" devices, each of which holds the whole clip."""
     model = Sam3Detector(model_cfg)
 
     def per_shard(params, batch, rng):
         b, t = batch["frames"].shape[:2]
         p = batch["phrase_valid"].shape[1]
-        loss, terms, feats, outputs, targets, query_valid = _shard_loss(model, loss_cfg, params, batch, rng,
-                                                                        deterministic=deterministic)
+        if detect:
+            loss, terms, feats, outputs, targets, query_valid = _shard_loss(model, loss_cfg, params, batch, rng,
+                                                                            deterministic=deterministic)
+            num_boxes, num_queries = targets["valid"].sum(), query_valid.sum()
+        else:
+            feats = _encode_frames(model, params["detector"], batch, deterministic=deterministic,
+                                   rngs={"dropout": _shard_rngs(rng)[0]})
+            loss, terms, outputs = jnp.zeros((), jnp.float32), {}, {}
+            num_boxes = num_queries = jnp.zeros((), jnp.int32)
         clip = _gather_clip(feats, outputs, b, t, p)
         if clip_stage is not None:
-            clip_loss, clip_terms = clip_stage(params, clip, batch)
+            clip_loss, clip_terms = clip_stage(params, clip, batch, rng)
             loss = loss + clip_loss
             terms = {**terms, **clip_terms}
-        aux = {"terms": _global_sum(terms), "num_boxes": _global_sum(targets["valid"].sum()),
-               "num_queries": _global_sum(query_valid.sum())}
+        aux = {"terms": _global_sum(terms), "num_boxes": _global_sum(num_boxes),
+               "num_queries": _global_sum(num_queries)}
         if return_clip:
             aux["clip"] = jax.tree.map(lambda x: x[None], clip)
         return _global_sum(loss), aux
@@ -165,6 +184,25 @@ def make_eval_fn(model_cfg: ModelConfig, loss_cfg: DetectorLossConfig, mesh):
 
     def eval_fn(params, batch, rng):
         return _sharded(per_shard, mesh, batch, P())(params, batch, rng)
+
+    return eval_fn
+
+
+def make_tracker_eval_fn(model_cfg: ModelConfig, tracker_predict, mesh):
+    """``eval_fn(params, batch) -> (pred, gt, tracked)``: ``tracker_predict`` (see
+    `tracker_stage.make_tracker_predict`) on the gathered features of every clip; pred and gt
+    (B, N, T, M, M) bool, tracked (B, N), the objects' axis laid out over "frame"."""
+    model = Sam3Detector(model_cfg)
+
+    def per_shard(params, batch, rng):
+        b, t = batch["frames"].shape[:2]
+        feats = _encode_frames(model, params["detector"], batch, deterministic=True, rngs={})
+        clip = _gather_clip(feats, {}, b, t, batch["phrase_valid"].shape[1])
+        return tracker_predict(params, clip, batch)
+
+    def eval_fn(params, batch):
+        out = P("data", "frame")
+        return _sharded(per_shard, mesh, batch, (out, out, out))(params, batch, jax.random.key(0))
 
     return eval_fn
 

@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
     return cfg, batch, params
 
 
-def clip_stage(params, clip, batch):
+def clip_stage(params, clip, batch, rng):
     """A stand-in for the tracker: a loss on every frame's tracker features and detections, a sum
     over the shard's clips. Each "frame" device holds the whole clip, so it adds 1 / frame-count of it."""
     share = 1.0 / jax.lax.axis_size("frame")

@@ -261,3 +261,13 @@ class Tracker(nn.Module):
         m = cfg.input_mask_size
         return self.track_step(jnp.zeros((1, g, g, c)), high_res, memory, jnp.zeros((1,), bool), jnp.zeros((1, 1, 2)),
                                jnp.zeros((1, 1), jnp.int32), ones, jnp.zeros((1, m, m)))
+
+
+def init_params(cfg: TrackerConfig, rng, dtype=None):
+    """Every parameter of the tracker (``Tracker.all_paths`` reaches them all)."""
+    return Tracker(cfg, dtype=dtype).init(rng, method=Tracker.all_paths)["params"]
+
+
+def abstract_params(cfg: TrackerConfig):
+    """The tracker's parameter tree as shapes and dtypes only."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
