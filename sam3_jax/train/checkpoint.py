@@ -68,14 +68,26 @@ def load_params(directory: str, abstract_params: dict) -> dict:
     """Parameters shaped like ``abstract_params`` (e.g. ``{"detector": ...}``) from ``directory``: a
     converted checkpoint (``directory/params``; only the requested subtrees are read), a training
     run's ``checkpoints`` directory or the run's workdir (the newest step's ``state["params"]``)."""
+    return _restore_params(_params_item(directory), abstract_params)
+
+
+def stored_models(directory: str) -> set[str]:
+    """The models (``"detector"``, ``"tracker"``) whose parameters ``directory`` holds (as `load_params`
+    finds them): a detector-only run or image checkpoint can start a run that trains the tracker too."""
+    item = _params_item(directory)
+    return set(ocp.PyTreeCheckpointHandler().metadata(epath.Path(item)).tree.get("params", {}))
+
+
+def _params_item(directory: str) -> str:
+    """The Orbax pytree item that holds ``params`` in a converted checkpoint, run or checkpoints dir."""
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"init_from directory does not exist: {directory}")
     if os.path.isfile(os.path.join(directory, converted.MANIFEST)):
-        return _restore_params(os.path.join(directory, converted.PARAMS), abstract_params)
+        return os.path.join(directory, converted.PARAMS)
     for candidate in (directory, os.path.join(directory, CHECKPOINTS)):
         if os.path.isdir(candidate) and (latest := _latest_step_dir(candidate)):
-            return _restore_params(os.path.join(latest, STATE), abstract_params)
+            return os.path.join(latest, STATE)
     raise ValueError(f"neither a converted checkpoint ({converted.MANIFEST} + {converted.PARAMS}/) nor a training "
                      f"checkpoint directory (or a workdir holding {CHECKPOINTS}/): {directory}")
 

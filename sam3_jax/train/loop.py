@@ -161,19 +161,28 @@ class Trainer:
         self.predict = jax.jit(step_lib.make_predict_fn(self.model_cfg))
 
     def _fresh_state(self, abstract):
+        """Parameters from ``init_from`` (the models it holds) or random; then a fresh optimiser."""
         config = self.config
         replicated = mesh_lib.replicated(self.mesh)
+        keys = dict(zip(("detector", "tracker"), jax.random.split(jax.random.key(config.seed))))
+        inits = {"detector": (detector.init_params, self.model_cfg),
+                 "tracker": (tracker_lib.init_params, getattr(self, "tracker_cfg", None))}
+        loaded = set()
+        params = {}
         if config.init_from:
-            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+            loaded = checkpoint.stored_models(config.init_from) & abstract.keys()
+            if not loaded:
+                raise ValueError(f"init_from={config.init_from} holds none of the models this run trains "
+                                 f"({', '.join(sorted(abstract))})")
+            target = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract[k])
+                      for k in loaded}
             params = checkpoint.load_params(config.init_from, target)
-            log.info("initialised from %s", config.init_from)
-        else:
-            det_key, trk_key = jax.random.split(jax.random.key(config.seed))
-            params = {"detector": jax.jit(detector.init_params, static_argnums=0, out_shardings=replicated)(
-                self.model_cfg, det_key)}
-            if self.tracks:
-                params["tracker"] = jax.jit(tracker_lib.init_params, static_argnums=0, out_shardings=replicated)(
-                    self.tracker_cfg, trk_key)
+            log.info("initialised %s from %s", " and ".join(sorted(loaded)), config.init_from)
+        for name in sorted(abstract.keys() - loaded):
+            if config.init_from:
+                log.warning("%s: not in %s, initialised at random", name, config.init_from)
+            init, cfg = inits[name]
+            params[name] = jax.jit(init, static_argnums=0, out_shardings=replicated)(cfg, keys[name])
         init = jax.jit(lambda p: step_lib.init_state(p, self.tx, config.seed),
                        out_shardings=jax.tree.map(lambda x: x.sharding, self.abstract_state))
         return init(params)

@@ -16,12 +16,14 @@ def video_config(arg):
     return module.get_config(arg)
 
 
-@pytest.mark.parametrize("variant", [None, "demo", "davis", "sav", "ytvis", "coco"])
+@pytest.mark.parametrize("variant", [None, "demo", "davis", "sav", "ytvis", "coco", "tracker", "joint",
+                                     "tracker_demo"])
 def test_variants_name_one_known_source_kind(variant):
     c = video_config(variant)
     assert isinstance(c.seed, int)
-    # The demo reads the YTVIS layout; the default (official-size) config, DAVIS.
-    want = {None: "davis", "demo": "ytvis"}.get(variant, variant)
+    # The demos read the YTVIS layout; the default (official-size) config and the tracker's, DAVIS.
+    want = {None: "davis", "demo": "ytvis", "tracker_demo": "ytvis", "tracker": "davis", "joint": "davis"}.get(
+        variant, variant)
     assert [s.kind for s in c.data.sources.values()] == [want]
     assert all(s.kind in sources.KINDS for s in c.data.sources.values())
     schema.Dims.from_config(c.data)  # every static maximum is present

@@ -1,5 +1,6 @@
 """The trainer's small parts: mesh, per-query targets, detection counts, non-finite handling, overrides."""
 import collections
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.train import loop, metrics, overrides
 from sam3_jax.train import mesh as mesh_lib
 from sam3_jax.train import step as step_lib
@@ -125,7 +127,9 @@ def test_unknown_override_lists_valid_keys():
 
 
 @pytest.mark.parametrize("spec", ["configs/video.py", "configs/video.py:demo", "configs/video.py:sav",
-                                  "configs/video.py:coco", "configs/image.py", "configs/image.py:demo"])
+                                  "configs/video.py:coco", "configs/image.py", "configs/image.py:demo",
+                                  "configs/video.py:tracker", "configs/video.py:joint",
+                                  "configs/video.py:tracker_demo"])
 def test_configs_load_and_agree_with_the_model(spec):
     import os
 
@@ -139,7 +143,14 @@ def test_configs_load_and_agree_with_the_model(spec):
         assert section in config, section
     if spec.startswith("configs/image.py"):
         assert config.data.num_frames == 1 and config.mesh.frame == 1
-    if spec.endswith(":demo"):
-        assert cfg.image_size <= 224 and config.total_steps <= 1000
+    assert config.mode in ("detector", "tracker", "joint")
+    tracker = loop.tracker_config(config, cfg)  # raises if the tracker and the backbone disagree
+    if config.mode == "tracker":  # nothing of the detector trains but the parts the tracker reads
+        frozen = re.compile(config.optim.freeze)
+        assert frozen.search("detector/transformer/decoder/x") and frozen.search("detector/backbone/language_backbone/x")
+        assert not frozen.search("tracker/sam_mask_decoder/x")
+        assert config.data.max_objects % config.mesh.frame == 0
+    if spec.endswith("demo"):
+        assert cfg.image_size <= 224 and config.total_steps <= 1000 and tracker.image_size == cfg.image_size
     else:
-        assert cfg.vit.depth == 32 and cfg.compute_dtype == "bfloat16"
+        assert cfg.vit.depth == 32 and cfg.compute_dtype == "bfloat16" and tracker == TrackerConfig.official()
