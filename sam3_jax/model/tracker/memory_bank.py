@@ -18,6 +18,12 @@ the rules below reach). ``select_memory`` turns it into the ``SelectedMemory`` o
 * pointers of the selected conditioning frames at or before the frame (all of them when
   ``past_pointers_only`` is False, the reference's training mode), at their signed distance;
 * pointer distances are divided by ``min(num_frames, max_obj_ptrs) - 1``.
+
+``reverse=True`` is the reference's ``track_in_reverse`` (backward propagation): "previous" frames are
+the ones after the frame (f+1, f+2, ... at distance 1, 2, ...), memory selection looks at frames
+f+1..num_frames-1 (the forward rule skips frame 0, the reverse one skips nothing), conditioning-frame
+pointers count at or after the frame, at distance cond - f. Conditioning frames are chosen the same way
+in both directions.
 """
 from __future__ import annotations
 
@@ -77,13 +83,15 @@ def _by_rank(q, count: int):
 
 
 def select_memory(bank: MemoryBank, frame_idx, num_frames, cfg: TrackerConfig, *,
-                  past_pointers_only: bool = True) -> SelectedMemory:
+                  past_pointers_only: bool = True, reverse: bool = False) -> SelectedMemory:
     """The memories frame ``frame_idx`` attends to (see the module docstring). frame_idx and num_frames
     may be traced scalars. Spatial slots: min(max_cond_frames_in_attn, K) + num_maskmem - 1; pointers:
-    min(max_cond_frames_in_attn, K) + max_obj_ptrs - 1."""
+    min(max_cond_frames_in_attn, K) + max_obj_ptrs - 1. ``reverse``: tracking backward in time."""
     b, k = bank.frame.shape
     f = jnp.asarray(frame_idx, jnp.int32)
     frame, filled = bank.frame, bank.frame >= 0
+    sign = -1 if reverse else 1
+    dist = (f - frame) * sign  # > 0: frames already tracked in this direction, 1 = the previous one
     cond, noncond = filled & bank.is_cond, filled & ~bank.is_cond
 
     # Conditioning frames: order by (closest before, closest at/after, distance, frame) and keep the first kc.
@@ -100,26 +108,29 @@ def select_memory(bank: MemoryBank, frame_idx, num_frames, cfg: TrackerConfig, *
     usable = noncond | (cond & ~selected)
     max_num = jnp.minimum(jnp.asarray(num_frames, jnp.int32), cfg.max_obj_ptrs)
     if cfg.use_memory_selection:
-        good = noncond & (frame >= 1) & (frame < f) & (bank.score > cfg.mf_threshold)
-        newer = jnp.sum(good[:, None, :] & (frame[:, None, :] > frame[:, :, None]), axis=-1)
+        in_range = (frame > f) & (frame < num_frames) if reverse else (frame >= 1) & (frame < f)
+        good = noncond & in_range & (bank.score > cfg.mf_threshold)
+        newer = jnp.sum(good[:, None, :] & (dist[:, None, :] < dist[:, :, None]), axis=-1)
         kept = good & (newer < max_num - 1)
-        last = usable & (frame == f - 1)  # always in the list (if it exists at all)
-        prev_kept = jnp.any(kept & (frame == f - 1), axis=1, keepdims=True)
+        last = usable & (dist == 1)  # always in the list (if it exists at all)
+        prev_kept = jnp.any(kept & (dist == 1), axis=1, keepdims=True)
         shift = (~prev_kept).astype(jnp.int32)
         q = jnp.where(kept, newer + 1 + shift, jnp.where(last & ~prev_kept, 1, 0))
-        list_len = jnp.sum(kept, axis=1, keepdims=True) + jnp.where(f >= 1, shift, 0)
+        has_prev = f < num_frames - 1 if reverse else f >= 1
+        list_len = jnp.sum(kept, axis=1, keepdims=True) + jnp.where(has_prev, shift, 0)
         ptr_limit = jnp.minimum(max_num, list_len)
     else:
-        q = jnp.where(usable & (frame < f), f - frame, 0)
+        q = jnp.where(usable & (dist > 0), dist, 0)
         ptr_limit = max_num
     n_prev, n_ptr = cfg.num_maskmem - 1, cfg.max_obj_ptrs - 1
     prev_idx, prev_found = _by_rank(q, n_prev)
     ptr_idx, ptr_found = _by_rank(q, n_ptr)
     ptr_found = ptr_found & (jnp.arange(1, n_ptr + 1)[None, :] < ptr_limit)
 
-    cond_ptr_valid = cond_valid & (cond_frame <= f) if past_pointers_only else cond_valid
+    cond_dist = (f - cond_frame) * sign
+    cond_ptr_valid = cond_valid & (cond_dist >= 0) if past_pointers_only else cond_valid
     norm = jnp.maximum(max_num - 1, 1).astype(jnp.float32)
-    ptr_dist = jnp.concatenate([f - cond_frame, jnp.broadcast_to(jnp.arange(1, n_ptr + 1), (b, n_ptr))], axis=1)
+    ptr_dist = jnp.concatenate([cond_dist, jnp.broadcast_to(jnp.arange(1, n_ptr + 1), (b, n_ptr))], axis=1)
     return SelectedMemory(
         feats=jnp.concatenate([_gather(bank.feats, order), _gather(bank.feats, prev_idx)], axis=1),
         tpos=jnp.concatenate([jnp.full((b, kc), cfg.num_maskmem - 1, jnp.int32),
