@@ -13,12 +13,12 @@ on any error nothing is left behind. Video files (MP4, ...) are not read: no vid
 dependency; extract the frames with ffmpeg first (the error message gives the command).
 """
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 from absl import app, flags, logging
+
+from sam3_jax import fileio
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory with a tracker (convert_torch_ckpt.py).")
@@ -117,10 +117,7 @@ def run(checkpoint: str, video: str, init_mask: str, init_frame: int, output: st
     predictor = VideoPredictor.from_checkpoint(checkpoint)
     prompts = {i: ids_map == i for i in obj_ids}
 
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
-    try:
+    with fileio.atomic_directory(output) as tmp:
         written = 0
         for result in predictor.propagate_iter(frames, prompts, init_frame, direction):
             name = os.path.splitext(os.path.basename(frames.paths[result.frame_idx]))[0] + ".png"
@@ -130,16 +127,6 @@ def run(checkpoint: str, video: str, init_mask: str, init_frame: int, output: st
             written += 1
             if written % 25 == 0:
                 logging.info("%d frames tracked", written)
-        if os.path.exists(output):
-            old = output + ".old"
-            os.rename(output, old)
-            os.rename(tmp, output)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return written
 
 

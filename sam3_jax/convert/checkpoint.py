@@ -18,11 +18,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from sam3_jax import fileio
 
 MANIFEST = "manifest.json"
 PARAMS = "params"
@@ -46,10 +47,7 @@ def write(output_dir: str, params: dict, *, manifest: dict, dead: dict[str, np.n
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and not overwrite:
         raise FileExistsError(f"output directory exists (pass overwrite to replace it): {output_dir}")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-    try:
+    with fileio.atomic_directory(output_dir) as tmp:
         # Synchronous and with little in flight: the async checkpointer would snapshot every array
         # first, and unbounded concurrency stages all of them at once (each one more copy in RAM).
         handler = ocp.StandardCheckpointHandler(save_concurrent_gb=1)
@@ -59,16 +57,6 @@ def write(output_dir: str, params: dict, *, manifest: dict, dead: dict[str, np.n
         shutil.copyfile(vocab_path, os.path.join(tmp, VOCAB))
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
-        if os.path.exists(output_dir):
-            old = output_dir + ".old"
-            os.rename(output_dir, old)
-            os.rename(tmp, output_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _as_jax(params: dict) -> dict:

@@ -23,11 +23,10 @@ from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker import tracker as tracker_lib
 from sam3_jax.model.tracker.config import TrackerConfig
-from sam3_jax.train import checkpoint, metrics, optim, reporting
+from sam3_jax.train import checkpoint, metrics, optim, reporting, tracker_stage
 from sam3_jax.train import config as config_lib
 from sam3_jax.train import mesh as mesh_lib
 from sam3_jax.train import step as step_lib
-from sam3_jax.train import tracker_stage
 from sam3_jax.train.losses.detector import DetectorLossConfig
 from sam3_jax.train.losses.tracker import TrackerLossConfig
 from sam3_jax.train.tracker_prompts import PromptConfig

@@ -114,7 +114,7 @@ def test_training_losses_with_clicks_and_corrections(setup):
         return sum(terms.values()), terms
 
     grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    (total, terms), grads = grad_fn(params, tracked)
+    (total, _), grads = grad_fn(params, tracked)
     assert np.isfinite(float(total)) and float(total) > 0
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(grads))
     assert np.abs(grads["sam_mask_decoder"]["iou_prediction_head"]["layers_0"]["kernel"]).max() > 0
