@@ -1,4 +1,10 @@
-"""Detector train step on one clip: JAX (the real trainer step, after compile) vs the PyTorch reference.
+"""Train step on one clip: JAX (the real trainer step, after compile) vs the PyTorch reference.
+
+``--mode``: ``detector`` (the detector's losses), ``tracker`` (SAM 3's stage 4: the tracker's
+losses under SAM 2's recipe, detector frozen, ``--objects`` objects) or ``joint`` (both). The
+reference has no tracker training path (``Sam3TrackerBase.forward`` raises ``NotImplementedError``
+and its ``track_step`` needs attributes it never defines in train mode), so the tracker and joint
+modes report the JAX side alone.
 
 Both sides train the same model size on the same frames: one clip of ``--frames`` frames from the
 generated demo videos (resized to the model's image size), one find query per (frame, phrase) with a
@@ -85,13 +91,19 @@ def without_remat(cfg):
     return ModelConfig.from_dict(d)
 
 
+def tracker_config(size: str):
+    from sam3_jax.model.tracker.config import TrackerConfig
+
+    return TrackerConfig.official() if size == "official" else TrackerConfig.tiny()
+
+
 def pad_n_queries(size: str) -> int | None:
     """The reference configs pad the CE mean to 200 queries; the tiny decoder only has 16."""
     return 200 if size == "official" else None
 
 
 # ------------------------------------------------------------------------------------------- data
-def make_batch(size: str, frames: int, phrases: int, path: str) -> None:
+def make_batch(size: str, frames: int, phrases: int, objects: int, path: str) -> None:
     """One clip of the generated demo videos at the model's image size, saved to ``path`` (.npz),
     with the phrases as text for the reference's text encoder."""
     from sam3_jax.data import config as data_config
@@ -102,6 +114,7 @@ def make_batch(size: str, frames: int, phrases: int, path: str) -> None:
     data.synthetic.output_dir = os.path.join(os.path.dirname(path), "videos")
     data.image_size = model_config(size, "float32").image_size
     data.num_frames, data.batch_size, data.max_phrases, data.num_workers = frames, 1, phrases, 0
+    data.max_objects = objects
     batch = next(iter(pipeline.build_dataset(data, seed=0, shard_index=0, shard_count=1)))
     tok = SimpleTokenizer()
     texts = []
@@ -121,10 +134,14 @@ def run_jax(args, batch_path: str) -> dict:
     import jax
 
     from sam3_jax.model.detector import abstract_params, init_params
+    from sam3_jax.model.tracker import tracker as tracker_lib
+    from sam3_jax.train import config as config_lib
     from sam3_jax.train import mesh as mesh_lib
-    from sam3_jax.train import optim
+    from sam3_jax.train import optim, tracker_stage
     from sam3_jax.train import step as step_lib
     from sam3_jax.train.losses.detector import DetectorLossConfig
+    from sam3_jax.train.losses.tracker import TrackerLossConfig
+    from sam3_jax.train.tracker_prompts import PromptConfig
 
     batch_np = load_batch(batch_path)
     batch_np.pop("phrase_text")
@@ -133,19 +150,30 @@ def run_jax(args, batch_path: str) -> dict:
     mesh = mesh_lib.make_mesh(1, n_dev)  # the clip's frames over every device
     mesh_lib.check_divisible(mesh, 1, args.frames)
     loss_cfg = DetectorLossConfig(pad_n_queries=pad_n_queries(args.size))
-    optim_cfg = optim.default_config()
+    # The optimiser and what trains: as configs/video.py (default, :tracker, :joint).
+    optim_cfg = config_lib.video_config("default" if args.mode == "detector" else args.mode).optim
     abstract = {"detector": abstract_params(cfg)}
+    stage = None
+    if args.mode != "detector":
+        tracker_cfg = tracker_config(args.size)
+        abstract["tracker"] = tracker_lib.abstract_params(tracker_cfg)
+        stage = tracker_stage.make_tracker_stage(tracker_cfg, PromptConfig(), TrackerLossConfig(),
+                                                 dtype=cfg.compute_dtype)
     tx = step_lib.wrap_nonfinite(optim.make_optimizer(optim_cfg, abstract, 1000))
     frozen = jax.tree.map(lambda label: label == optim.FROZEN, optim.param_labels(abstract, optim_cfg))
     replicated = mesh_lib.replicated(mesh)
 
     with jax.set_mesh(mesh):
         params = {"detector": jax.jit(init_params, static_argnums=0, out_shardings=replicated)(cfg, jax.random.key(0))}
+        if stage is not None:
+            params["tracker"] = jax.jit(tracker_lib.init_params, static_argnums=0, out_shardings=replicated)(
+                tracker_cfg, jax.random.key(1))
         state = jax.jit(lambda p: step_lib.init_state(p, tx, 0), out_shardings=replicated)(params)
         batch = mesh_lib.shard_batch(mesh, batch_np)
-        loss_fn = step_lib.make_loss_fn(cfg, loss_cfg, mesh)
+        detect = args.mode != "tracker"
+        loss_fn = step_lib.make_loss_fn(cfg, loss_cfg, mesh, clip_stage=stage, detect=detect)
         # Model FLOPs: forward + backward of the loss without remat, as lowered (nothing is compiled).
-        plain_loss = step_lib.make_loss_fn(without_remat(cfg), loss_cfg, mesh)
+        plain_loss = step_lib.make_loss_fn(without_remat(cfg), loss_cfg, mesh, clip_stage=stage, detect=detect)
         model_cost = jax.jit(jax.value_and_grad(plain_loss, has_aux=True)).lower(
             state["params"], batch, jax.random.key(1)).cost_analysis() or {}
         step = jax.jit(step_lib.make_train_step(loss_fn, tx, frozen=frozen), donate_argnums=(0,))
@@ -330,7 +358,9 @@ def report(args, j: dict | None, t: dict | None) -> None:
     rows.append(("MFU", util(model_flops, j, j["devices"] if j else 1), util(model_flops, t, 1), None, ".1%"))
     rows.append(("HFU (compiled, + remat)", util(j and j["step_flops"], j, j["devices"] if j else 1), None, None, ".1%"))
 
-    print(f"detector train step, {args.size} size, 1 clip x {frames} frames x {args.phrases} phrase(s) at "
+    what = {"detector": f"{args.phrases} phrase(s)", "tracker": f"{args.objects} object(s)",
+            "joint": f"{args.phrases} phrase(s), {args.objects} object(s)"}[args.mode]
+    print(f"{args.mode} train step, {args.size} size, 1 clip x {frames} frames x {what} at "
           f"{model_config(args.size, 'float32').image_size}px, {args.dtype}, mean of {args.repeats} steps after 1 warm-up")
     print(f"{'':26}{'JAX':>12}{'PyTorch':>12}{'ratio':>10}")
     for name, a, b, r, spec in rows:
@@ -352,6 +382,8 @@ def main():
                         help="model size (default: official on GPU, tiny on CPU)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--phrases", type=int, default=1)
+    parser.add_argument("--mode", default="detector", choices=["detector", "tracker", "joint"])
+    parser.add_argument("--objects", type=int, default=3, help="objects per clip (tracker and joint modes)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--side", default="both", choices=["jax", "torch", "both"])
@@ -362,6 +394,9 @@ def main():
     if args.size is None:  # not via jax.devices(): this process must not claim the GPU's memory
         args.size = "official" if glob.glob("/dev/nvidia[0-9]*") else "tiny"
 
+    if args.mode != "detector" and args.side != "jax":
+        print("the reference has no tracker training path: JAX side only")
+        args.side = "jax"
     if args.batch:  # one side, in a subprocess
         fn = run_jax if args.side == "jax" else run_torch
         print("RESULT " + json.dumps(fn(args, args.batch)))
@@ -370,12 +405,13 @@ def main():
     results = {"jax": None, "torch": None}
     with tempfile.TemporaryDirectory() as tmp:
         batch_path = os.path.join(tmp, "clip.npz")
-        make_batch(args.size, args.frames, args.phrases, batch_path)
+        make_batch(args.size, args.frames, args.phrases, args.objects, batch_path)
         for name in ("jax", "torch"):
             if args.side not in (name, "both"):
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), f"--side={name}", f"--size={args.size}",
                    f"--frames={args.frames}", f"--phrases={args.phrases}", f"--repeats={args.repeats}",
+                   f"--mode={args.mode}", f"--objects={args.objects}",
                    f"--dtype={args.dtype}", f"--torch-threads={args.torch_threads}", f"--batch={batch_path}"]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -107,6 +107,10 @@ def track_clip(tracker: Tracker, params, feats: ClipFeatures, obj_clip, gt_masks
     """
     cfg: TrackerConfig = tracker.cfg
     b_obj, t, m = gt_masks.shape[:3]
+    # Inside shard_map the devices take different lax.cond branches (their objects differ). Made to
+    # vary over the mesh here, parameters and features get their gradients' psum here, once, not
+    # inside a branch that only some devices take (a collective they would wait on forever).
+    params, feats = _varying((params, feats), gt_masks)
     rows = jnp.arange(b_obj)
     per_obj = jax.tree.map(lambda x: x[obj_clip], plan)
     init_cond, correct = per_obj["init_cond"], per_obj["correct"]
