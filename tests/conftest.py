@@ -18,3 +18,14 @@ def ref():
     from sam3_jax.testing import reference
 
     return reference.load()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled():
+    """The suite runs in one process: free each module's compiled executables and arrays when it ends
+    (the 8-device sharded steps alone hold gigabytes), so later heavy tests have the memory."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
