@@ -40,6 +40,12 @@ def encode_mask(mask: np.ndarray) -> dict:
     return rle
 
 
+def load_input(value, name: str):
+    """(object, where): a JSON file's content and its path, or an in-memory object and ``name``
+    (where = what errors name)."""
+    return (load_json(value), value) if isinstance(value, str) else (value, name)
+
+
 def _xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     boxes = np.asarray(boxes, float).reshape(-1, 4)
     return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
@@ -142,10 +148,8 @@ def evaluate(gt: Mapping | str, detections: Sequence[Mapping] | str,
     -1 where there is nothing to measure (e.g. no small objects), as pycocotools reports it."""
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
-    gt_where = gt if isinstance(gt, str) else "<ground truth>"
-    det_where = detections if isinstance(detections, str) else "<detections>"
-    gt = load_json(gt) if isinstance(gt, str) else gt
-    detections = load_json(detections) if isinstance(detections, str) else detections
+    gt, gt_where = load_input(gt, "<ground truth>")
+    detections, det_where = load_input(detections, "<detections>")
     if not isinstance(gt, Mapping):
         raise DataError(gt_where, "json", "expected a COCO ground-truth object")
     _check_gt(gt, gt_where)

@@ -25,7 +25,7 @@ from pycocotools.cocoeval import COCOeval
 
 from sam3_jax.data.errors import DataError
 from sam3_jax.data.sources.rle import RleAnnotation
-from sam3_jax.evaluation.coco import STAT_NAMES, encode_mask, load_json
+from sam3_jax.evaluation.coco import STAT_NAMES, encode_mask, load_input
 
 AREA_RANGES = [[0, 1e5 ** 2], [0, 128 ** 2], [128 ** 2, 256 ** 2], [256 ** 2, 1e5 ** 2]]
 
@@ -159,10 +159,8 @@ def _masklets(items: Sequence, videos: Mapping, where: str, field: str,
 def evaluate(gt: Mapping | str, predictions: Sequence[Mapping] | str) -> dict[str, float]:
     """The 12 summary numbers ("AP", "AP50", ..., "ARl") of YouTube-VIS video mask AP; -1 where
     there is nothing to measure, as pycocotools reports it."""
-    gt_where = gt if isinstance(gt, str) else "<ground truth>"
-    pred_where = predictions if isinstance(predictions, str) else "<predictions>"
-    gt = load_json(gt) if isinstance(gt, str) else gt
-    predictions = load_json(predictions) if isinstance(predictions, str) else predictions
+    gt, gt_where = load_input(gt, "<ground truth>")
+    predictions, pred_where = load_input(predictions, "<predictions>")
     if not isinstance(gt, Mapping):
         raise DataError(gt_where, "json", "expected a YouTube-VIS ground-truth object")
     for key in ("videos", "annotations"):
