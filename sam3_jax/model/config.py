@@ -28,7 +28,8 @@ class ViTConfig:
     # every block in training); the policy is a name in ``jax.checkpoint_policies``.
     remat: bool = True
     remat_policy: str = "nothing_saveable"
-    # ``jax.nn.dot_product_attention``'s implementation: None (XLA) or "cudnn" (flash, GPU, bf16).
+    # ``nn.attention.attend``'s implementation: None picks cuDNN flash attention on a GPU in
+    # bf16/fp16 and XLA elsewhere; "xla" or "cudnn" forces one.
     attention_impl: str | None = None
     # Compile time: scan over the repeating [windowed..., global] groups of blocks (params stacked
     # per position in the group, see ``vit.stack_blocks``) instead of unrolling every block.

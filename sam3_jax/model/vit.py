@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam3_jax.model.config import ViTConfig
-from sam3_jax.nn import layers, rope
+from sam3_jax.nn import attention, layers, rope
 
 
 def window_partition(x, window: int):
@@ -89,7 +89,7 @@ class Attention(nn.Module):
         qkv = nn.Dense(3 * c, name="qkv", dtype=self.dtype)(x).reshape(b, n, 3, self.num_heads, -1)
         # apply_rope wants tokens second to last: (B, heads, L, D).
         q, k = (rope.apply_rope(qkv[:, :, i].swapaxes(1, 2), angles).swapaxes(1, 2) for i in range(2))
-        out = jax.nn.dot_product_attention(q, k, qkv[:, :, 2], implementation=self.attention_impl)
+        out = attention.attend(q, k, qkv[:, :, 2], implementation=self.attention_impl)
         return nn.Dense(c, name="proj", dtype=self.dtype)(out.reshape(b, n, c))
 
 

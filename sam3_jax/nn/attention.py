@@ -3,8 +3,14 @@
 Fused ``in_proj`` as in the reference (rows q, k, v; heads are contiguous slices), an additive
 bias (boxRPB, causal masks) and a boolean key-padding mask (True = ignore, torch's convention).
 Softmax runs in float32 whatever the compute dtype.
+
+On a GPU, attention in bf16/fp16 without bias, padding mask or dropout (the ViT's window and global
+blocks) goes to cuDNN's fused flash attention, which never materialises the (Lq, Lk) logits; set
+``SAM3_JAX_CUDNN_ATTENTION=0`` to keep XLA's einsum-softmax-einsum everywhere (e.g. to compare).
 """
 from __future__ import annotations
+
+import os
 
 import flax.linen as nn
 import jax
@@ -12,6 +18,17 @@ import jax.numpy as jnp
 
 
 MASKED = -1e30
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _use_cudnn(q, k, v, bias, key_padding_mask, dropout: bool, implementation: str | None) -> bool:
+    """Where cuDNN's flash attention computes exactly what ``attend`` does (``implementation`` None:
+    decide; "xla" or "cudnn": forced)."""
+    if implementation is not None:
+        return implementation == "cudnn"
+    return (os.environ.get("SAM3_JAX_CUDNN_ATTENTION", "1") != "0" and jax.default_backend() == "gpu"
+            and bias is None and key_padding_mask is None and not dropout and q.dtype in CUDNN_DTYPES
+            and q.dtype == k.dtype == v.dtype and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
 
 
 def split_heads(x, num_heads: int):
@@ -25,13 +42,17 @@ def merge_heads(x):
 
 
 def attend(q, k, v, bias=None, key_padding_mask=None, *, dropout_rate: float = 0.0,
-           dropout_rng=None, deterministic: bool = True):
+           dropout_rng=None, deterministic: bool = True, implementation: str | None = None):
     """Scaled dot-product attention. q (B, Lq, H, D); k, v (B, Lk, H, D).
 
     ``bias`` broadcasts to (B, H, Lq, Lk) and is added to the logits; ``key_padding_mask`` (B, Lk)
     is True where a key must be ignored. Attention dropout applies only when not deterministic.
+    ``implementation``: None picks (see the module docstring); "xla" or "cudnn" forces one.
     """
     scale = q.shape[-1] ** -0.5
+    dropout = not deterministic and dropout_rate > 0.0
+    if _use_cudnn(q, k, v, bias, key_padding_mask, dropout, implementation):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
@@ -40,7 +61,7 @@ def attend(q, k, v, bias=None, key_padding_mask=None, *, dropout_rate: float = 0
         # (uniform weights) instead of NaN, which would poison gradients through jnp.where.
         logits = jnp.where(key_padding_mask[:, None, None, :], MASKED, logits)
     weights = jax.nn.softmax(logits, axis=-1)
-    if not deterministic and dropout_rate > 0.0:
+    if dropout:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
