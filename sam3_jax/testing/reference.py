@@ -45,9 +45,9 @@ def load() -> types.SimpleNamespace:
         cpu_init._cpu_shim = True
         position_encoding.PositionEmbeddingSine.__init__ = cpu_init
 
-        get_coords = decoder.TransformerDecoder._get_coords
-        decoder.TransformerDecoder._get_coords = staticmethod(lambda h, w, device: get_coords(h, w, "cpu"))
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available():  # on a GPU the reference's own device handling stands
+            get_coords = decoder.TransformerDecoder._get_coords
+            decoder.TransformerDecoder._get_coords = staticmethod(lambda h, w, device: get_coords(h, w, "cpu"))
             torch.Tensor.pin_memory = lambda self, *a, **k: self
             torch.Tensor.cuda = lambda self, *a, **k: self
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -211,6 +211,12 @@ def build_tracker(cfg, seed: int = 7):
         backbone=None, transformer=TransformerWrapper(encoder, None, cfg.d_model), maskmem_backbone=maskmem,
         num_maskmem=cfg.num_maskmem, image_size=cfg.image_size, backbone_stride=cfg.backbone_stride,
         max_cond_frames_in_attn=cfg.max_cond_frames_in_attn, max_obj_ptrs_in_encoder=cfg.max_obj_ptrs,
-        forward_backbone_per_frame_for_eval=True).eval()
+        forward_backbone_per_frame_for_eval=True, multimask_output_in_sam=cfg.multimask_output_in_sam,
+        multimask_output_for_tracking=cfg.multimask_output_for_tracking,
+        multimask_min_pt_num=cfg.multimask_min_pt_num, multimask_max_pt_num=cfg.multimask_max_pt_num,
+        sam_mask_decoder_extra_args={"dynamic_multimask_via_stability": cfg.dynamic_multimask_via_stability,
+                                     "dynamic_multimask_stability_delta": cfg.stability_delta,
+                                     "dynamic_multimask_stability_thresh": cfg.stability_thresh},
+        use_memory_selection=cfg.use_memory_selection, mf_threshold=cfg.mf_threshold).eval()
     randomize_(trk, seed=seed)
     return trk

@@ -1,0 +1,201 @@
+"""One memory-conditioned tracker step: JAX ``Tracker.track_step`` vs the reference's ``track_step``.
+
+Both sides hold the same situation: B objects, given by a mask on frame 0, tracked through frames
+1..7 (so the memory holds the conditioning frame, 6 previous frames and 8 object pointers), then
+frame 8 is timed: memory selection and attention, the SAM heads, the memory encoding of the new
+mask. Backbone features are random (the backbone is ``bench_detector``'s business) and the 4x/2x
+high-resolution levels are projected once per frame outside the timed step, as the predictors do.
+Weights: seeded random (``testing.reference.build_tracker``, with the video model's switches: memory
+selection, multimask for tracking, dynamic multimask via stability), the same on both sides.
+
+  python benchmarks/bench_tracker.py [--size=official|tiny] [--objects=1,8] [--dtype=float32|bfloat16]
+
+On GPU, bfloat16 means JAX compute in bf16 and PyTorch under bf16 autocast. Each side runs in its own
+subprocess. Prints the step time per object count and the ratio JAX/PyTorch (< 1: JAX is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HISTORY = 8  # frames 0..7 fill the memory; frame 8 is timed
+
+
+def tracker_config(size: str):
+    from sam3_jax.model.tracker.config import TrackerConfig
+
+    cfg = TrackerConfig.official() if size == "official" else TrackerConfig.tiny()
+    return cfg.replace(use_memory_selection=True)
+
+
+def inputs(cfg, objects: int) -> dict[str, np.ndarray]:
+    """Features of HISTORY + 1 frames (NCHW, as the reference takes them) and one mask per object."""
+    rng = np.random.default_rng(0)
+    g, c, t = cfg.grid, cfg.d_model, HISTORY + 1
+    feats = {"pix": rng.normal(size=(t, c, g, g)), "fpn0": rng.normal(size=(t, c, 4 * g, 4 * g)),
+             "fpn1": rng.normal(size=(t, c, 2 * g, 2 * g))}
+    m = cfg.input_mask_size
+    yy, xx = np.mgrid[:m, :m] / m
+    centres = rng.uniform(0.25, 0.75, size=(objects, 2))
+    masks = ((yy[None] - centres[:, :1, None]) ** 2 + (xx[None] - centres[:, 1:, None]) ** 2 < 0.03)
+    return {**{k: v.astype(np.float32) for k, v in feats.items()}, "masks": masks.astype(np.float32)}
+
+
+def time_calls(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def device_peak_gib_jax() -> float:
+    import jax
+
+    return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
+
+
+def run_jax(args, objects: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from sam3_jax.convert import keymap
+    from sam3_jax.model.tracker.memory_bank import MemoryBank, select_memory
+    from sam3_jax.model.tracker.tracker import Tracker, abstract_params
+    from sam3_jax.testing import reference
+    from sam3_jax.testing.parity import state_dict_numpy
+
+    cfg = tracker_config(args.size)
+    state = state_dict_numpy(reference.build_tracker(cfg))
+    state.pop("no_mem_pos_enc")  # never read by the reference; dead for the converter
+    params = jax.device_put(keymap.convert(state, abstract_params(cfg)).params)
+    model = Tracker(cfg, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None)
+    x = {k: jnp.asarray(v) for k, v in inputs(cfg, objects).items()}
+    b, n = objects, HISTORY + 1
+
+    def frame(t):
+        return {k: jnp.broadcast_to(x[k][t].transpose(1, 2, 0)[None], (b,) + x[k].shape[2:] + x[k].shape[1:2])
+                for k in ("pix", "fpn0", "fpn1")}
+
+    def step(params, bank, f, t):
+        high_res = model.apply({"params": params}, f["fpn0"], f["fpn1"], method=Tracker.project_high_res)
+        first = t == 0
+        memory = select_memory(bank, t, n, cfg)
+        none = jnp.zeros((b, 1, 2)), jnp.zeros((b, 1), jnp.int32), jnp.zeros((b, 1), bool)
+        return model.apply({"params": params}, f["pix"], high_res, memory, jnp.broadcast_to(first, (b,)), *none,
+                           x["masks"], jnp.broadcast_to(first, (b,)), method=Tracker.track_step)
+
+    @jax.jit
+    def history(params):
+        def body(bank, t):
+            f = jax.tree.map(lambda v: jnp.take(v, t, axis=0), feats)
+            out = step(params, bank, f, t)
+            return bank.write(t, t, out["maskmem_features"], out["obj_ptr"], t == 0, out["memory_score"]), None
+
+        feats = {k: jnp.stack([frame(t)[k] for t in range(HISTORY)]) for k in ("pix", "fpn0", "fpn1")}
+        return jax.lax.scan(body, MemoryBank.empty(cfg, b, n), jnp.arange(HISTORY))[0]
+
+    bank = history(params)
+    timed = jax.jit(lambda p, bank, f: step(p, bank, f, HISTORY))
+    f = frame(HISTORY)
+    t0 = time.perf_counter()
+    compiled = timed.lower(params, bank, f).compile()
+    compile_s = time.perf_counter() - t0
+    step_s = time_calls(lambda: jax.block_until_ready(compiled(params, bank, f)), args.repeats)
+    score = float(np.asarray(compiled(params, bank, f)["object_score_logits"]).mean())
+    return {"step_s": step_s, "compile_s": compile_s, "device_peak_gib": device_peak_gib_jax(),
+            "device": str(jax.devices()[0]), "mean_score": score}
+
+
+def run_torch(args, objects: int) -> dict:
+    from sam3_jax.testing import reference
+
+    ref = reference.load()
+    torch = ref.torch
+    from sam3.model.position_encoding import PositionEmbeddingSine
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    cfg = tracker_config(args.size)
+    trk = reference.build_tracker(cfg).to(device)
+    x = inputs(cfg, objects)
+    b, n, g = objects, HISTORY + 1, cfg.grid
+    pe = PositionEmbeddingSine(num_pos_feats=cfg.d_model, normalize=True)
+    dec = trk.sam_mask_decoder
+    masks = torch.tensor(x["masks"][:, None], device=device)
+    output_dict = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def step(t):
+        with torch.inference_mode(), autocast:
+            levels = [dec.conv_s0(torch.tensor(x["fpn0"][t:t + 1], device=device)),
+                      dec.conv_s1(torch.tensor(x["fpn1"][t:t + 1], device=device)),
+                      torch.tensor(x["pix"][t:t + 1], device=device)]
+            feats = [lv.flatten(2).permute(2, 0, 1).expand(-1, b, -1) for lv in levels]
+            pos = [pe(lv).flatten(2).permute(2, 0, 1).expand(-1, b, -1) for lv in levels]
+            out = trk.track_step(frame_idx=t, is_init_cond_frame=t == 0, current_vision_feats=feats,
+                                 current_vision_pos_embeds=pos, feat_sizes=[(4 * g, 4 * g), (2 * g, 2 * g), (g, g)],
+                                 image=None, point_inputs=None, mask_inputs=masks if t == 0 else None,
+                                 output_dict=output_dict, num_frames=n)
+            if cuda:
+                torch.cuda.synchronize()
+            return out
+
+    for t in range(HISTORY):
+        output_dict["cond_frame_outputs" if t == 0 else "non_cond_frame_outputs"][t] = step(t)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step_s = time_calls(lambda: step(HISTORY), args.repeats)
+    score = float(step(HISTORY)["object_score_logits"].float().mean())
+    return {"step_s": step_s, "device": device, "threads": torch.get_num_threads(), "mean_score": score,
+            "device_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["tiny", "official"], default="official")
+    parser.add_argument("--objects", default="1,8", help="comma-separated object counts")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)  # internal
+    args = parser.parse_args()
+    counts = [int(c) for c in args.objects.split(",")]
+    if args.side:
+        fn = run_jax if args.side == "jax" else run_torch
+        print("RESULT " + json.dumps(fn(args, counts[0])))
+        return
+    rows = []
+    for objects in counts:
+        res = {}
+        for side in ("jax", "torch"):
+            cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--size={args.size}",
+                   f"--objects={objects}", f"--dtype={args.dtype}", f"--repeats={args.repeats}"]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode or not line:
+                sys.exit(f"{side} run ({objects} objects) failed:\n{proc.stderr[-4000:]}")
+            res[side] = json.loads(line[-1][len("RESULT "):])
+        rows.append((objects, res["jax"], res["torch"]))
+    print(f"memory-conditioned track_step (frame {HISTORY}, full memory), {args.size} tracker, {args.dtype}, "
+          f"median of {args.repeats}")
+    print(f"{'objects':>8}{'JAX (ms)':>12}{'PyTorch (ms)':>14}{'JAX/PyTorch':>13}{'JAX peak GiB':>14}"
+          f"{'torch peak GiB':>16}{'compile (s)':>13}")
+    for objects, j, t in rows:
+        print(f"{objects:8d}{1e3 * j['step_s']:12.1f}{1e3 * t['step_s']:14.1f}{j['step_s'] / t['step_s']:13.2f}"
+              f"{j['device_peak_gib']:14.2f}{t['device_peak_gib']:16.2f}{j['compile_s']:13.1f}")
+        print(f"{'':8}mean object score: JAX {j['mean_score']:.4f}, PyTorch {t['mean_score']:.4f}")
+    print(f"JAX on {rows[0][1]['device']}; PyTorch on {rows[0][2]['device']} ({rows[0][2]['threads']} threads)")
+
+
+if __name__ == "__main__":
+    main()
