@@ -6,11 +6,16 @@ the same example. Orbax writes a step under a temporary name and renames it into
 write is complete, so a run killed mid-save leaves the previous checkpoints intact; the manager
 lists only committed steps and deletes leftover temporary directories when it is created.
 
+A `BestCheckpointer` keeps, beside them, the one step that scored best on a held-out metric
+(Orbax's ``best_fn``/``best_mode``), in its own directory (``checkpoints_best/``) so that the
+regular manager's keep-newest retention and resume never see it.
+
 ``load_params`` serves the trainer's ``--config.init_from``: a converted official checkpoint
 (``sam3_jax.convert.checkpoint``) or a training checkpoint.
 """
 from __future__ import annotations
 
+import math
 import os
 
 from etils import epath
@@ -21,27 +26,28 @@ import orbax.checkpoint as ocp
 
 from sam3_jax.convert import checkpoint as converted
 
-STATE, DATA, CHECKPOINTS = "state", "data", "checkpoints"
+STATE, DATA, CHECKPOINTS, BEST_CHECKPOINTS = "state", "data", "checkpoints", "checkpoints_best"
+BEST_MODES = ("max", "min")
 
 
 class Checkpointer:
     """Saves every step given to ``save`` (keeping the newest ``max_to_keep``); restores the newest."""
 
-    def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True, **options):
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                               create=True, cleanup_tmp_directories=True)
+                                               create=True, cleanup_tmp_directories=True, **options)
         self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state, data_iterator=None) -> None:
+    def save(self, step: int, state, data_iterator=None, metrics: dict | None = None) -> None:
         """Starts saving ``state`` (and the iterator's position); with ``async_save`` it returns once
         the arrays are copied off the device, and the files are written in the background."""
         items = {STATE: ocp.args.StandardSave(_keys_to_data(state))}
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-        self._manager.save(step, args=ocp.args.Composite(**items))
+        self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
 
     def restore_latest(self, abstract_state, data_iterator=None):
         """The newest state shaped, typed and sharded like ``abstract_state`` (arrays or
@@ -62,6 +68,35 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+class BestCheckpointer(Checkpointer):
+    """Keeps the single step with the best ``metric`` (``mode`` "max" or "min") of those offered to
+    `offer`; the metric is stored with the step, so a resumed run still knows the value to beat."""
+
+    def __init__(self, directory: str, metric: str, mode: str = "max", *, async_save: bool = True):
+        if mode not in BEST_MODES:
+            raise ValueError(f"best checkpoint mode must be one of {', '.join(BEST_MODES)}, got {mode!r}")
+        self.metric, self.mode = metric, mode
+        super().__init__(directory, max_to_keep=1, async_save=async_save, best_fn=lambda m: m[metric],
+                         best_mode=mode, keep_checkpoints_without_metrics=False)
+
+    def best(self) -> tuple[int, float] | None:
+        """(step, metric value) of the kept checkpoint, or None."""
+        step = self._manager.best_step()
+        return None if step is None else (step, float(self._manager.metrics(step)[self.metric]))
+
+    def offer(self, step: int, value: float, state, data_iterator=None) -> bool:
+        """Saves ``state`` if ``value`` beats the kept checkpoint's (a NaN never does); Orbax then
+        deletes the one it replaces. Returns whether it saved. A resumed run that evaluates the kept
+        step again (it was saved after the newest regular checkpoint) replaces it if it does better."""
+        kept = self.best()
+        if math.isnan(value) or (kept is not None and not (value > kept[1] if self.mode == "max" else value < kept[1])):
+            return False
+        if kept is not None and kept[0] == step:
+            self._manager.delete(step)
+        self.save(step, state, data_iterator, metrics={self.metric: float(value)})
+        return True
 
 
 def load_params(directory: str, abstract_params: dict) -> dict:

@@ -56,9 +56,18 @@ def base_config(model: ModelConfig, data: ml_collections.ConfigDict,
     c.data.image_size = model.image_size
     c.optim = optim.default_config()
     c.loss = as_config(DetectorLossConfig())
-    # Held-out clips every `every` steps: losses and detection rates (sam3_jax.train.metrics) and,
-    # when the tracker trains, J&F of the semi-supervised protocol (GT mask on frame 0).
+    # Held-out clips every `every` steps: losses, detection rates and COCO AP (sam3_jax.train.metrics)
+    # and, when the tracker trains, J&F of the semi-supervised protocol (GT mask on frame 0); written
+    # as val_<name> to metrics.jsonl and TensorBoard.
+    #   coco_max_detections: COCO box and mask AP (val_box_ap, val_box_ap50, val_mask_ap,
+    #     val_mask_ap50) over each query's this-many best predictions (COCO counts 100 per image;
+    #     at most the decoder's queries); 0 leaves AP out. Masks are compared at the batch's mask size.
+    #   keep_best: a val_* metric (e.g. "val_jf", "val_box_ap", "val_loss"): the checkpoint of the
+    #     evaluated step that scored best on it so far is kept in checkpoints_best/ (one step, with
+    #     its metric; step 0, the untrained model, is not offered). ""= none. Resuming still starts
+    #     from the newest checkpoint in checkpoints/. keep_best_mode: "max" or "min" (e.g. for val_loss).
     c.eval = ml_collections.ConfigDict(dict(every=0, num_batches=4, overlay_score_threshold=0.5,
+                                            coco_max_detections=100, keep_best="", keep_best_mode="max",
                                             sources=ml_collections.ConfigDict()))
     c.overlay_every = 0  # prediction overlays to TensorBoard at evaluations on these steps; 0: none
     return c

@@ -1,9 +1,10 @@
 """The training loop behind ``train.py``: config -> mesh, state, data -> jitted steps -> logs and checkpoints.
 
 Everything the run writes lives in ``workdir``: ``config.json`` (the resolved config),
-``checkpoints/`` (Orbax: state + Grain iterator), ``metrics.jsonl`` and ``tensorboard/``.
-Running again with the same workdir resumes from the newest checkpoint, with the data stream
-and random numbers exactly where they were.
+``checkpoints/`` (Orbax: state + Grain iterator), ``checkpoints_best/`` (with ``eval.keep_best``:
+the evaluated step that scored best), ``metrics.jsonl`` and ``tensorboard/``. Running again with
+the same workdir resumes from the newest checkpoint in ``checkpoints/``, with the data stream and
+random numbers exactly where they were.
 """
 from __future__ import annotations
 
@@ -99,6 +100,31 @@ def eval_data_config(config) -> ml_collections.ConfigDict | None:
     return data
 
 
+def eval_metrics(config) -> list[str]:
+    """The val_* keys an evaluation of this config writes (none when evaluation is off)."""
+    if eval_data_config(config) is None:
+        return []
+    names = []
+    if config.mode != "tracker":
+        names += ["loss", *metrics.RATES, *(metrics.COCO_AP if config.eval.coco_max_detections else ())]
+    if config.mode != "detector":
+        names += ["j", "f", "jf"]
+    return [f"val_{name}" for name in names]
+
+
+def check_keep_best(config) -> None:
+    """A clear error for an ``eval.keep_best`` that no evaluation of this config writes."""
+    name = config.eval.keep_best
+    if not name:
+        return
+    available = eval_metrics(config)
+    if not available:
+        raise ValueError(f"eval.keep_best={name!r} needs held-out evaluation: set eval.every and eval.sources")
+    if name not in available:
+        raise ValueError(f"eval.keep_best={name!r} is not a metric of this run's evaluation "
+                         f"(mode={config.mode}); one of: {', '.join(available)}")
+
+
 class Trainer:
     """One run: builds everything from the config, then ``run()`` trains to ``total_steps``."""
 
@@ -111,6 +137,7 @@ class Trainer:
         self.model_cfg = model_config(config)
         if config.mode not in config_lib.MODES:
             raise ValueError(f"mode={config.mode!r}: one of {', '.join(config_lib.MODES)}")
+        check_keep_best(config)
         self.detects, self.tracks = config.mode != "tracker", config.mode != "detector"
         self.mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.frame)
         mesh_lib.check_divisible(self.mesh, config.data.batch_size * jax.process_count(), config.data.num_frames)
@@ -131,6 +158,11 @@ class Trainer:
         self.checkpoints = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINTS),
                                                    max_to_keep=config.keep_checkpoints,
                                                    async_save=config.checkpoint_async)
+        self.best = None
+        if config.eval.keep_best:
+            self.best = checkpoint.BestCheckpointer(
+                os.path.join(workdir, checkpoint.BEST_CHECKPOINTS), config.eval.keep_best,
+                config.eval.keep_best_mode, async_save=config.checkpoint_async)
         state = self.checkpoints.restore_latest(self.abstract_state, self.data)
         if state is None:
             state = self._fresh_state(abstract)
@@ -153,7 +185,9 @@ class Trainer:
                 learning_rates=lambda s: optim.learning_rates(config.optim, config.total_steps, s)),
                 donate_argnums=(0,))
             if self.detects:
-                self.eval_step = jax.jit(step_lib.make_eval_fn(self.model_cfg, self.loss_cfg, self.mesh))
+                self.coco_top_k = min(config.eval.coco_max_detections, self.model_cfg.decoder.num_queries)
+                self.eval_step = jax.jit(step_lib.make_eval_fn(self.model_cfg, self.loss_cfg, self.mesh,
+                                                               top_k=self.coco_top_k))
             if self.tracks:
                 self.track_eval = jax.jit(step_lib.make_tracker_eval_fn(
                     self.model_cfg, tracker_stage.make_tracker_predict(self.tracker_cfg, dtype=dtype), self.mesh))
@@ -225,12 +259,17 @@ class Trainer:
                     log.info("%s", progress.line(step, {k: values[k] for k in ("loss", "grad_norm",
                                                                                    "frames_per_s")}))
                 if config.eval.every and (step % config.eval.every == 0 or step == config.total_steps):
-                    evaluated = self.evaluate(step, writer)
-                    last.update({f"val_{k}": v for k, v in evaluated.items()})
+                    evaluated = {f"val_{k}": v for k, v in self.evaluate(step, writer).items()}
+                    last.update(evaluated)
+                    if self.best and self.best.offer(step, evaluated[self.best.metric], self.state, self.data):
+                        log.info("step %d: best %s so far (%.4g), kept in %s", step, self.best.metric,
+                                 evaluated[self.best.metric], checkpoint.BEST_CHECKPOINTS)
                 if save_now:
                     self.checkpoints.save(step, self.state, self.data)
         finally:
             self.checkpoints.wait()
+            if self.best:
+                self.best.wait()
             if writer:
                 writer.close()
         return last
@@ -240,14 +279,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- evaluate
     def evaluate(self, step: int, writer) -> dict[str, float]:
-        """On the held-out clips (the same ones every time): the detector's loss and detection rates,
-        the tracker's J&F, and an overlay."""
+        """On the held-out clips (the same ones every time): the detector's loss, detection rates and
+        COCO AP, the tracker's J&F, and an overlay."""
         data_cfg = eval_data_config(self.config)
         if data_cfg is None:
             return {}
         data = iter(pipeline.build_dataset(data_cfg, self.config.seed))
         totals: dict[str, float] = collections.defaultdict(float)
         videos: list[jf.VideoScores] = []
+        images: list[dict] = []  # COCO AP's, one per query
         first = None
         for _ in range(self.config.eval.num_batches):
             batch = next(data)
@@ -255,16 +295,20 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 sharded = mesh_lib.shard_batch(self.mesh, batch)
                 if self.detects:
-                    sums = self.eval_step(self.state["params"], sharded, jax.random.key(0))
+                    sums, detections = self.eval_step(self.state["params"], sharded, jax.random.key(0))
                 if self.tracks:
                     tracked = self.track_eval(self.state["params"], sharded)
             if self.detects:
                 for k, v in jax.device_get(sums).items():
                     totals[k] += float(v)
+                if self.coco_top_k:
+                    images += metrics.coco_images(jax.device_get(detections), batch)
             if self.tracks:
                 videos += video_scores(*jax.device_get(tracked), batch["frame_valid"])
         n = self.config.eval.num_batches
         result = {"loss": totals["loss"] / n, **metrics.rates(totals)} if self.detects else {}
+        if self.detects and self.coco_top_k:
+            result.update(metrics.coco_ap(images))
         if videos:
             table = jf.summarize(videos)
             result.update({"j": table["J-Mean"], "f": table["F-Mean"], "jf": table["J&F-Mean"]})

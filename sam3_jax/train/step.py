@@ -171,19 +171,26 @@ def make_loss_fn(model_cfg: ModelConfig, loss_cfg: DetectorLossConfig, mesh, *, 
     return loss_fn
 
 
-def make_eval_fn(model_cfg: ModelConfig, loss_cfg: DetectorLossConfig, mesh):
-    """``eval_fn(params, batch, rng) -> {"loss", every term, every `metrics.COUNTS`}`` summed over
-    the batch, in eval mode (no dropout)."""
+def make_eval_fn(model_cfg: ModelConfig, loss_cfg: DetectorLossConfig, mesh, top_k: int = 0):
+    """``eval_fn(params, batch, rng) -> (sums, detections)`` in eval mode (no dropout): ``sums``
+    {"loss", every term, `metrics.detection_counts`} over the batch; ``detections`` (with ``top_k``, else
+    {}) each (clip, frame, phrase) query's ``top_k`` best predictions (`metrics.top_detections`),
+    laid out (B, T, P, top_k, ...)."""
     model = Sam3Detector(model_cfg)
 
     def per_shard(params, batch, rng):
         loss, terms, _, outputs, targets, query_valid = _shard_loss(model, loss_cfg, params, batch, rng,
                                                                     deterministic=True)
         counts = metrics.detection_counts(outputs, targets, query_valid)
-        return _global_sum({"loss": loss, **terms, **counts})
+        detections = {}
+        if top_k:
+            b, t, p = batch["query_exhaustive"].shape
+            found = metrics.top_detections(outputs, top_k, batch["masks"].shape[-1])
+            detections = {k: v.reshape((b, t, p) + v.shape[1:]) for k, v in found.items()}
+        return _global_sum({"loss": loss, **terms, **counts}), detections
 
     def eval_fn(params, batch, rng):
-        return _sharded(per_shard, mesh, batch, P())(params, batch, rng)
+        return _sharded(per_shard, mesh, batch, (P(), P("data", "frame")))(params, batch, rng)
 
     return eval_fn
 

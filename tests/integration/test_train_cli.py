@@ -1,5 +1,6 @@
-"""``train.py`` as a user runs it: resume after a kill reproduces the uninterrupted run bit for bit,
-and a mistyped override is refused with the valid keys."""
+"""``train.py`` as a user runs it: resume after a kill reproduces the uninterrupted run bit for bit
+(the best checkpoint by a held-out metric included), and a mistyped override is refused with the
+valid keys."""
 import json
 import os
 import signal
@@ -10,6 +11,8 @@ import time
 import pytest
 
 from conftest import REPO
+
+from sam3_jax.train import checkpoint
 
 # A small, fast run: 1 device, 2-frame clips, a loss logged and a checkpoint saved every few steps.
 SMALL = ["--config=configs/video.py:demo", "--config.total_steps=6", "--config.log_every=1",
@@ -29,21 +32,36 @@ def _train(workdir, *extra, **kwargs):
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def _losses(workdir):
+# Held-out evaluation every 2 steps (and at step 0), the best by val_best_box_iou kept.
+EVAL = ["--config.eval.every=2", "--config.eval.num_batches=1", "--config.eval.keep_best=val_best_box_iou"]
+
+
+def _records(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+        return [json.loads(line) for line in f]
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in _records(workdir) if "loss" in r}
+
+
+def _best(workdir):
+    """(step, value) of the best val_best_box_iou after step 0, as metrics.jsonl has it."""
+    scores = [(r["val_best_box_iou"], -r["step"]) for r in _records(workdir) if "val_best_box_iou" in r and r["step"]]
+    value, step = max(scores)  # ties: the earliest step, which a later equal one does not replace
+    return -step, value
 
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     data_dir = str(tmp_path / "videos")  # shared: both runs read the same generated videos
     data = f"--config.data.synthetic.output_dir={data_dir}"
-    whole = _train(tmp_path / "whole", data)
+    whole = _train(tmp_path / "whole", data, *EVAL)
     out, _ = whole.communicate(timeout=900)
     assert whole.returncode == 0, out
 
     run = tmp_path / "killed"
-    killed = _train(run, data)
+    killed = _train(run, data, *EVAL)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 900
     while time.time() < deadline and killed.poll() is None:
@@ -55,20 +73,27 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     killed.communicate()
     assert sorted(os.listdir(run / "checkpoints")) == ["3"]  # step 6 never saved
 
-    resumed = _train(run, data)
+    resumed = _train(run, data, *EVAL)
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out
     assert "resumed from" in out
     expected = _losses(tmp_path / "whole")
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert _losses(run) == expected  # bitwise: the same float for every step
-    with open(run / "metrics.jsonl") as f:
-        record = json.loads(f.readline())
+    record = next(r for r in _records(run) if "loss" in r)  # the first step's (the evaluation at step 0 has val_*)
     for key in ("step", "loss", "loss_ce", "presence_loss", "loss_mask_o2m", "lr", "lr/vision", "grad_norm",
                 "frames_per_s", "skipped_samples"):
         assert key in record, key
     for name in ("config.json", "tensorboard"):
         assert os.path.exists(run / name)
+    best_step, best = _best(tmp_path / "whole")
+    assert _best(run) == (best_step, best)
+    assert [r["step"] for r in _records(run) if "val_box_ap" in r] == [0, 2, 4, 6]
+    for workdir in (tmp_path / "whole", run):  # the best step is kept, with its metric; resume used the newest
+        assert os.listdir(workdir / "checkpoints_best") == [str(best_step)]
+        kept = checkpoint.BestCheckpointer(str(workdir / "checkpoints_best"), "val_best_box_iou")
+        assert kept.best() == (best_step, pytest.approx(best))
+        kept.close()
 
 
 def test_unknown_override_is_refused(tmp_path):

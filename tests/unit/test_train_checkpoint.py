@@ -202,3 +202,25 @@ def test_load_params_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither a converted checkpoint.*empty"):
         checkpoint.load_params(str(tmp_path / "empty"), abstract)
+
+
+def test_best_checkpoint_keeps_the_best_step_across_restarts(tmp_path):
+    best = checkpoint.BestCheckpointer(str(tmp_path), "val_jf", "max", async_save=False)
+    assert best.best() is None
+    assert best.offer(1, 0.3, _state(1), _iterator())
+    assert not best.offer(2, 0.2, _state(2)) and not best.offer(3, float("nan"), _state(3))
+    assert best.offer(4, 0.5, _state(4, scale=2.0))
+    assert sorted(os.listdir(tmp_path)) == ["4"] and best.best() == (4, 0.5)
+    best.close()
+    again = checkpoint.BestCheckpointer(str(tmp_path), "val_jf", "max", async_save=False)  # a resumed run
+    assert not again.offer(5, 0.4, _state(5))
+    assert again.offer(4, 0.6, _state(4, scale=3.0))  # the kept step, evaluated again, did better
+    assert again.best() == (4, 0.6)
+    _assert_same(again.restore_latest(jax.eval_shape(lambda: _state(4))), _state(4, scale=3.0))
+    again.close()
+    lowest = checkpoint.BestCheckpointer(str(tmp_path / "min"), "val_loss", "min", async_save=False)
+    for step, loss in ((1, 2.0), (2, 1.0), (3, 1.5)):
+        lowest.offer(step, loss, _state(step))
+    assert lowest.best() == (2, 1.0) and os.listdir(tmp_path / "min") == ["2"]
+    with pytest.raises(ValueError, match="max, min"):
+        checkpoint.BestCheckpointer(str(tmp_path / "x"), "val_jf", "highest")

@@ -1,5 +1,6 @@
 """The trainer's small parts: mesh, per-query targets, detection counts, non-finite handling, overrides."""
 import collections
+import os
 import re
 
 import jax
@@ -14,6 +15,8 @@ from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.train import loop, metrics, overrides
 from sam3_jax.train import mesh as mesh_lib
 from sam3_jax.train import step as step_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_mesh_shapes_and_errors():
@@ -83,6 +86,64 @@ def test_detection_counts_hand_worked():
     assert "mask_iou" not in r
 
 
+def test_top_detections_order_and_layout():
+    probs = jnp.array([[0.2, 0.9, 0.5]])
+    masks = jnp.stack([jnp.full((4, 4), v) for v in (-1.0, 1.0, -1.0)])[None]  # only query 1 is on
+    outputs = {"pred_logits": _box_logit(probs)[..., None], "presence_logit_dec": jnp.zeros((1, 1)),
+               "pred_boxes": jnp.array([[[0.5, 0.5, 0.2, 0.2], [0.25, 0.25, 0.5, 0.5], [0.5, 0.5, 0.4, 0.4]]]),
+               "pred_masks": masks}
+    top = jax.device_get(metrics.top_detections(outputs, 2, 8))
+    np.testing.assert_allclose(top["scores"], [[0.45, 0.25]], atol=1e-6)  # class x presence (0.5)
+    np.testing.assert_allclose(top["boxes"], [[[0, 0, 0.5, 0.5], [0.3, 0.3, 0.7, 0.7]]], atol=1e-6)
+    assert top["masks"].shape == (1, 2, 8, 8) and top["masks"][0, 0].all() and not top["masks"][0, 1].any()
+
+
+def test_coco_ap_hand_worked():
+    """One clip, one 20x20 frame, four phrase slots: a positive with one 10x10 object, an exhaustive
+    negative, a non-exhaustive and an unused slot (both left out). Two detections each, ranked
+    0.95 FP (negative), 0.9 hit (positive), 0.1 FP, 0.05 FP: precision 1/2 at full recall, so
+    AP = 0.5 x the share of IoU thresholds 0.5:0.05:0.95 the hit passes (box IoU 0.64: 3 of 10;
+    mask IoU 0.72: 5 of 10)."""
+    m = 20
+    gt = np.zeros((1, 1, 1, m, m), bool)
+    gt[..., :10, :10] = True
+    batch = {"masks": gt, "boxes": np.array([[[[0.25, 0.25, 0.5, 0.5]]]], np.float32),
+             "frame_valid": np.ones((1, 1), bool), "phrase_valid": np.array([[True, True, True, False]]),
+             "query_exhaustive": np.array([[[True, True, False, True]]]), "object_valid": np.ones((1, 1, 1), bool),
+             "query_positives": np.array([[[[True], [False], [True], [False]]]])}
+    hit = np.zeros((m, m), bool)
+    hit[:8, :9] = True
+    far = np.zeros((m, m), bool)
+    far[15:, 15:] = True
+    detections = {"scores": np.array([[[[0.9, 0.1], [0.95, 0.05], [0.99, 0.98], [0.99, 0.98]]]]),
+                  "boxes": np.array([[[[[0, 0, 0.5, 0.32], [0.75, 0.75, 1, 1]]] + [[[0.75, 0.75, 1, 1]] * 2] * 3]]),
+                  "masks": np.array([[[[hit, far]] + [[far, far]] * 3]])}
+    images = metrics.coco_images(detections, batch)
+    assert len(images) == 2 and len(images[0]["gt_boxes"]) == 1 and len(images[1]["gt_boxes"]) == 0
+    np.testing.assert_allclose(images[0]["gt_boxes"], [[0, 0, 10, 10]])
+    ap = metrics.coco_ap(images)
+    assert ap == pytest.approx({"box_ap": 0.15, "box_ap50": 0.5, "mask_ap": 0.25, "mask_ap50": 0.5})
+    assert set(ap) == set(metrics.COCO_AP)
+    assert all(np.isnan(v) for v in metrics.coco_ap(images[1:]).values())  # no instance: nothing to measure
+
+
+def test_keep_best_metric_must_be_evaluated():
+    config = overrides.load_config(os.path.join(REPO, "configs/video.py:demo"))
+    config.eval.keep_best = "val_jf"
+    with pytest.raises(ValueError, match=r"eval.keep_best='val_jf' is not a metric .*mode=detector.*one of: "
+                                         r"val_loss, val_top1_precision, .*val_box_ap, val_box_ap50, val_mask_ap"):
+        loop.check_keep_best(config)
+    config.mode = "joint"
+    loop.check_keep_best(config)
+    config.eval.coco_max_detections = 0
+    config.eval.keep_best = "val_box_ap"
+    with pytest.raises(ValueError, match=r"one of: .*val_mask_iou, val_j, val_f, val_jf$"):
+        loop.check_keep_best(config)
+    config.eval.every = 0
+    with pytest.raises(ValueError, match="needs held-out evaluation"):
+        loop.check_keep_best(config)
+
+
 def test_nonfinite_update_is_skipped_and_counted():
     params = {"w": jnp.ones(3)}
 
@@ -131,10 +192,7 @@ def test_unknown_override_lists_valid_keys():
                                   "configs/video.py:tracker", "configs/video.py:joint",
                                   "configs/video.py:tracker_demo"])
 def test_configs_load_and_agree_with_the_model(spec):
-    import os
-
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    config = overrides.load_config(os.path.join(repo, spec))
+    config = overrides.load_config(os.path.join(REPO, spec))
     cfg = loop.model_config(config)  # raises if data.image_size and the model disagree
     for field in ("total_steps", "checkpoint_every", "log_every", "init_from", "seed"):
         assert field in config, field
