@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -99,7 +100,7 @@ def main():
     for side in ("jax", "torch"):
         proc = subprocess.run([sys.executable, __file__, f"--only={side}", f"--dtype={args.dtype}",
                                f"--repeats={args.repeats}"], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")
