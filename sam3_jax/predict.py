@@ -1,11 +1,16 @@
-"""Detect and segment what a text (and optionally box) prompt names in one image.
+"""Detect and segment what text (and optionally box) prompts name in images.
 
   python -m sam3_jax.predict --checkpoint=DIR --image=photo.jpg --prompt="a dog" \
-      [--box=cx,cy,w,h] --output=out.npz [--overlay=out.png]
+      [--box=cx,cy,w,h [--box_label=0]] --output=out.npz [--overlay=out.png]
 
 The npz holds the image model's raw outputs (pred_logits (200,), pred_boxes (200, 4) normalised
 cxcywh, presence_logit (), pred_masks (200, 288, 288) logits) and the kept instances (scores,
-boxes in pixels xyxy, masks at the image size). Boxes given with --box are normalised cxcywh.
+boxes in pixels xyxy, masks at the image size). Boxes given with --box are normalised cxcywh
+exemplars, positive unless their --box_label is 0; they join the text prompt (or stand alone).
+
+--image and --prompt may be repeated: every prompt is answered on every image, all in one batched
+forward, and each answer is written to OUTPUT_<image index>_<prompt index>.npz (and the overlay
+likewise) instead of OUTPUT.npz. Box exemplars belong to one image: --box takes a single --image.
 """
 import os
 
@@ -14,8 +19,9 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory (convert_torch_ckpt.py).")
-flags.DEFINE_string("image", None, "Input image file.")
-flags.DEFINE_string("prompt", "", "Text prompt (noun phrase). May be empty when --box is given.")
+flags.DEFINE_multi_string("image", None, "Input image file; repeat for several.")
+flags.DEFINE_multi_string("prompt", [], "Text prompt (noun phrase); repeat for several. May be left out when "
+                          "--box is given.")
 flags.DEFINE_multi_string("box", [], "Box prompt as normalised cx,cy,w,h; repeat for several.")
 flags.DEFINE_multi_integer("box_label", [], "1 (positive, default) or 0 (negative) per --box.")
 flags.DEFINE_float("threshold", 0.5, "Keep instances with sigmoid(score) * sigmoid(presence) above this.")
@@ -33,25 +39,42 @@ def parse_box(text: str) -> list[float]:
     return values
 
 
+def output_paths(path: str, image: int, prompt: int, several: bool) -> str:
+    """``path`` itself for a single answer, else ``<stem>_<image>_<prompt><ext>``."""
+    if not several:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}_{image}_{prompt}{ext}"
+
+
 def main(argv):
     del argv
     from PIL import Image
 
     from sam3_jax.infer import image_io, overlay
-    from sam3_jax.infer.image_predictor import ImagePredictor
+    from sam3_jax.infer.image_predictor import ImagePredictor, Prompt
 
     boxes = [parse_box(b) for b in FLAGS.box]
-    image = image_io.load_image(FLAGS.image)
+    if boxes and len(FLAGS.image) > 1:
+        raise app.UsageError("--box exemplars belong to one image: give a single --image with them")
+    texts = FLAGS.prompt or [""]
+    images = [image_io.load_image(path) for path in FLAGS.image]
+    queries = [(i, j) for i in range(len(images)) for j in range(len(texts))]
     predictor = ImagePredictor.from_checkpoint(FLAGS.checkpoint)
-    pred = predictor.predict(image, FLAGS.prompt, boxes, FLAGS.box_label, FLAGS.threshold)
-    out_dir = os.path.dirname(os.path.abspath(FLAGS.output))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = FLAGS.output + ".tmp.npz"
-    np.savez_compressed(tmp, **pred.as_dict())
-    os.replace(tmp, FLAGS.output)
-    if FLAGS.overlay:
-        Image.fromarray(overlay.draw(image, pred.masks, pred.boxes, pred.scores)).save(FLAGS.overlay)
-    print(f"{len(pred.scores)} instance(s) above {FLAGS.threshold}; wrote {FLAGS.output}")
+    preds = predictor.predict_batch(images, [Prompt(texts[j], boxes, FLAGS.box_label, image=i) for i, j in queries],
+                                    FLAGS.threshold)
+    several = len(queries) > 1
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    for (i, j), pred in zip(queries, preds):
+        path = output_paths(FLAGS.output, i, j, several)
+        tmp = path + ".tmp.npz"
+        np.savez_compressed(tmp, **pred.as_dict())
+        os.replace(tmp, path)
+        if FLAGS.overlay:
+            Image.fromarray(overlay.draw(images[i], pred.masks, pred.boxes, pred.scores)).save(
+                output_paths(FLAGS.overlay, i, j, several))
+        print(f"{FLAGS.image[i]} | {texts[j] or '(boxes)'}: {len(pred.scores)} instance(s) above "
+              f"{FLAGS.threshold}; wrote {path}")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,29 @@ def predictor(tiny_ckpt):
     return ImagePredictor.from_checkpoint(str(tiny_ckpt[0]))
 
 
+def test_predict_cli_several_images_and_prompts(tiny_ckpt, predictor, tmp_path):
+    from sam3_jax.infer import image_io
+
+    rng = np.random.default_rng(2)
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path, shape in zip(paths, ((40, 60, 3), (30, 30, 3))):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(path)
+    proc, out = _predict(tiny_ckpt[0], paths[0], tmp_path, f"--image={paths[1]}", "--prompt=red circle",
+                         "--prompt=square", "--threshold=0.0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not out.exists()
+    for i, path in enumerate(paths):
+        image = image_io.load_image(str(path))
+        for j, text in enumerate(("red circle", "square")):
+            npz = np.load(tmp_path / f"out_{i}_{j}.npz")
+            want = predictor.predict(image, text, threshold=0.0)
+            np.testing.assert_allclose(npz["pred_logits"], want.pred_logits, rtol=1e-4, atol=1e-4)
+            assert npz["masks"].shape == want.masks.shape
+            assert Image.open(tmp_path / f"overlay_{i}_{j}.png").size == image.shape[1::-1]
+    proc, _ = _predict(tiny_ckpt[0], paths[0], tmp_path, f"--image={paths[1]}", "--box=0.5,0.5,0.2,0.2")
+    assert proc.returncode != 0 and "single --image" in proc.stderr
+
+
 def _awkward_image(mode, tmp_path):
     rng = np.random.default_rng(1)
     path = tmp_path / "img.png"
