@@ -46,7 +46,7 @@ def _thresholds():
         score_threshold_detection=0.1595, det_nms_thresh=0.0, assoc_iou_thresh=0.1, trk_assoc_iou_thresh=0.5,
         new_det_thresh=0.16, hotstart_delay=3, hotstart_unmatch_thresh=2, hotstart_dup_thresh=2,
         occlusion_iou_thresh=0.7, fill_hole_area=16, recondition_every_nth_frame=3, high_conf_thresh=0.16,
-        high_iou_thresh=0.8, recondition_score_thresh=0.005)
+        high_iou_thresh=0.45, recondition_score_thresh=0.005)
 
 
 def _reference_kwargs(cfg):
@@ -65,13 +65,16 @@ def _reference_kwargs(cfg):
 
 
 def _patch_reference_constants(cfg):
-    """The reference hard-codes two reconditioning thresholds (0.8): the detection prob of a
-    reconditioning pair in ``_associate_det_trk`` and the tracker score logit in ``_recondition_masklets``.
-    They are lowered to ``cfg.high_conf_thresh`` / ``cfg.recondition_score_thresh`` by handing those
-    functions the scores scaled by 0.8 / threshold (``new_det_thresh`` scaled the same way): both use
-    the scores only in these comparisons, so their decisions are those of the lowered thresholds.
-    Returns an undo function."""
+    """The reference hard-codes three reconditioning thresholds (0.8): the detection prob and the mask
+    IoU of a reconditioning pair in ``_associate_det_trk`` and the tracker score logit in
+    ``_recondition_masklets``. The two score thresholds are lowered to ``cfg.high_conf_thresh`` /
+    ``cfg.recondition_score_thresh`` by handing those functions the scores scaled by 0.8 / threshold
+    (``new_det_thresh`` scaled the same way): both use the scores only in these comparisons, so their
+    decisions are those of the lowered thresholds. The IoU one is replaced (see ``assoc``): with
+    random weights no pair reaches IoU 0.8. Returns an undo function."""
     import sam3.model.sam3_video_base as base
+
+    from sam3_jax.infer.detect_track import associate
 
     orig_assoc, orig_recond = base.Sam3VideoBase._associate_det_trk, base.Sam3VideoBase._recondition_masklets
     scale = 0.8 / cfg.high_conf_thresh
@@ -80,9 +83,16 @@ def _patch_reference_constants(cfg):
         saved = self.new_det_thresh
         self.new_det_thresh = saved * scale
         try:
-            return orig_assoc(self, det_masks, det_scores_np * scale, trk_masks, trk_obj_ids)
+            out = orig_assoc(self, det_masks, det_scores_np * scale, trk_masks, trk_obj_ids)
         finally:
             self.new_det_thresh = saved
+        if cfg.high_iou_thresh != 0.8 and len(det_masks) and len(trk_masks):
+            # The pair IoU (0.8) cannot be lowered from outside: the reconditioning pairs are then chosen
+            # by our ``associate`` (unit-tested on its own); the reference executes the reconditioning.
+            pairs = associate((det_masks > 0).numpy(), det_scores_np, (trk_masks > 0).numpy(), trk_obj_ids,
+                              cfg).recondition
+            out = out[:3] + (pairs,) + out[4:]
+        return out
 
     def recondition(self, frame_idx, det_out, trk_to_det, states, metadata, trk_scores):
         # The tracker score logit a reconditioned track needs (0.8) is lowered the same way.
@@ -239,4 +249,4 @@ def test_detect_track_matches_reference(ref, models):
     print(f"figures: {FIGURES}; reference paths: {PATHS}, removed by hot-start {removed}, "
           f"objects created {meta['max_obj_id'] + 1}")
     # The scenario takes the paths it is meant to check (on the reference side).
-    assert len(seen) >= 3 and removed and meta["max_obj_id"] + 1 > len(seen)
+    assert len(seen) >= 3 and removed and meta["max_obj_id"] + 1 > len(seen) and PATHS["reconditioned"] > 0
