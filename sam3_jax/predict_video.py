@@ -1,7 +1,9 @@
-"""Track the objects of a mask on one frame through a video (the SAM 2 task) and write DAVIS-style masks.
+"""Segment objects through a video and write DAVIS-style masks: the objects of a mask on one frame
+(the SAM 2 task), or every instance of a text prompt (SAM 3's detect-and-track).
 
   python -m sam3_jax.predict_video --checkpoint=DIR --video=FRAMES_DIR --init_mask=00000.png \
       --init_frame=0 --output=OUT_DIR [--direction=both|forward|backward] [--overwrite]
+  python -m sam3_jax.predict_video --checkpoint=DIR --video=FRAMES_DIR --prompt="a dog" --output=OUT_DIR
 
 ``--video`` is a directory of JPEG / PNG frames (DAVIS's JPEGImages/<video>), in frame-number order.
 ``--init_mask`` is a palette (or grayscale) PNG of object ids on frame ``--init_frame`` (0 background,
@@ -11,6 +13,11 @@
 higher mask logit wins. The directory is written under a temporary name and renamed when complete:
 on any error nothing is left behind. Video files (MP4, ...) are not read: no video decoder is a
 dependency; extract the frames with ffmpeg first (the error message gives the command).
+
+With ``--prompt`` (instead of ``--init_mask``) objects are found by the detector on every frame and
+tracked forward from frame 0 (``infer/detect_track.py``); the PNGs hold palette index
+``(object id % 254) + 1`` (0 background, 255 never used), and ``objects.json`` lists every object shown,
+with its palette index, its detection score and the frames it appears on.
 """
 import os
 import sys
@@ -24,6 +31,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory with a tracker (convert_torch_ckpt.py).")
 flags.DEFINE_string("video", None, "Directory of the video's JPEG / PNG frames.")
 flags.DEFINE_string("init_mask", None, "Palette PNG of object ids on --init_frame (DAVIS annotation).")
+flags.DEFINE_string("prompt", None, "Text prompt: find and track every instance (instead of --init_mask).")
 flags.DEFINE_integer("init_frame", 0, "Index (in frame order, from 0) of the frame --init_mask annotates.")
 flags.DEFINE_string("output", None, "Directory to create with one palette PNG per tracked frame.")
 flags.DEFINE_enum("direction", "both", ["forward", "backward", "both"],
@@ -130,14 +138,63 @@ def run(checkpoint: str, video: str, init_mask: str, init_frame: int, output: st
     return written
 
 
+def text_label_map(frame) -> np.ndarray:
+    """A detect-and-track frame's (already non-overlapping) masks as palette indices (id % 254) + 1."""
+    label = np.zeros(frame.masks.shape[1:], np.uint8)
+    for obj_id, mask in zip(frame.obj_ids, frame.masks):
+        label[mask] = int(obj_id) % (VOID_ID - 1) + 1
+    return label
+
+
+def run_text(checkpoint: str, video: str, prompt: str, output: str, overwrite: bool = False) -> int:
+    """The CLI with ``--prompt``: returns the number of frames written."""
+    import json
+
+    from PIL import Image
+
+    from sam3_jax.infer.detect_track import DetectTrackPredictor
+
+    output = os.path.abspath(output)
+    if os.path.exists(output) and not overwrite:
+        raise InputError(f"output exists (pass --overwrite to replace it): {output}")
+    if not prompt or not prompt.strip():
+        raise InputError("--prompt is empty")
+    frames = open_frames(video)
+    predictor = DetectTrackPredictor.from_checkpoint(checkpoint)
+    objects: dict[int, dict] = {}
+    with fileio.atomic_directory(output) as tmp:
+        written = 0
+        for result in predictor.propagate_iter(frames, prompt):
+            name = os.path.splitext(os.path.basename(frames.paths[result.frame_idx]))[0] + ".png"
+            im = Image.fromarray(text_label_map(result))
+            im.putpalette(voc_palette())
+            im.save(os.path.join(tmp, name))
+            for obj_id, prob, mask in zip(result.obj_ids, result.probs, result.masks):
+                if mask.any():
+                    entry = objects.setdefault(int(obj_id), {"id": int(obj_id), "label": int(obj_id) % (VOID_ID - 1) + 1,
+                                                             "score": float(prob), "frames": []})
+                    entry["frames"].append(result.frame_idx)
+            written += 1
+            if written % 25 == 0:
+                logging.info("%d frames processed", written)
+        with open(os.path.join(tmp, "objects.json"), "w") as f:
+            json.dump({"prompt": prompt, "objects": [objects[i] for i in sorted(objects)]}, f, indent=1)
+    return written
+
+
 def main(argv):
     del argv
     from sam3_jax.data.errors import DataError
     from sam3_jax.infer.video_predictor import VideoInputError
 
     try:
-        written = run(FLAGS.checkpoint, FLAGS.video, FLAGS.init_mask, FLAGS.init_frame, FLAGS.output,
-                      FLAGS.direction, FLAGS.overwrite)
+        if (FLAGS.prompt is None) == (FLAGS.init_mask is None):
+            raise InputError("give exactly one of --init_mask (objects on one frame) and --prompt (text)")
+        if FLAGS.prompt is not None:
+            written = run_text(FLAGS.checkpoint, FLAGS.video, FLAGS.prompt, FLAGS.output, FLAGS.overwrite)
+        else:
+            written = run(FLAGS.checkpoint, FLAGS.video, FLAGS.init_mask, FLAGS.init_frame, FLAGS.output,
+                          FLAGS.direction, FLAGS.overwrite)
     except (InputError, VideoInputError, DataError, OSError) as e:  # bad input: one line naming it, no traceback
         print(f"predict_video: error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -145,5 +202,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["checkpoint", "video", "init_mask", "output"])
+    flags.mark_flags_as_required(["checkpoint", "video", "output"])
     app.run(main)

@@ -44,8 +44,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam3_jax.infer.video_predictor import (FrameSource, VideoInputError, _resize, _slot_priority, bank_capacity,
-                                            preprocess)
+from sam3_jax.infer.video_predictor import (
+    FrameSource,
+    VideoInputError,
+    _resize,
+    _slot_priority,
+    bank_capacity,
+    preprocess,
+)
 from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
@@ -286,6 +292,11 @@ def group_mean(values, group, valid):
     """Per object, the mean of ``values`` over the valid objects of its group."""
     same = (group[:, None] == group[None, :]) & valid[None, :]
     return jnp.sum(jnp.where(same, values[None, :], 0.0), axis=1) / jnp.maximum(jnp.sum(same, axis=1), 1)
+
+
+@jax.jit
+def _take_rows(bank, order):
+    return jax.tree.map(lambda x: x[order], bank)
 
 
 @dataclass
@@ -578,7 +589,7 @@ class DetectTrackPredictor:
                 stay = ~np.isin(obj_ids, list(removed))
                 order = np.concatenate([np.flatnonzero(stay), np.flatnonzero(~stay),
                                         np.arange(len(obj_ids), self.capacity)])
-                self.bank = jax.tree.map(lambda x: x[jnp.asarray(order)], self.bank)
+                self.bank = _take_rows(self.bank, jnp.asarray(order))
                 obj_ids, group = obj_ids[stay], group[stay]
                 for i in removed:
                     first_score[i] = REMOVED_SCORE

@@ -19,7 +19,6 @@ reconditioned, occluded, and removed by hot-start within 10 frames; the test ass
 paths was taken on the reference side. Compared on every frame: the same object ids, per-object mask
 IoU >= 0.99 (both empty counts as 1), the same probs.
 """
-import dataclasses
 
 import numpy as np
 import pytest
@@ -51,17 +50,24 @@ def _thresholds():
 
 def _reference_kwargs(cfg):
     """Our config's fields under the reference's constructor names."""
-    return dict(
-        score_threshold_detection=cfg.score_threshold_detection, det_nms_thresh=cfg.det_nms_thresh,
-        assoc_iou_thresh=cfg.assoc_iou_thresh, trk_assoc_iou_thresh=cfg.trk_assoc_iou_thresh,
-        new_det_thresh=cfg.new_det_thresh, hotstart_delay=cfg.hotstart_delay,
-        hotstart_unmatch_thresh=cfg.hotstart_unmatch_thresh, hotstart_dup_thresh=cfg.hotstart_dup_thresh,
-        suppress_unmatched_only_within_hotstart=cfg.suppress_unmatched_only_within_hotstart,
-        init_trk_keep_alive=cfg.init_trk_keep_alive, max_trk_keep_alive=cfg.max_trk_keep_alive,
-        min_trk_keep_alive=cfg.min_trk_keep_alive,
-        suppress_overlapping_based_on_recent_occlusion_threshold=cfg.occlusion_iou_thresh,
-        fill_hole_area=cfg.fill_hole_area, recondition_every_nth_frame=cfg.recondition_every_nth_frame,
-        max_num_objects=cfg.max_num_objects)
+    return {
+        "score_threshold_detection": cfg.score_threshold_detection,
+        "det_nms_thresh": cfg.det_nms_thresh,
+        "assoc_iou_thresh": cfg.assoc_iou_thresh,
+        "trk_assoc_iou_thresh": cfg.trk_assoc_iou_thresh,
+        "new_det_thresh": cfg.new_det_thresh,
+        "hotstart_delay": cfg.hotstart_delay,
+        "hotstart_unmatch_thresh": cfg.hotstart_unmatch_thresh,
+        "hotstart_dup_thresh": cfg.hotstart_dup_thresh,
+        "suppress_unmatched_only_within_hotstart": cfg.suppress_unmatched_only_within_hotstart,
+        "init_trk_keep_alive": cfg.init_trk_keep_alive,
+        "max_trk_keep_alive": cfg.max_trk_keep_alive,
+        "min_trk_keep_alive": cfg.min_trk_keep_alive,
+        "suppress_overlapping_based_on_recent_occlusion_threshold": cfg.occlusion_iou_thresh,
+        "fill_hole_area": cfg.fill_hole_area,
+        "recondition_every_nth_frame": cfg.recondition_every_nth_frame,
+        "max_num_objects": cfg.max_num_objects,
+    }
 
 
 def _patch_reference_constants(cfg):
@@ -143,7 +149,7 @@ def models(ref, tmp_path_factory):
     theirs = Sam3VideoInference(detector=image_model, tracker=tracker, image_size=TCFG.image_size,
                                 **_reference_kwargs(cfg)).eval()
     # CPU shim (module docstring): bfloat16 tracker features back to float32 where they are used.
-    to_float = lambda module, args: tuple(a.float() for a in args)  # noqa: E731
+    to_float = lambda module, args: tuple(a.float() for a in args)
     tracker.sam_mask_decoder.conv_s0.register_forward_pre_hook(to_float)
     tracker.sam_mask_decoder.conv_s1.register_forward_pre_hook(to_float)
     detect = theirs.run_backbone_and_detection

@@ -139,6 +139,38 @@ def test_cli_writes_davis_masks(tiny_checkpoint, davis_video):
     assert proc.returncode != 0 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
+def test_cli_text_prompt_writes_every_frame(tiny_checkpoint, davis_video):
+    """--prompt: detect-and-track from frame 0; one palette PNG per frame and objects.json (random
+    weights find nothing at the reference's thresholds: the files are still complete)."""
+    import json
+
+    root, _ = davis_video
+    out = root / "text_out"
+    proc = _cli(f"--checkpoint={tiny_checkpoint}", f"--video={root / 'JPEGImages' / 'vid'}", "--prompt=a ball",
+                f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(NUM_FRAMES)] + ["objects.json"]
+    meta = json.loads((out / "objects.json").read_text())
+    assert meta["prompt"] == "a ball" and isinstance(meta["objects"], list)
+    im = Image.open(out / "00000.png")
+    assert im.mode == "P" and im.size == (64, 48)
+    both = _cli(f"--checkpoint={tiny_checkpoint}", f"--video={root / 'JPEGImages' / 'vid'}", "--prompt=a ball",
+                f"--init_mask={root / 'init.png'}", f"--output={root / 'x'}")
+    assert both.returncode != 0 and "exactly one of" in both.stderr and "Traceback" not in both.stderr
+
+
+def test_text_label_map_uses_ids_mod_254():
+    from sam3_jax.infer.detect_track import DetectTrackFrame
+
+    masks = np.zeros((2, 3, 4), bool)
+    masks[0, 0, :2] = masks[1, 2, 3] = True
+    frame = DetectTrackFrame(frame_idx=0, obj_ids=np.array([3, 254]), masks=masks, probs=np.ones(2),
+                             boxes_xywh=np.zeros((2, 4)))
+    label = predict_video.text_label_map(frame)
+    assert label[0, 0] == label[0, 1] == 4 and label[2, 3] == 1 and label.sum() == 9
+
+
 def _frames(tmp_path, sizes, name="frames"):
     d = tmp_path / name
     d.mkdir()
