@@ -256,3 +256,154 @@ def test_detect_track_matches_reference(ref, models):
           f"objects created {meta['max_obj_id'] + 1}")
     # The scenario takes the paths it is meant to check (on the reference side).
     assert len(seen) >= 3 and removed and meta["max_obj_id"] + 1 > len(seen) and PATHS["reconditioned"] > 0
+
+
+# ------------------------------------------------------- the heuristics, one function at a time
+def _blobs(rng, n, size=24):
+    """n random masks made of a few rectangles (overlapping each other now and then) plus noise."""
+    masks = np.zeros((n, size, size), bool)
+    for m in masks:
+        for _ in range(rng.integers(1, 4)):
+            y, x = rng.integers(0, size - 4, 2)
+            h, w = rng.integers(2, 12, 2)
+            m[y:y + h, x:x + w] = True
+        m ^= rng.uniform(size=m.shape) < 0.03
+    return masks
+
+
+def test_config_defaults_are_the_video_builder_settings(ref):
+    """DetectTrackConfig() carries what build_sam3_video_model passes (temporal disambiguation on)."""
+    import inspect
+    import re
+
+    from sam3_jax.infer.detect_track import DetectTrackConfig
+
+    src = inspect.getsource(ref.model_builder.build_sam3_video_model)
+    first = src[src.index("if apply_temporal_disambiguation:"):src.index("else:", src.index("if apply_temporal"))]
+    theirs = {k: float(v) for k, v in re.findall(r"(\w+)=(-?[\d.]+),", first)}
+    ours = _reference_kwargs(DetectTrackConfig())
+    ours["max_num_objects"] = -1  # theirs: not passed (no limit)
+    compared = [k for k in ours if k in theirs]
+    assert len(compared) == 13, compared
+    for k in compared:
+        assert float(ours[k]) == theirs[k], k
+    from sam3.model.sam3_video_base import Sam3VideoBase  # the one it leaves at the class default
+
+    assert ours["trk_assoc_iou_thresh"] == inspect.signature(Sam3VideoBase).parameters["trk_assoc_iou_thresh"].default
+    assert DetectTrackConfig().suppress_unmatched_only_within_hotstart == ("suppress_unmatched_only_within_hotstart=True"
+                                                                           in first)
+
+
+def test_nms_and_hole_filling_match_reference(ref):
+    import jax.numpy as jnp
+    from sam3.model.sam3_tracker_utils import fill_holes_in_mask_scores
+    from sam3.perflib.nms import nms_masks
+
+    from sam3_jax.infer.detect_track import fill_holes, nms_keep
+
+    torch = ref.torch
+    _allow_empty_connected_components()
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        n = int(rng.integers(1, 9))
+        logits = (np.where(_blobs(rng, n), 1.0, -1.0) * rng.uniform(0.1, 3, (n, 1, 1))).astype(np.float32)
+        probs = rng.uniform(0.2, 0.9, n).astype(np.float32)
+        want = nms_masks(torch.from_numpy(probs), torch.from_numpy(logits), 0.4, 0.3).numpy()
+        np.testing.assert_array_equal(nms_keep(probs, logits, 0.4, 0.3), want)
+        for area in (4, 16):
+            want = fill_holes_in_mask_scores(torch.from_numpy(logits)[:, None], max_area=area)[:, 0].numpy()
+            np.testing.assert_array_equal(np.asarray(fill_holes(jnp.asarray(logits), area)), want, err_msg=f"{trial}")
+
+
+def test_association_and_occlusion_match_reference(ref):
+    from types import SimpleNamespace
+
+    import sam3.model.sam3_video_base as base
+
+    from sam3_jax.infer.detect_track import DetectTrackConfig, associate, occlusion_suppression
+
+    torch = ref.torch
+    cfg = DetectTrackConfig(new_det_thresh=0.5)
+    this = SimpleNamespace(assoc_iou_thresh=cfg.assoc_iou_thresh, trk_assoc_iou_thresh=cfg.trk_assoc_iou_thresh,
+                           new_det_thresh=cfg.new_det_thresh, o2o_matching_masklets_enable=False, rank=1,
+                           suppress_overlapping_based_on_recent_occlusion_threshold=0.3)
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        d, m = int(rng.integers(0, 6)), int(rng.integers(0, 6))
+        det, trk = _blobs(rng, d), _blobs(rng, m)
+        if m:
+            trk[rng.uniform(size=m) < 0.2] = False  # empty tracks
+            trk[-1] = det[0] if d and rng.uniform() < 0.5 else trk[-1]  # an exact match now and then
+        scores = rng.choice([0.3, 0.6, 0.85, 0.95], d).astype(np.float32)
+        ids = np.sort(rng.choice(50, m, replace=False)).astype(np.int64)
+        want = base.Sam3VideoBase._associate_det_trk(
+            this, torch.from_numpy(np.where(det, 1.0, -1.0).astype(np.float32)), scores,
+            torch.from_numpy(np.where(trk, 1.0, -1.0).astype(np.float32)), ids)
+        got = associate(det, scores, trk, ids, cfg)
+        np.testing.assert_array_equal(got.new_det, want[0])
+        np.testing.assert_array_equal(got.unmatched_ids, want[1])
+        assert {k: v.tolist() for k, v in got.det_to_trk.items()} == {k: v.tolist() for k, v in want[2].items()}
+        assert got.recondition == want[3]
+        np.testing.assert_array_equal(got.empty_ids, want[4])
+        last = rng.choice([-1, -1, 2, 5, 7], m).astype(np.int64)
+        want = base.Sam3VideoBase._get_objects_to_suppress_based_on_most_recently_occluded(
+            this, torch.from_numpy(trk), torch.from_numpy(last), list(ids), 9, False).numpy()
+        np.testing.assert_array_equal(occlusion_suppression(trk, last, 0.3), want)
+
+
+def test_hotstart_matches_reference(ref):
+    """Random association outcomes over 25 frames through _process_hotstart and ours: the same removals."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    import sam3.model.sam3_video_base as base
+
+    from sam3_jax.infer.detect_track import Association, DetectTrackConfig, Hotstart
+
+    for seed, within_only in [(2, True), (3, False)]:
+        cfg = DetectTrackConfig(hotstart_delay=6, hotstart_unmatch_thresh=3, hotstart_dup_thresh=3,
+                                suppress_unmatched_only_within_hotstart=within_only, init_trk_keep_alive=2,
+                                max_trk_keep_alive=4, min_trk_keep_alive=-1)
+        this = SimpleNamespace(**{k: getattr(cfg, k) for k in (
+            "hotstart_delay", "hotstart_unmatch_thresh", "hotstart_dup_thresh", "init_trk_keep_alive",
+            "max_trk_keep_alive", "min_trk_keep_alive", "suppress_unmatched_only_within_hotstart")},
+            decrease_trk_keep_alive_for_empty_masklets=False)
+        meta = {"obj_first_frame_idx": {}, "unmatched_frame_inds": defaultdict(list), "trk_keep_alive": defaultdict(int),
+                "overlap_pair_to_frame_inds": defaultdict(list), "removed_obj_ids": set(),
+                "suppressed_obj_ids": defaultdict(set)}
+        ours = Hotstart(cfg)
+        rng = np.random.default_rng(seed)
+        live, next_id = [], 0
+        for f in range(25):
+            new = list(range(next_id, next_id + int(rng.integers(0, 3))))
+            next_id += len(new)
+            unmatched = [i for i in live if rng.uniform() < 0.4]
+            det_to_trk = {d: np.array(sorted(rng.choice(live, min(len(live), int(rng.integers(1, 4))),
+                                                        replace=False)), np.int64)
+                          for d in range(int(rng.integers(0, 3))) if live}
+            removed = base.Sam3VideoBase._process_hotstart(
+                this, f, 25, False, det_to_trk, np.array(new, np.int64), np.zeros(0, np.int64),
+                np.array(unmatched, np.int64), meta, {})[0]
+            got = ours.update(f, Association(np.zeros(0), np.array(unmatched, np.int64), np.zeros(0, np.int64),
+                                             det_to_trk, {}), new)
+            assert got == {int(i) for i in removed}, f
+            assert ours.suppressed.get(f, set()) == {int(i) for i in meta["suppressed_obj_ids"][f]}, f
+            live = [i for i in live + new if i not in got]
+        assert ours.removed and (within_only or any(ours.suppressed.values()))
+
+
+def test_output_non_overlap_matches_reference(ref):
+    from sam3.model.sam3_tracking_predictor import Sam3TrackerPredictor
+
+    from sam3_jax.infer.detect_track import object_wise_non_overlap
+
+    torch = ref.torch
+    this = object.__new__(Sam3TrackerPredictor)  # the method reads nothing of the instance
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        n = int(rng.integers(2, 6))
+        masks = _blobs(rng, n)
+        scores = rng.choice([0.0, 0.3, 0.3, 0.7, 0.9], n).astype(np.float32)
+        want = Sam3TrackerPredictor._apply_object_wise_non_overlapping_constraints(
+            this, torch.from_numpy(masks)[:, None], torch.from_numpy(scores)[:, None], background_value=0)[:, 0] > 0
+        np.testing.assert_array_equal(object_wise_non_overlap(masks, scores), want.numpy())
