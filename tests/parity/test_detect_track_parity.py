@@ -276,6 +276,8 @@ def test_config_defaults_are_the_video_builder_settings(ref):
     import inspect
     import re
 
+    import sam3.model.sam3_video_base as ref_base
+
     from sam3_jax.infer.detect_track import DetectTrackConfig
 
     src = inspect.getsource(ref.model_builder.build_sam3_video_model)
@@ -287,9 +289,9 @@ def test_config_defaults_are_the_video_builder_settings(ref):
     assert len(compared) == 13, compared
     for k in compared:
         assert float(ours[k]) == theirs[k], k
-    from sam3.model.sam3_video_base import Sam3VideoBase  # the one it leaves at the class default
-
-    assert ours["trk_assoc_iou_thresh"] == inspect.signature(Sam3VideoBase).parameters["trk_assoc_iou_thresh"].default
+    # The one it leaves at the class default.
+    default = inspect.signature(ref_base.Sam3VideoBase).parameters["trk_assoc_iou_thresh"].default
+    assert ours["trk_assoc_iou_thresh"] == default
     assert DetectTrackConfig().suppress_unmatched_only_within_hotstart == ("suppress_unmatched_only_within_hotstart=True"
                                                                            in first)
 
@@ -320,10 +322,10 @@ def test_association_and_occlusion_match_reference(ref):
 
     import sam3.model.sam3_video_base as base
 
-    from sam3_jax.infer.detect_track import DetectTrackConfig, associate, occlusion_suppression
+    from sam3_jax.infer import detect_track as dt
 
     torch = ref.torch
-    cfg = DetectTrackConfig(new_det_thresh=0.5)
+    cfg = dt.DetectTrackConfig(new_det_thresh=0.5)
     this = SimpleNamespace(assoc_iou_thresh=cfg.assoc_iou_thresh, trk_assoc_iou_thresh=cfg.trk_assoc_iou_thresh,
                            new_det_thresh=cfg.new_det_thresh, o2o_matching_masklets_enable=False, rank=1,
                            suppress_overlapping_based_on_recent_occlusion_threshold=0.3)
@@ -339,7 +341,7 @@ def test_association_and_occlusion_match_reference(ref):
         want = base.Sam3VideoBase._associate_det_trk(
             this, torch.from_numpy(np.where(det, 1.0, -1.0).astype(np.float32)), scores,
             torch.from_numpy(np.where(trk, 1.0, -1.0).astype(np.float32)), ids)
-        got = associate(det, scores, trk, ids, cfg)
+        got = dt.associate(det, scores, trk, ids, cfg)
         np.testing.assert_array_equal(got.new_det, want[0])
         np.testing.assert_array_equal(got.unmatched_ids, want[1])
         assert {k: v.tolist() for k, v in got.det_to_trk.items()} == {k: v.tolist() for k, v in want[2].items()}
@@ -348,7 +350,7 @@ def test_association_and_occlusion_match_reference(ref):
         last = rng.choice([-1, -1, 2, 5, 7], m).astype(np.int64)
         want = base.Sam3VideoBase._get_objects_to_suppress_based_on_most_recently_occluded(
             this, torch.from_numpy(trk), torch.from_numpy(last), list(ids), 9, False).numpy()
-        np.testing.assert_array_equal(occlusion_suppression(trk, last, 0.3), want)
+        np.testing.assert_array_equal(dt.occlusion_suppression(trk, last, 0.3), want)
 
 
 def test_hotstart_matches_reference(ref):

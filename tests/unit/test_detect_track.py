@@ -1,0 +1,161 @@
+"""The detect-and-track bookkeeping on hand-worked cases (no PyTorch; agreement with the reference's
+functions on random inputs and end to end: tests/parity/test_detect_track_parity.py)."""
+import jax.numpy as jnp
+import numpy as np
+
+from sam3_jax.infer import detect_track as dt
+from sam3_jax.model.tracker.config import TrackerConfig
+from sam3_jax.model.tracker.memory_bank import MemoryBank
+
+CFG = dt.DetectTrackConfig()
+
+
+def _box(y0, y1, x0, x1, size=10):
+    m = np.zeros((size, size), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_mask_iou_counts_pixels():
+    a = np.stack([_box(0, 2, 0, 2), _box(0, 0, 0, 0)])  # 4 px, empty
+    b = np.stack([_box(0, 2, 0, 4), _box(5, 6, 5, 6)])  # 8 px (covers a[0]), 1 px elsewhere
+    np.testing.assert_allclose(dt.mask_iou(a, b), [[0.5, 0.0], [0.0, 0.0]])
+
+
+def test_nms_keeps_the_best_of_overlapping_detections():
+    masks = np.stack([_box(0, 4, 0, 4), _box(0, 4, 0, 3), _box(6, 9, 6, 9), _box(0, 4, 0, 4)])
+    logits = np.where(masks, 5.0, -5.0)
+    probs = np.array([0.6, 0.9, 0.7, 0.3])  # 0: IoU 0.75 with 1 (better) -> dropped; 3: below threshold
+    np.testing.assert_array_equal(dt.nms_keep(probs, logits, 0.5, 0.5), [False, True, True, False])
+    np.testing.assert_array_equal(dt.nms_keep(probs, logits, 0.5, 0.8), [True, True, True, False])
+
+
+def test_association_without_tracks_takes_every_detection():
+    """With no track the reference makes every kept detection an object, whatever new_det_thresh says."""
+    det = np.stack([_box(0, 3, 0, 3), _box(5, 8, 5, 8)])
+    a = dt.associate(det, np.array([0.55, 0.6]), np.zeros((0, 10, 10), bool), np.zeros(0), CFG)
+    np.testing.assert_array_equal(a.new_det, [0, 1])
+    assert a.det_to_trk == {} and a.recondition == {}
+
+
+def test_association_hand_worked():
+    det = np.stack([_box(0, 4, 0, 4), _box(6, 10, 6, 10), _box(0, 4, 5, 9)])
+    trk = np.stack([_box(0, 4, 0, 4), _box(6, 10, 7, 10), _box(0, 0, 0, 0), _box(0, 2, 5, 9)])
+    ids = np.array([3, 5, 8, 9])
+    # IoU det0-trk3 = 1, det1-trk5 = 0.75, det2-trk9 = 0.5; det2 (prob 0.75) overlaps trk9: not new.
+    a = dt.associate(det, np.array([0.9, 0.85, 0.75]), trk, ids, CFG)
+    assert a.new_det.tolist() == []
+    assert a.unmatched_ids.tolist() == [] and a.empty_ids.tolist() == [8]
+    assert {k: v.tolist() for k, v in a.det_to_trk.items()} == {0: [3], 1: [5], 2: [9]}
+    assert a.recondition == {3: 0}  # det1: IoU 0.75 < 0.8; det2: prob < 0.8
+    # A confident detection on empty ground is new; a track with no detection is unmatched.
+    a = dt.associate(det[1:2], np.array([0.75]), trk[[0]], ids[[0]], CFG)
+    assert a.new_det.tolist() == [0] and a.unmatched_ids.tolist() == [3]
+    a = dt.associate(det[1:2], np.array([0.65]), trk[[0]], ids[[0]], CFG)
+    assert a.new_det.tolist() == []  # below new_det_thresh
+
+
+def _assoc(unmatched=(), det_to_trk=None):
+    return dt.Association(np.zeros(0, np.int64), np.array(unmatched, np.int64), np.zeros(0, np.int64),
+                          {k: np.array(v, np.int64) for k, v in (det_to_trk or {}).items()}, {})
+
+
+def test_hotstart_removes_young_unmatched_objects_only():
+    cfg = dt.DetectTrackConfig(hotstart_delay=4, hotstart_unmatch_thresh=2, hotstart_dup_thresh=2)
+    hot = dt.Hotstart(cfg)
+    assert hot.update(0, _assoc(), [0]) == set()
+    assert hot.update(1, _assoc(unmatched=[0]), []) == set()
+    assert hot.update(2, _assoc(unmatched=[0]), [1]) == {0}  # first seen at 0 > 2 - 4: still young
+    for f in range(3, 8):
+        hot.update(f, _assoc(det_to_trk={0: [1]}), [])
+    assert hot.update(8, _assoc(unmatched=[1]), []) == set()
+    assert hot.update(9, _assoc(unmatched=[1]), []) == set()  # first seen at 2 <= 9 - 4: past hot-start
+    assert hot.removed == {0}
+
+
+def test_hotstart_removes_the_younger_duplicate():
+    cfg = dt.DetectTrackConfig(hotstart_delay=5, hotstart_unmatch_thresh=3, hotstart_dup_thresh=2)
+    hot = dt.Hotstart(cfg)
+    hot.update(0, _assoc(), [0])
+    hot.update(1, _assoc(), [1])
+    assert hot.update(2, _assoc(det_to_trk={0: [0, 1]}), []) == set()
+    assert hot.update(3, _assoc(det_to_trk={0: [0, 1]}), []) == {1}
+    assert hot.overlaps == {(0, 1): [2, 3]}
+
+
+def test_keep_alive_suppression_when_enabled():
+    cfg = dt.DetectTrackConfig(hotstart_delay=0, hotstart_unmatch_thresh=5, init_trk_keep_alive=1,
+                               suppress_unmatched_only_within_hotstart=False)
+    hot = dt.Hotstart(cfg)
+    hot.update(0, _assoc(), [0])
+    hot.update(1, _assoc(unmatched=[0]), [])  # keep-alive 1 -> 0: hidden on this frame
+    assert hot.suppressed[1] == {0} and not hot.removed
+
+
+def test_occlusion_suppresses_the_more_recently_occluded():
+    masks = np.stack([_box(0, 5, 0, 5), _box(0, 5, 0, 4), _box(7, 9, 7, 9)])
+    # 0 and 1 overlap (IoU 0.8): 1 was occluded later than 0 -> 1 suppressed.
+    np.testing.assert_array_equal(dt.occlusion_suppression(masks, np.array([2, 6, -1]), 0.7), [False, True, False])
+    # A never-occluded object suppresses nothing (the reference asks the suppressing one to have been
+    # occluded at some point too).
+    np.testing.assert_array_equal(dt.occlusion_suppression(masks, np.array([-1, 6, -1]), 0.7), [False] * 3)
+    np.testing.assert_array_equal(dt.occlusion_suppression(masks, np.array([4, -1, -1]), 0.7), [False] * 3)
+    np.testing.assert_array_equal(dt.occlusion_suppression(masks, np.array([2, 6, -1]), 0.9), [False] * 3)
+    np.testing.assert_array_equal(dt.occlusion_suppression(masks, np.array([-1, -1, -1]), 0.7), [False] * 3)
+
+
+def test_object_wise_non_overlap_and_boxes():
+    masks = np.stack([_box(0, 4, 0, 4), _box(2, 6, 2, 6), _box(8, 9, 8, 9)])
+    out = dt.object_wise_non_overlap(masks, np.array([0.5, 0.9, 0.0]))
+    assert not out[0, 2:4, 2:4].any() and out[1, 2:4, 2:4].all() and out[0, 0, 0]
+    assert not out[2].any()  # a score of 0 keeps nothing
+    np.testing.assert_allclose(dt.boxes_xywh(masks[:2]), [[0, 0, 0.3, 0.3], [0.2, 0.2, 0.3, 0.3]])
+
+
+def test_fill_holes_hand_worked():
+    logits = np.where(_box(1, 9, 1, 9), 2.0, -2.0)
+    logits[4, 4] = -1.0  # a one-pixel hole
+    logits[0, 9] = 3.0  # a one-pixel sprinkle (touches the square only diagonally: same 8-component)
+    logits = np.stack([logits, np.where(_box(0, 1, 0, 1), 2.0, -2.0)])  # a tiny object: half its area is 0
+    out = np.asarray(dt.fill_holes(jnp.asarray(logits), 4))
+    assert out[0, 4, 4] == np.float32(0.1) and out[0, 0, 9] == 3.0  # diagonal contact keeps it
+    assert out[1, 0, 0] == 2.0  # min(area // 2, max_area) = 0: not removed
+    areas = np.asarray(dt.component_areas(jnp.asarray(logits > 0)))
+    assert areas[0, 0, 9] == 63 + 1 and areas[0, 4, 4] == 0
+    speck = np.where(_box(3, 9, 3, 9), 2.0, -2.0)
+    speck[0, 0] = 3.0  # a separate one-pixel component: removed
+    out = np.asarray(dt.fill_holes(jnp.asarray(speck[None]), 4))
+    assert out[0, 0, 0] == np.float32(-0.1) and out[0, 5, 5] == 2.0
+
+
+def test_commit_slot_policy():
+    """Conditioning frames fill the first max_cond slots, the oldest replaced; tracked frames go to the
+    other slots; reset rows start empty."""
+    tcfg = TrackerConfig.tiny()  # max_cond_frames_in_attn 2
+    pred = dt.DetectTrackPredictor.__new__(dt.DetectTrackPredictor)
+    pred.tcfg, pred.num_cond = tcfg, tcfg.max_cond_frames_in_attn
+    slots = pred.num_cond + 3
+    bank = MemoryBank.empty(tcfg, 2, slots)
+    g, d, c = tcfg.grid, tcfg.mem_dim, tcfg.d_model
+
+    def commit(bank, f, cond, write=(True, True), reset=(False, False)):
+        return pred._commit_fn(bank, jnp.full((2, g, g, d), f), jnp.full((2, c), f), jnp.full((2,), 0.5), f,
+                               jnp.asarray(cond), jnp.asarray(write), jnp.asarray(reset))
+
+    bank = commit(bank, 0, [True, True])
+    for f in (1, 2):
+        bank = commit(bank, f, [False, False])
+    bank = commit(bank, 3, [True, False])
+    bank = commit(bank, 4, [True, False], write=(True, False))
+    frames = np.asarray(bank.frame)
+    assert frames[0, :2].tolist() == [4, 3] and frames[0, 2:].tolist() == [1, 2, -1]
+    assert frames[1, :2].tolist() == [0, -1] and frames[1, 2:].tolist() == [1, 2, 3]
+    assert np.asarray(bank.is_cond)[0].tolist() == [True, True, False, False, False]
+    bank = commit(bank, 5, [True, True], write=(False, True), reset=(False, True))
+    assert np.asarray(bank.frame)[1].tolist() == [5, -1, -1, -1, -1]
+
+
+def test_group_mean_over_valid_members():
+    v = jnp.array([1.0, 3.0, 5.0, 7.0])
+    out = dt.group_mean(v, jnp.array([0, 0, 1, 1]), jnp.array([True, True, True, False]))
+    np.testing.assert_allclose(np.asarray(out), [2.0, 2.0, 5.0, 5.0])
