@@ -574,9 +574,9 @@ class DetectTrackPredictor:
                 self._grow(n + len(new_det))
                 rows = np.arange(self.capacity)
                 fresh = (rows >= n) & (rows < n + len(new_det))
-                masks = np.zeros((self.capacity,) + det_all.shape[1:], np.float32)
-                masks[n:n + len(new_det)] = det_logits[new_det]
-                new_ptr, feats = self._new_objects(self.params, pix, high_res, jnp.asarray(masks), jnp.asarray(fresh),
+                new_masks = np.zeros((self.capacity,) + det_all.shape[1:], np.float32)
+                new_masks[n:n + len(new_det)] = det_logits[new_det]
+                new_ptr, feats = self._new_objects(self.params, pix, high_res, jnp.asarray(new_masks), jnp.asarray(fresh),
                                                    tuple(size))
                 self.bank = self._commit(self.bank, feats, new_ptr, jnp.zeros(self.capacity), f,
                                          jnp.asarray(fresh), jnp.asarray(fresh), jnp.asarray(fresh))
@@ -599,13 +599,14 @@ class DetectTrackPredictor:
             # hole-filled detection masks of the new ones.
             masks, tprobs = {}, {}
             if n:
-                video = np.asarray(self._to_video(jnp.asarray(trk_low), tuple(size)))
+                video = np.asarray(self._to_video(jnp.asarray(self._pad(trk_low, NO_OBJ_LOGIT)), tuple(size)))
                 sig = 1.0 / (1.0 + np.exp(-trk_score.astype(np.float64)))
                 for k, i in enumerate(prev_ids):
                     masks[int(i)], tprobs[int(i)] = video[k], float(sig[k])
             if len(new_det):
-                filled = self._fill(jnp.asarray(det_logits[new_det]), cfg.fill_hole_area)
-                video = np.asarray(self._to_video(filled, tuple(size)))
+                # Padded to the capacity (static shapes): rows n.. hold the new objects.
+                filled = self._fill(jnp.asarray(new_masks), cfg.fill_hole_area)
+                video = np.asarray(self._to_video(filled, tuple(size)))[n:]
                 for k, (i, d) in enumerate(zip(new_ids, new_det)):
                     masks[int(i)], tprobs[int(i)] = video[k], float(det_scores[d])
             pending.append(_Pending(f, masks, tprobs, set(hot.suppressed.get(f, set()))))
