@@ -25,8 +25,8 @@ flags.DEFINE_multi_string("prompt", [], "Text prompt (noun phrase); repeat for s
 flags.DEFINE_multi_string("box", [], "Box prompt as normalised cx,cy,w,h; repeat for several.")
 flags.DEFINE_multi_integer("box_label", [], "1 (positive, default) or 0 (negative) per --box.")
 flags.DEFINE_float("threshold", 0.5, "Keep instances with sigmoid(score) * sigmoid(presence) above this.")
-flags.DEFINE_string("output", None, "Where to write the .npz.")
-flags.DEFINE_string("overlay", None, "Optional PNG with masks and boxes drawn on the image.")
+flags.DEFINE_string("output", None, "Where to write the .npz (OUTPUT_<image>_<prompt>.npz for several).")
+flags.DEFINE_string("overlay", None, "Optional PNG with masks and boxes drawn on the image (likewise numbered).")
 
 
 def parse_box(text: str) -> list[float]:

@@ -61,7 +61,9 @@ def base_config(model: ModelConfig, data: ml_collections.ConfigDict,
     # as val_<name> to metrics.jsonl and TensorBoard.
     #   coco_max_detections: COCO box and mask AP (val_box_ap, val_box_ap50, val_mask_ap,
     #     val_mask_ap50) over each query's this-many best predictions (COCO counts 100 per image;
-    #     at most the decoder's queries); 0 leaves AP out. Masks are compared at the batch's mask size.
+    #     at most the decoder's queries); 0 leaves AP out. Masks are compared at the batch's mask size
+    #     M: the eval step returns queries x k x M^2 bytes of masks per batch (4x that while
+    #     upsampling), so lower it for many frames at full size.
     #   keep_best: a val_* metric (e.g. "val_jf", "val_box_ap", "val_loss"): the checkpoint of the
     #     evaluated step that scored best on it so far is kept in checkpoints_best/ (one step, with
     #     its metric; step 0, the untrained model, is not offered). ""= none. Resuming still starts

@@ -261,9 +261,11 @@ class Trainer:
                 if config.eval.every and (step % config.eval.every == 0 or step == config.total_steps):
                     evaluated = {f"val_{k}": v for k, v in self.evaluate(step, writer).items()}
                     last.update(evaluated)
-                    if self.best and self.best.offer(step, evaluated[self.best.metric], self.state, self.data):
-                        log.info("step %d: best %s so far (%.4g), kept in %s", step, self.best.metric,
-                                 evaluated[self.best.metric], checkpoint.BEST_CHECKPOINTS)
+                    if self.best:  # a metric left out (no clip could be scored) is NaN: never kept
+                        score = evaluated.get(self.best.metric, float("nan"))
+                        if self.best.offer(step, score, self.state, self.data):
+                            log.info("step %d: best %s so far (%.4g), kept in %s", step, self.best.metric,
+                                     score, checkpoint.BEST_CHECKPOINTS)
                 if save_now:
                     self.checkpoints.save(step, self.state, self.data)
         finally:
