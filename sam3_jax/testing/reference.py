@@ -1,7 +1,7 @@
 """Meta's SAM 3 (PyPI ``sam3==0.1.4``) on CPU, as the parity oracle.
 
-Install it with ``scripts/install_reference.sh``. ``load()`` imports it once with the shims its
-CUDA-only code paths need (SAM3_SPEC §2.17): position-encoding caches and decoder coordinates built
+Install it with ``scripts/install_reference.sh``. ``load()`` imports it once; on a machine without
+CUDA it applies the shims its CUDA-only code paths need (SAM3_SPEC §2.17): position-encoding caches and decoder coordinates built
 on CPU, ``Tensor.pin_memory``/``Tensor.cuda`` as identities, and stub packages for torchvision,
 triton and decord (see ``stubs/README.md``). The CLIP vocabulary comes from our own package data.
 """
@@ -39,17 +39,17 @@ def load() -> types.SimpleNamespace:
         raise ImportError(f"{INSTALL_HINT} ({e})") from e
 
     init = position_encoding.PositionEmbeddingSine.__init__
-    if not getattr(init, "_cpu_shim", False):
+    # On a GPU the reference's own device handling stands (its caches are built on CUDA); the shims
+    # below only stand in for it on a CPU-only machine.
+    if not torch.cuda.is_available() and not getattr(init, "_cpu_shim", False):
         def cpu_init(self, *args, precompute_resolution=None, **kwargs):
             init(self, *args, precompute_resolution=None, **kwargs)
         cpu_init._cpu_shim = True
         position_encoding.PositionEmbeddingSine.__init__ = cpu_init
-
-        if not torch.cuda.is_available():  # on a GPU the reference's own device handling stands
-            get_coords = decoder.TransformerDecoder._get_coords
-            decoder.TransformerDecoder._get_coords = staticmethod(lambda h, w, device: get_coords(h, w, "cpu"))
-            torch.Tensor.pin_memory = lambda self, *a, **k: self
-            torch.Tensor.cuda = lambda self, *a, **k: self
+        get_coords = decoder.TransformerDecoder._get_coords
+        decoder.TransformerDecoder._get_coords = staticmethod(lambda h, w, device: get_coords(h, w, "cpu"))
+        torch.Tensor.pin_memory = lambda self, *a, **k: self
+        torch.Tensor.cuda = lambda self, *a, **k: self
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
