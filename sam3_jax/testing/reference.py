@@ -220,3 +220,30 @@ def build_tracker(cfg, seed: int = 7):
         use_memory_selection=cfg.use_memory_selection, mf_threshold=cfg.mf_threshold).eval()
     randomize_(trk, seed=seed)
     return trk
+
+
+def build_tracker_predictor(image_model, base, cfg, *, keep_autocast: bool = False):
+    """``Sam3TrackerPredictor`` as ``model_builder.build_tracker`` configures it, with ``image_model``'s
+    backbone and ``base``'s (a ``build_tracker`` model's) tracker weights. It enters a bf16 autocast
+    for good at construction (CUDA's); ``keep_autocast=False`` leaves it, for fp32 comparisons."""
+    from sam3.model.sam3_tracking_predictor import Sam3TrackerPredictor
+
+    pred = Sam3TrackerPredictor(
+        backbone=image_model.backbone, transformer=base.transformer, maskmem_backbone=base.maskmem_backbone,
+        num_maskmem=cfg.num_maskmem, image_size=cfg.image_size, backbone_stride=cfg.backbone_stride,
+        max_cond_frames_in_attn=cfg.max_cond_frames_in_attn, max_obj_ptrs_in_encoder=cfg.max_obj_ptrs,
+        multimask_output_in_sam=True, forward_backbone_per_frame_for_eval=True, trim_past_non_cond_mem_for_eval=False,
+        multimask_output_for_tracking=True, multimask_min_pt_num=0, multimask_max_pt_num=1,
+        always_start_from_first_ann_frame=False, non_overlap_masks_for_mem_enc=False,
+        non_overlap_masks_for_output=False, offload_output_to_cpu_for_eval=False,
+        sam_mask_decoder_extra_args={"dynamic_multimask_via_stability": True,
+                                     "dynamic_multimask_stability_delta": cfg.stability_delta,
+                                     "dynamic_multimask_stability_thresh": cfg.stability_thresh},
+        clear_non_cond_mem_around_input=True, fill_hole_area=0, use_memory_selection=cfg.use_memory_selection,
+        max_point_num_in_prompt_enc=cfg.max_points)
+    if not keep_autocast:
+        pred.bf16_context.__exit__(None, None, None)
+    missing, unexpected = pred.load_state_dict(base.state_dict(), strict=False)
+    if unexpected or not all(k.startswith("backbone.") for k in missing):
+        raise ValueError(f"tracker weights do not fit: missing {missing}, unexpected {unexpected}")
+    return pred.eval()

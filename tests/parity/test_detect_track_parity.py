@@ -148,13 +148,6 @@ def models(ref, tmp_path_factory):
     from sam3_jax.testing import reference
     from sam3_jax.testing.parity import randomize_, state_dict_numpy
 
-    # The SAM 2-task parity test's builder (being moved into testing/reference.py).
-    build_predictor = getattr(reference, "build_tracker_predictor", None)
-    if build_predictor is None:
-        import tests.parity.test_video_predictor_parity as sam2_task
-
-        build_predictor = sam2_task._build_reference_predictor
-
     torch = ref.torch
     image_model = reference.build_image_model(MCFG, joint_box_scores=True)
     randomize_(image_model, seed=3)
@@ -169,7 +162,7 @@ def models(ref, tmp_path_factory):
     cfg = _thresholds()
     ours = DetectTrackPredictor.from_checkpoint(str(root / "converted"), cfg)
 
-    tracker = build_predictor(image_model, base, TCFG)
+    tracker = reference.build_tracker_predictor(image_model, base, TCFG)
     image_model.__class__ = Sam3ImageOnVideoMultiGPU  # the video model's detector class, one process
     image_model.rank, image_model.world_size = 0, 1
     image_model.async_all_gather, image_model.gather_backbone_out = False, True

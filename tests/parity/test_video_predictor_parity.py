@@ -32,29 +32,6 @@ MIN_IOU, SCORE_TOL = 0.99, 1e-3
 FIGURES = {"min_iou": 1.0, "max_score_diff": 0.0}
 
 
-def _build_reference_predictor(image_model, base, cfg: TrackerConfig):
-    """``Sam3TrackerPredictor`` as ``model_builder.build_tracker`` configures it, on ``base``'s weights."""
-    from sam3.model.sam3_tracking_predictor import Sam3TrackerPredictor
-
-    pred = Sam3TrackerPredictor(
-        backbone=image_model.backbone, transformer=base.transformer, maskmem_backbone=base.maskmem_backbone,
-        num_maskmem=cfg.num_maskmem, image_size=cfg.image_size, backbone_stride=cfg.backbone_stride,
-        max_cond_frames_in_attn=cfg.max_cond_frames_in_attn, max_obj_ptrs_in_encoder=cfg.max_obj_ptrs,
-        multimask_output_in_sam=True, forward_backbone_per_frame_for_eval=True, trim_past_non_cond_mem_for_eval=False,
-        multimask_output_for_tracking=True, multimask_min_pt_num=0, multimask_max_pt_num=1,
-        always_start_from_first_ann_frame=False, non_overlap_masks_for_mem_enc=False,
-        non_overlap_masks_for_output=False, offload_output_to_cpu_for_eval=False,
-        sam_mask_decoder_extra_args={"dynamic_multimask_via_stability": True,
-                                     "dynamic_multimask_stability_delta": cfg.stability_delta,
-                                     "dynamic_multimask_stability_thresh": cfg.stability_thresh},
-        clear_non_cond_mem_around_input=True, fill_hole_area=0, use_memory_selection=cfg.use_memory_selection,
-        max_point_num_in_prompt_enc=cfg.max_points)
-    pred.bf16_context.__exit__(None, None, None)  # a CUDA autocast it enters for good: not ours to keep
-    missing, unexpected = pred.load_state_dict(base.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("backbone.") for k in missing), (missing, unexpected)
-    return pred.eval()
-
-
 @pytest.fixture(scope="module")
 def predictors(ref, tmp_path_factory):
     from sam3_jax.convert.sam3_checkpoint import convert_file
@@ -73,7 +50,8 @@ def predictors(ref, tmp_path_factory):
     root = tmp_path_factory.mktemp("video_ckpt")
     torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}}, root / "sam3.pt")
     convert_file(str(root / "sam3.pt"), str(root / "converted"), cfg=MCFG, tracker_cfg=TCFG)
-    return VideoPredictor.from_checkpoint(str(root / "converted")), _build_reference_predictor(image_model, base, TCFG)
+    theirs = reference.build_tracker_predictor(image_model, base, TCFG)
+    return VideoPredictor.from_checkpoint(str(root / "converted")), theirs
 
 
 def _video(num_frames, seed=0):
