@@ -118,6 +118,8 @@ def run_torch(args, objects: int) -> dict:
 
     ref = reference.load()
     torch = ref.torch
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     from sam3.model.position_encoding import PositionEmbeddingSine
 
     cuda = torch.cuda.is_available()
@@ -163,6 +165,9 @@ def main():
     parser.add_argument("--objects", default="1,8", help="comma-separated object counts")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch.set_num_threads for the reference (0: torch's default). On a CPU shared with "
+                             "other work its OpenMP threads wait on each other: 1 is then the fair setting")
     parser.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
     counts = [int(c) for c in args.objects.split(",")]
@@ -175,7 +180,8 @@ def main():
         res = {}
         for side in ("jax", "torch"):
             cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--size={args.size}",
-                   f"--objects={objects}", f"--dtype={args.dtype}", f"--repeats={args.repeats}"]
+                   f"--objects={objects}", f"--dtype={args.dtype}",
+                   f"--repeats={args.repeats}", f"--torch-threads={args.torch_threads}"]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

@@ -94,6 +94,8 @@ def run_torch(args, objects: int) -> dict:
 
     ref = reference.load()
     torch = ref.torch
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     cuda = torch.cuda.is_available()
     model_cfg, tracker_cfg = configs(args.size, "float32")
     image_model = reference.build_image_model(model_cfg)
@@ -140,6 +142,9 @@ def main():
     parser.add_argument("--objects", default="1,5,20", help="comma-separated object counts")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch.set_num_threads for the reference (0: torch's default). On a CPU shared with "
+                             "other work its OpenMP threads wait on each other: 1 is then the fair setting")
     parser.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
     gpu = bool(glob.glob("/dev/nvidia[0-9]*"))  # not via jax.devices(): this process must not claim the GPU
@@ -155,7 +160,8 @@ def main():
         res = {}
         for side in ("jax", "torch"):
             cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--size={args.size}",
-                   f"--objects={objects}", f"--frames={args.frames}", f"--repeats={args.repeats}"]
+                   f"--objects={objects}", f"--frames={args.frames}",
+                   f"--repeats={args.repeats}", f"--torch-threads={args.torch_threads}"]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
