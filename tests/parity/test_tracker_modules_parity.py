@@ -485,12 +485,32 @@ class _MemoryRecorder(__import__("torch").nn.Module):
         return {"memory": src[0]}
 
 
+def _random_history(rng, k: int, reverse: bool):
+    """(frame, num_frames, conditioning frames, stored frames, scores) around which to select memory.
+    Forward: tracked frames before f. Reverse: tracked frames after f, and some before it (tracked
+    forward earlier), which the reverse rules must ignore."""
+    if reverse:
+        num_frames = int(rng.integers(3, k + 1))
+        f = int(rng.integers(0, num_frames - 1))
+        count = int(rng.integers(1, min(6, num_frames)))
+        cond = sorted(set(rng.choice(num_frames, size=count, replace=False).tolist()) - {f}) or [num_frames - 1]
+        stored = [t for t in range(num_frames) if t in cond or rng.uniform() < (0.8 if t > f else 0.3)]
+    else:
+        f = int(rng.integers(1, k))
+        num_frames = int(rng.integers(f + 1, k + 6))
+        cond = sorted(set(rng.choice(k, size=int(rng.integers(1, 7)), replace=False).tolist()))
+        stored = [t for t in range(k) if t in cond or (t < f and rng.uniform() < 0.8)]
+    return f, num_frames, cond, stored, {t: float(rng.choice([0.0, 0.005, 0.02, 0.5])) for t in stored}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("memory_selection", [True, False])
-def test_select_memory_matches_reference_choice(ref, memory_selection):
+def test_select_memory_matches_reference_choice(ref, memory_selection, reverse):
     """Random histories (conditioning frames, gaps, scores around the threshold): select_memory picks
     the same spatial frames with the same temporal slots, and the same pointers at the same signed
-    distances, as the reference's _prepare_memory_conditioned_features. Frame t's memory and pointer
-    are filled with t + 1, the temporal encodings made readable."""
+    distances, as the reference's _prepare_memory_conditioned_features, tracking forward or in
+    reverse (``track_in_reverse``). Frame t's memory and pointer are filled with t + 1, the temporal
+    encodings made readable."""
     torch = ref.torch
     cfg = CFG.replace(use_memory_selection=memory_selection, max_obj_ptrs=6, num_maskmem=4, max_cond_frames_in_attn=3)
     trk = _torch_tracker(ref, cfg)
@@ -502,27 +522,23 @@ def test_select_memory_matches_reference_choice(ref, memory_selection):
         # get_1d_sine_pe channels 8 and 40 are sin and cos of pos / (max - 1) / 10: atan2 reads it back.
         trk.obj_ptr_tpos_proj.weight[0, 8] = trk.obj_ptr_tpos_proj.weight[1, 40] = 1.0
         trk.obj_ptr_tpos_proj.bias.zero_()
-    select = jax.jit(lambda bank, f, nf: select_memory(bank, f, nf, cfg))
-    rng = np.random.default_rng(70 + memory_selection)
+    select = jax.jit(lambda bank, f, nf: select_memory(bank, f, nf, cfg, reverse=reverse))
+    rng = np.random.default_rng(70 + 20 * reverse + memory_selection)
     for _ in range(60):
-        f = int(rng.integers(1, k))
-        num_frames = int(rng.integers(f + 1, k + 6))
-        cond = sorted(set(rng.choice(k, size=int(rng.integers(1, 7)), replace=False).tolist()))
-        stored = [t for t in range(k) if t in cond or (t < f and rng.uniform() < 0.8)]
-        scores = {t: float(rng.choice([0.0, 0.005, 0.02, 0.5])) for t in stored}
+        f, num_frames, cond, stored, scores = _random_history(rng, k, reverse)
         output_dict = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
         bank = MemoryBank.empty(cfg, 1, k)
-        for t in stored:
+        for slot, t in enumerate(stored):
             out = {"maskmem_features": torch.full((1, d, g, g), t + 1.0), "maskmem_pos_enc": [torch.zeros(1, d, g, g)],
                    "obj_ptr": torch.full((1, cfg.d_model), t + 1.0), "eff_iou_score": scores[t]}
             output_dict["cond_frame_outputs" if t in cond else "non_cond_frame_outputs"][t] = out
-            bank = bank.write(t, t, np.full((1, g, g, d), t + 1.0), np.full((1, cfg.d_model), t + 1.0),
+            bank = bank.write(slot, t, np.full((1, g, g, d), t + 1.0), np.full((1, cfg.d_model), t + 1.0),
                               t in cond, scores[t])
         with torch.no_grad():
             trk._prepare_memory_conditioned_features(
                 frame_idx=f, is_init_cond_frame=False, current_vision_feats=[torch.zeros(g * g, 1, cfg.d_model)],
                 current_vision_pos_embeds=[torch.zeros(g * g, 1, cfg.d_model)], feat_sizes=[(g, g)],
-                output_dict=output_dict, num_frames=num_frames)
+                output_dict=output_dict, num_frames=num_frames, track_in_reverse=reverse)
         values, pos, num_ptr_tokens = trk.transformer.encoder.seen
         sin_cos = trk.transformer.encoder.ptr_pos
         per_ptr = cfg.d_model // d
@@ -535,8 +551,8 @@ def test_select_memory_matches_reference_choice(ref, memory_selection):
         mem = jax.tree.map(lambda a: np.asarray(a)[0], select(bank, f, num_frames))
         got_spatial = sorted((mem.feats[i, 0, 0, 0], float(mem.tpos[i])) for i in np.flatnonzero(mem.valid))
         got_ptrs = sorted((mem.ptrs[i, 0], round(float(mem.ptr_tpos[i]) * norm)) for i in np.flatnonzero(mem.ptr_valid))
-        case = f"frame {f} of {num_frames}, cond {cond}, stored {stored}, scores {scores}"
-        assert got_spatial == want_spatial, case
+        case = f"frame {f} of {num_frames} (reverse={reverse}), cond {cond}, stored {stored}, scores {scores}"
+        assert got_spatial == want_spatial, f"{case}\n ours {got_spatial}\n reference {want_spatial}"
         assert got_ptrs == want_ptrs, f"{case}\n ours {got_ptrs}\n reference {want_ptrs}"
 
 

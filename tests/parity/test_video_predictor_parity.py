@@ -11,18 +11,15 @@ API end to end: ``init_state`` (frames prepared as ``io_utils`` does: PIL resize
 
 Compared on every frame and object: the masks at the video's size (IoU >= 0.99; both empty counts as 1)
 and the object score logits. On the prompt frame our output is compared with what ``add_new_*``
-returned (the reference's propagation re-yields that frame from its low-res copy). Also: ``select_memory``
-with ``reverse=True`` picks what the reference's ``_prepare_memory_conditioned_features(track_in_reverse=
-True)`` picks, over random histories.
+returned (the reference's propagation re-yields that frame from its low-res copy). ``select_memory``
+in reverse is checked against the reference's choice in ``test_tracker_modules_parity.py``.
 """
-import jax
 import numpy as np
 import pytest
 
 from sam3_jax.data.synthetic import render_video
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
-from sam3_jax.model.tracker.memory_bank import MemoryBank, select_memory
 
 pytestmark = pytest.mark.parity
 
@@ -173,74 +170,3 @@ def test_propagation_matches_reference(ref, predictors, case):
     if direction != "backward":  # with these seeds objects also disappear (absent-object paths)
         assert present < len(done) * len(prompts)
     print(f"figures so far: {FIGURES}")
-
-
-class _MemoryRecorder(__import__("torch").nn.Module):
-    """Stands in for the memory attention: records what the reference assembled for it."""
-
-    def forward(self, src, prompt, prompt_pos, num_obj_ptr_tokens, **_):
-        self.seen = (prompt[:, 0, 0].numpy(), num_obj_ptr_tokens)
-        self.ptr_pos = prompt_pos[len(prompt) - num_obj_ptr_tokens:, 0, :2].numpy()
-        self.tpos = prompt_pos[:, 0, 0].numpy()
-        return {"memory": src[0]}
-
-
-@pytest.mark.parametrize("memory_selection", [True, False])
-def test_select_memory_reverse_matches_reference(ref, memory_selection):
-    """Random histories around frame f (conditioning frames anywhere, tracked frames after f with
-    gaps and scores around the threshold): select_memory(reverse=True) takes the same spatial frames
-    with the same temporal slots and the same pointers at the same signed distances as the reference's
-    _prepare_memory_conditioned_features(track_in_reverse=True). Frame t's memory and pointer hold t + 1."""
-    from sam3_jax.testing import reference
-
-    torch = ref.torch
-    cfg = TCFG.replace(use_memory_selection=memory_selection, max_obj_ptrs=6, num_maskmem=4, max_cond_frames_in_attn=3)
-    trk = reference.build_tracker(cfg, seed=5)
-    trk.use_memory_selection, trk.mf_threshold = memory_selection, cfg.mf_threshold
-    trk.transformer.encoder = _MemoryRecorder()
-    n, d, g, k = cfg.num_maskmem, cfg.mem_dim, cfg.grid, 20
-    with torch.no_grad():
-        trk.maskmem_tpos_enc.copy_(torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1).expand(n, 1, 1, d))
-        trk.obj_ptr_tpos_proj.weight.zero_()
-        # get_1d_sine_pe channels 8 and 40 are sin and cos of pos / (max - 1) / 10: atan2 reads it back.
-        trk.obj_ptr_tpos_proj.weight[0, 8] = trk.obj_ptr_tpos_proj.weight[1, 40] = 1.0
-        trk.obj_ptr_tpos_proj.bias.zero_()
-    select = jax.jit(lambda bank, f, nf: select_memory(bank, f, nf, cfg, reverse=True))
-    rng = np.random.default_rng(90 + memory_selection)
-    for _ in range(60):
-        num_frames = int(rng.integers(3, k + 1))
-        f = int(rng.integers(0, num_frames - 1))
-        count = int(rng.integers(1, min(6, num_frames)))
-        cond = sorted(set(rng.choice(num_frames, size=count, replace=False).tolist()) - {f})
-        if not cond:
-            cond = [num_frames - 1]
-        # Frames before f too (tracked forward earlier): the reverse rules must ignore them.
-        stored = [t for t in range(num_frames) if t in cond or rng.uniform() < (0.8 if t > f else 0.3)]
-        scores = {t: float(rng.choice([0.0, 0.005, 0.02, 0.5])) for t in stored}
-        output_dict = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-        bank = MemoryBank.empty(cfg, 1, k)
-        for slot, t in enumerate(stored):
-            out = {"maskmem_features": torch.full((1, d, g, g), t + 1.0), "maskmem_pos_enc": [torch.zeros(1, d, g, g)],
-                   "obj_ptr": torch.full((1, cfg.d_model), t + 1.0), "eff_iou_score": scores[t]}
-            output_dict["cond_frame_outputs" if t in cond else "non_cond_frame_outputs"][t] = out
-            bank = bank.write(slot, t, np.full((1, g, g, d), t + 1.0), np.full((1, cfg.d_model), t + 1.0),
-                              t in cond, scores[t])
-        with torch.no_grad():
-            trk._prepare_memory_conditioned_features(
-                frame_idx=f, is_init_cond_frame=False, current_vision_feats=[torch.zeros(g * g, 1, cfg.d_model)],
-                current_vision_pos_embeds=[torch.zeros(g * g, 1, cfg.d_model)], feat_sizes=[(g, g)],
-                output_dict=output_dict, num_frames=num_frames, track_in_reverse=True)
-        values, num_ptr_tokens = trk.transformer.encoder.seen
-        pos, sin_cos = trk.transformer.encoder.tpos, trk.transformer.encoder.ptr_pos
-        per_ptr = cfg.d_model // d
-        n_spatial = (len(values) - num_ptr_tokens) // (g * g)
-        want_spatial = sorted((values[i * g * g], pos[i * g * g]) for i in range(n_spatial))
-        norm = min(num_frames, cfg.max_obj_ptrs) - 1
-        dist = np.arctan2(sin_cos[:, 0], sin_cos[:, 1]) * 10 * norm
-        want_ptrs = sorted((v, round(float(t))) for v, t in zip(values[n_spatial * g * g::per_ptr], dist[::per_ptr]))
-        mem = jax.tree.map(lambda a: np.asarray(a)[0], select(bank, f, num_frames))
-        got_spatial = sorted((mem.feats[i, 0, 0, 0], float(mem.tpos[i])) for i in np.flatnonzero(mem.valid))
-        got_ptrs = sorted((mem.ptrs[i, 0], round(float(mem.ptr_tpos[i]) * norm)) for i in np.flatnonzero(mem.ptr_valid))
-        case = f"frame {f} of {num_frames} (reverse), cond {cond}, stored {stored}, scores {scores}"
-        assert got_spatial == want_spatial, f"{case}\n ours {got_spatial}\n reference {want_spatial}"
-        assert got_ptrs == want_ptrs, f"{case}\n ours {got_ptrs}\n reference {want_ptrs}"
