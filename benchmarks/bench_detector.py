@@ -6,16 +6,13 @@ On GPU, bfloat16 means JAX compute in bf16 and PyTorch under bf16 autocast (the 
 Prints both timings and the ratio JAX/PyTorch (< 1 means JAX is faster).
 """
 import argparse
-import json
-import os
 import resource
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import sides
+
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -94,17 +91,10 @@ def main():
     args = parser.parse_args()
     if args.only:
         fn = run_jax if args.only == "jax" else run_torch
-        print("RESULT " + json.dumps(fn(args.dtype, args.repeats)))
+        sides.emit(fn(args.dtype, args.repeats))
         return
-    results = {}
-    for side in ("jax", "torch"):
-        proc = subprocess.run([sys.executable, __file__, f"--only={side}", f"--dtype={args.dtype}",
-                               f"--repeats={args.repeats}"], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")
-        results[side] = json.loads(line[-1][len("RESULT "):])
+    results = {side: sides.run(__file__, [f"--only={side}", f"--dtype={args.dtype}", f"--repeats={args.repeats}"],
+                               f"{side} run") for side in ("jax", "torch")}
     j, t = results["jax"], results["torch"]
     print(f"detector forward, official size, 1 image 1008x1008, {args.dtype}, best of {args.repeats}")
     print(f"{'':24}{'JAX':>12}{'PyTorch':>12}{'JAX/PyTorch':>14}")

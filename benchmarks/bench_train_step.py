@@ -50,17 +50,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import sides
+
 # Peak dense bf16 FLOP/s (no sparsity) by a substring of ``jax.devices()[0].device_kind``; first match wins.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
                    ("A100", 312e12))
@@ -405,7 +403,7 @@ def main():
         args.side = "jax"
     if args.batch:  # one side, in a subprocess
         fn = run_jax if args.side == "jax" else run_torch
-        print("RESULT " + json.dumps(fn(args, args.batch)))
+        sides.emit(fn(args, args.batch))
         return
 
     results = {"jax": None, "torch": None}
@@ -415,17 +413,11 @@ def main():
         for name in ("jax", "torch"):
             if args.side not in (name, "both"):
                 continue
-            cmd = [sys.executable, os.path.abspath(__file__), f"--side={name}", f"--size={args.size}",
-                   f"--frames={args.frames}", f"--phrases={args.phrases}", f"--repeats={args.repeats}",
-                   f"--mode={args.mode}", f"--objects={args.objects}",
-                   f"--dtype={args.dtype}", f"--torch-threads={args.torch_threads}", f"--batch={batch_path}"]
-            cmd += ["--scan-blocks"] if args.scan_blocks else []
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if proc.returncode or not line:
-                sys.exit(f"{name} run failed:\n{proc.stderr[-4000:]}")
-            results[name] = json.loads(line[-1][len("RESULT "):])
+            flags = [f"--side={name}", f"--size={args.size}", f"--frames={args.frames}", f"--phrases={args.phrases}",
+                     f"--repeats={args.repeats}", f"--mode={args.mode}", f"--objects={args.objects}",
+                     f"--dtype={args.dtype}", f"--torch-threads={args.torch_threads}", f"--batch={batch_path}"]
+            flags += ["--scan-blocks"] if args.scan_blocks else []
+            results[name] = sides.run(__file__, flags, f"{name} run")
     report(args, results["jax"], results["torch"])
 
 

@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
-import os
 import resource
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import sides
+
 
 
 def configs(size: str, dtype: str):
@@ -153,21 +150,14 @@ def main():
     counts = [int(c) for c in args.objects.split(",")]
     if args.side:
         fn = run_jax if args.side == "jax" else run_torch
-        print("RESULT " + json.dumps(fn(args, counts[0])))
+        sides.emit(fn(args, counts[0]))
         return
     rows = []
     for objects in counts:
-        res = {}
-        for side in ("jax", "torch"):
-            cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--size={args.size}",
-                   f"--objects={objects}", f"--frames={args.frames}",
-                   f"--repeats={args.repeats}", f"--torch-threads={args.torch_threads}"]
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if proc.returncode or not line:
-                sys.exit(f"{side} run ({objects} objects) failed:\n{proc.stderr[-4000:]}")
-            res[side] = json.loads(line[-1][len("RESULT "):])
+        flags = [f"--size={args.size}", f"--objects={objects}", f"--frames={args.frames}", f"--repeats={args.repeats}",
+                 f"--torch-threads={args.torch_threads}"]
+        res = {side: sides.run(__file__, [f"--side={side}", *flags], f"{side} run ({objects} objects)")
+               for side in ("jax", "torch")}
         rows.append((objects, res["jax"], res["torch"]))
     size = configs(args.size, "float32")[0].image_size
     print(f"video predictor ({args.task}), {args.size} model at {size}px, {args.frames} frames, JAX in {args.dtype}, "

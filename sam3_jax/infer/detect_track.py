@@ -51,6 +51,7 @@ from sam3_jax.infer.video_predictor import (
     _slot_priority,
     bank_capacity,
     preprocess,
+    read_video_checkpoint,
 )
 from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
@@ -355,15 +356,10 @@ class DetectTrackPredictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str, cfg: DetectTrackConfig | None = None) -> DetectTrackPredictor:
-        from sam3_jax.convert import checkpoint, sam3_checkpoint
+        from sam3_jax.convert import checkpoint
         from sam3_jax.model.tokenizer import SimpleTokenizer
 
-        manifest = checkpoint.read_manifest(checkpoint_dir)
-        model_cfg, tracker_cfg = sam3_checkpoint.configs(manifest)
-        if tracker_cfg is None:
-            raise VideoInputError(f"{checkpoint_dir}: the converted checkpoint has no tracker (converted from an "
-                                  "image-model file?); text-prompted video needs the video model's sam3.pt")
-        params = checkpoint.read_params(checkpoint_dir, sam3_checkpoint.abstract_params(model_cfg, tracker_cfg))
+        params, model_cfg, tracker_cfg = read_video_checkpoint(checkpoint_dir, "text-prompted video")
         model_cfg = model_cfg.replace(joint_box_scores=True)  # the video detector's scores
         return cls(params, model_cfg, tracker_cfg, cfg, SimpleTokenizer(f"{checkpoint_dir}/{checkpoint.VOCAB}"))
 

@@ -216,6 +216,19 @@ def _resize(x, size, antialias: bool):
     return ops.resize_bilinear(x[..., None].astype(jnp.float32), tuple(size), antialias=antialias)[..., 0]
 
 
+def read_video_checkpoint(checkpoint_dir: str, task: str) -> tuple[dict, ModelConfig, TrackerConfig]:
+    """(params, detector config, tracker config) of a converted video-model checkpoint; one without
+    a tracker is refused, naming the directory and ``task`` (what needed the tracker)."""
+    from sam3_jax.convert import checkpoint, sam3_checkpoint
+
+    cfg, tracker_cfg = sam3_checkpoint.configs(checkpoint.read_manifest(checkpoint_dir))
+    if tracker_cfg is None:
+        raise VideoInputError(f"{checkpoint_dir}: the converted checkpoint has no tracker (converted from an "
+                              f"image-model file?); {task} needs the video model's sam3.pt")
+    params = checkpoint.read_params(checkpoint_dir, sam3_checkpoint.abstract_params(cfg, tracker_cfg))
+    return params, cfg, tracker_cfg
+
+
 class VideoPredictor:
     """Tracks objects prompted on one frame through a video (see the module docstring).
 
@@ -246,15 +259,7 @@ class VideoPredictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str) -> VideoPredictor:
-        from sam3_jax.convert import checkpoint, sam3_checkpoint
-
-        manifest = checkpoint.read_manifest(checkpoint_dir)
-        cfg, tracker_cfg = sam3_checkpoint.configs(manifest)
-        if tracker_cfg is None:
-            raise VideoInputError(f"{checkpoint_dir}: the converted checkpoint has no tracker (converted from an "
-                                  "image-model file?); video tracking needs the video model's sam3.pt")
-        params = checkpoint.read_params(checkpoint_dir, sam3_checkpoint.abstract_params(cfg, tracker_cfg))
-        return cls(params, cfg, tracker_cfg)
+        return cls(*read_video_checkpoint(checkpoint_dir, "video tracking"))
 
     # ----------------------------------------------------------------------------------- jitted parts
     def _apply(self, params, *args, method, **kwargs):

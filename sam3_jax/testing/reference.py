@@ -247,3 +247,20 @@ def build_tracker_predictor(image_model, base, cfg, *, keep_autocast: bool = Fal
     if unexpected or not all(k.startswith("backbone.") for k in missing):
         raise ValueError(f"tracker weights do not fit: missing {missing}, unexpected {unexpected}")
     return pred.eval()
+
+
+def convert_video_models(image_model, tracker, directory, cfg, tracker_cfg) -> str:
+    """The two reference models' weights as one video-model ``sam3.pt`` (``detector.*`` and
+    ``tracker.*`` keys) in ``directory``, converted by our converter; returns the converted path."""
+    import numpy as np
+
+    from sam3_jax.convert.sam3_checkpoint import convert_file
+    from sam3_jax.testing.parity import state_dict_numpy
+
+    torch = load().torch
+    sd = {"detector." + k: v for k, v in state_dict_numpy(image_model).items()}
+    sd.update({"tracker." + k: v for k, v in state_dict_numpy(tracker).items()})
+    path, out = os.path.join(directory, "sam3.pt"), os.path.join(directory, "converted")
+    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}}, path)
+    convert_file(path, out, cfg=cfg, tracker_cfg=tracker_cfg)
+    return out

@@ -143,10 +143,9 @@ def models(ref, tmp_path_factory):
     from sam3.model.sam3_image import Sam3ImageOnVideoMultiGPU
     from sam3.model.sam3_video_inference import Sam3VideoInference
 
-    from sam3_jax.convert.sam3_checkpoint import convert_file
     from sam3_jax.infer.detect_track import DetectTrackPredictor
     from sam3_jax.testing import reference
-    from sam3_jax.testing.parity import randomize_, state_dict_numpy
+    from sam3_jax.testing.parity import randomize_
 
     torch = ref.torch
     image_model = reference.build_image_model(MCFG, joint_box_scores=True)
@@ -154,13 +153,10 @@ def models(ref, tmp_path_factory):
     base = reference.build_tracker(TCFG, seed=7)
     with torch.no_grad():  # objects then come and go (empty tracks, new objects over them, duplicates)
         base.sam_mask_decoder.pred_obj_score_head.layers[2].bias += SCORE_BIAS
-    sd = {"detector." + k: v for k, v in state_dict_numpy(image_model).items()}
-    sd.update({"tracker." + k: v for k, v in state_dict_numpy(base).items()})
-    root = tmp_path_factory.mktemp("detect_track_ckpt")
-    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}}, root / "sam3.pt")
-    convert_file(str(root / "sam3.pt"), str(root / "converted"), cfg=MCFG, tracker_cfg=TCFG)
+    converted = reference.convert_video_models(image_model, base, tmp_path_factory.mktemp("detect_track_ckpt"),
+                                               MCFG, TCFG)
     cfg = _thresholds()
-    ours = DetectTrackPredictor.from_checkpoint(str(root / "converted"), cfg)
+    ours = DetectTrackPredictor.from_checkpoint(converted, cfg)
 
     tracker = reference.build_tracker_predictor(image_model, base, TCFG)
     image_model.__class__ = Sam3ImageOnVideoMultiGPU  # the video model's detector class, one process

@@ -31,10 +31,9 @@ FIGURES = {"min_iou": 1.0, "max_score_diff": 0.0}
 
 @pytest.fixture(scope="module")
 def predictors(ref, tmp_path_factory):
-    from sam3_jax.convert.sam3_checkpoint import convert_file
     from sam3_jax.infer.video_predictor import VideoPredictor
     from sam3_jax.testing import reference
-    from sam3_jax.testing.parity import randomize_, state_dict_numpy
+    from sam3_jax.testing.parity import randomize_
 
     torch = ref.torch
     image_model = reference.build_image_model(MCFG)
@@ -42,13 +41,9 @@ def predictors(ref, tmp_path_factory):
     base = reference.build_tracker(TCFG, seed=7)
     with torch.no_grad():
         base.sam_mask_decoder.pred_obj_score_head.layers[2].bias += SCORE_BIAS
-    sd = {"detector." + k: v for k, v in state_dict_numpy(image_model).items()}
-    sd.update({"tracker." + k: v for k, v in state_dict_numpy(base).items()})
-    root = tmp_path_factory.mktemp("video_ckpt")
-    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}}, root / "sam3.pt")
-    convert_file(str(root / "sam3.pt"), str(root / "converted"), cfg=MCFG, tracker_cfg=TCFG)
+    converted = reference.convert_video_models(image_model, base, tmp_path_factory.mktemp("video_ckpt"), MCFG, TCFG)
     theirs = reference.build_tracker_predictor(image_model, base, TCFG)
-    return VideoPredictor.from_checkpoint(str(root / "converted")), theirs
+    return VideoPredictor.from_checkpoint(converted), theirs
 
 
 def _video(num_frames, seed=0):
