@@ -111,16 +111,12 @@ def run_jax(args, objects: int) -> dict:
 
 
 def run_torch(args, objects: int) -> dict:
-    from sam3_jax.testing import reference
-
-    ref = reference.load()
-    torch = ref.torch
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    torch, device = sides.torch_reference(args)
     from sam3.model.position_encoding import PositionEmbeddingSine
 
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    from sam3_jax.testing import reference
+
+    cuda = device == "cuda"
     cfg = tracker_config(args.size)
     trk = reference.build_tracker(cfg).to(device)
     x = inputs(cfg, objects)
@@ -162,23 +158,12 @@ def main():
     parser.add_argument("--objects", default="1,8", help="comma-separated object counts")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--torch-threads", type=int, default=0,
-                        help="torch.set_num_threads for the reference (0: torch's default). On a CPU shared with "
-                             "other work its OpenMP threads wait on each other: 1 is then the fair setting")
-    parser.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)  # internal
+    sides.add_flags(parser)
     args = parser.parse_args()
-    counts = [int(c) for c in args.objects.split(",")]
-    if args.side:
-        fn = run_jax if args.side == "jax" else run_torch
-        sides.emit(fn(args, counts[0]))
+    rows = sides.over_object_counts(__file__, args, run_jax, run_torch,
+                                    [f"--size={args.size}", f"--dtype={args.dtype}", f"--repeats={args.repeats}"])
+    if rows is None:
         return
-    rows = []
-    for objects in counts:
-        flags = [f"--size={args.size}", f"--objects={objects}", f"--dtype={args.dtype}", f"--repeats={args.repeats}",
-                 f"--torch-threads={args.torch_threads}"]
-        res = {side: sides.run(__file__, [f"--side={side}", *flags], f"{side} run ({objects} objects)")
-               for side in ("jax", "torch")}
-        rows.append((objects, res["jax"], res["torch"]))
     print(f"memory-conditioned track_step (frame {HISTORY}, full memory), {args.size} tracker, {args.dtype}, "
           f"median of {args.repeats}")
     print(f"{'objects':>8}{'JAX (ms)':>12}{'PyTorch (ms)':>14}{'JAX/PyTorch':>13}{'JAX peak GiB':>14}"

@@ -87,13 +87,10 @@ def run_jax(args, objects: int) -> dict:
 
 
 def run_torch(args, objects: int) -> dict:
+    torch, device = sides.torch_reference(args)
     from sam3_jax.testing import reference
 
-    ref = reference.load()
-    torch = ref.torch
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    cuda = torch.cuda.is_available()
+    cuda = device == "cuda"
     model_cfg, tracker_cfg = configs(args.size, "float32")
     image_model = reference.build_image_model(model_cfg)
     pred = reference.build_tracker_predictor(image_model, reference.build_tracker(tracker_cfg), tracker_cfg,
@@ -128,7 +125,7 @@ def run_torch(args, objects: int) -> dict:
         secs = min(run() for _ in range(args.repeats))
     return {"fps": (args.frames - 1) / secs, "peak_rss_gib": peak_rss_gib(),
             "device_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-            "device": "cuda" if cuda else "cpu", "threads": torch.get_num_threads()}
+            "device": device, "threads": torch.get_num_threads()}
 
 
 def main():
@@ -139,26 +136,15 @@ def main():
     parser.add_argument("--objects", default="1,5,20", help="comma-separated object counts")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--torch-threads", type=int, default=0,
-                        help="torch.set_num_threads for the reference (0: torch's default). On a CPU shared with "
-                             "other work its OpenMP threads wait on each other: 1 is then the fair setting")
-    parser.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)  # internal
+    sides.add_flags(parser)
     args = parser.parse_args()
     gpu = bool(glob.glob("/dev/nvidia[0-9]*"))  # not via jax.devices(): this process must not claim the GPU
     args.size = args.size or ("official" if gpu else "tiny")
     args.dtype = "bfloat16" if gpu else "float32"
-    counts = [int(c) for c in args.objects.split(",")]
-    if args.side:
-        fn = run_jax if args.side == "jax" else run_torch
-        sides.emit(fn(args, counts[0]))
+    rows = sides.over_object_counts(__file__, args, run_jax, run_torch,
+                                    [f"--size={args.size}", f"--frames={args.frames}", f"--repeats={args.repeats}"])
+    if rows is None:
         return
-    rows = []
-    for objects in counts:
-        flags = [f"--size={args.size}", f"--objects={objects}", f"--frames={args.frames}", f"--repeats={args.repeats}",
-                 f"--torch-threads={args.torch_threads}"]
-        res = {side: sides.run(__file__, [f"--side={side}", *flags], f"{side} run ({objects} objects)")
-               for side in ("jax", "torch")}
-        rows.append((objects, res["jax"], res["torch"]))
     size = configs(args.size, "float32")[0].image_size
     print(f"video predictor ({args.task}), {args.size} model at {size}px, {args.frames} frames, JAX in {args.dtype}, "
           f"best of {args.repeats} after a warm-up")
