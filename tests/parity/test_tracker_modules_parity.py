@@ -341,15 +341,16 @@ def _torch_tracker(ref, cfg):
     return trk
 
 
-def _run_torch_clip(ref, trk, frames, prompts):
+def _run_torch_clip(ref, trk, cfg, frames, prompts):
     """The reference's track_step frame by frame for one object, as the predictor drives it."""
     from sam3.model.position_encoding import PositionEmbeddingSine
 
     torch = ref.torch
-    g, pe = CFG.grid, PositionEmbeddingSine(num_pos_feats=CFG.d_model, normalize=True)
+    g, pe = cfg.grid, PositionEmbeddingSine(num_pos_feats=cfg.d_model, normalize=True)
     output_dict = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
     outs = []
-    for t in range(T):
+    num_frames = len(frames["pix"])
+    for t in range(num_frames):
         prompt = prompts.get(t)
         points = masks = None
         if isinstance(prompt, tuple):
@@ -366,7 +367,7 @@ def _run_torch_clip(ref, trk, frames, prompts):
                 current_vision_feats=[x.flatten(2).permute(2, 0, 1) for x in levels],
                 current_vision_pos_embeds=[pe(x).flatten(2).permute(2, 0, 1) for x in levels],
                 feat_sizes=[(4 * g, 4 * g), (2 * g, 2 * g), (g, g)], image=None, point_inputs=points,
-                mask_inputs=masks, output_dict=output_dict, num_frames=T)
+                mask_inputs=masks, output_dict=output_dict, num_frames=num_frames)
         output_dict["non_cond_frame_outputs" if prompt is None else "cond_frame_outputs"][t] = out
         # (iou_score is only recorded with memory selection)
         outs.append({k: t2n(out[k])[0] for k in ("pred_masks", "pred_masks_high_res", "obj_ptr", "object_score_logits",
@@ -374,12 +375,12 @@ def _run_torch_clip(ref, trk, frames, prompts):
     return outs
 
 
-def _prompt_arrays(prompts_per_object):
+def _prompt_arrays(prompts_per_object, cfg=CFG, num_frames=T):
     """(T, B, ...) static-shape prompts: padded points with validity, masks with a presence flag."""
-    b, p, sm = len(prompts_per_object), CFG.max_points, CFG.input_mask_size
-    a = {"coords": np.zeros((T, b, p, 2), np.float32), "labels": np.zeros((T, b, p), np.int32),
-             "valid": np.zeros((T, b, p), bool), "masks": np.zeros((T, b, sm, sm), np.float32),
-             "has_mask": np.zeros((T, b), bool), "is_cond": np.zeros((T, b), bool)}
+    b, p, sm, n = len(prompts_per_object), cfg.max_points, cfg.input_mask_size, num_frames
+    a = {"coords": np.zeros((n, b, p, 2), np.float32), "labels": np.zeros((n, b, p), np.int32),
+         "valid": np.zeros((n, b, p), bool), "masks": np.zeros((n, b, sm, sm), np.float32),
+         "has_mask": np.zeros((n, b), bool), "is_cond": np.zeros((n, b), bool)}
     for o, prompts in enumerate(prompts_per_object):
         for t, prompt in prompts.items():
             a["is_cond"][t, o] = True
@@ -395,21 +396,21 @@ def _track_clip(cfg, params, frames, prompts, num_objects):
     """Our clip: lax.scan over frames, all objects in one batch, one MemoryBank slot per frame.
     prompts: ``_prompt_arrays``."""
     model = Tracker(cfg)
+    n = len(frames["pix"])
 
     def step(bank, x):
         t = x["t"]
         feats = {k: jnp.broadcast_to(v[None], (num_objects,) + v.shape) for k, v in x["frame"].items()}
         high_res = model.apply({"params": params}, feats["fpn0"], feats["fpn1"], method=Tracker.project_high_res)
-        memory = select_memory(bank, t, T, cfg)
+        memory = select_memory(bank, t, n, cfg)
         p = x["prompts"]
         out = model.apply({"params": params}, feats["pix"], high_res, memory, jnp.broadcast_to(t == 0, (num_objects,)),
                           p["coords"], p["labels"], p["valid"], p["masks"], p["has_mask"], method=Tracker.track_step)
         bank = bank.write(t, t, out["maskmem_features"], out["obj_ptr"], p["is_cond"], out["memory_score"])
         return bank, out
 
-    xs = {"t": jnp.arange(T), "frame": {k: v.transpose(0, 2, 3, 1) for k, v in frames.items()},
-              "prompts": prompts}
-    return jax.lax.scan(step, MemoryBank.empty(cfg, num_objects, T), xs)
+    xs = {"t": jnp.arange(n), "frame": {k: v.transpose(0, 2, 3, 1) for k, v in frames.items()}, "prompts": prompts}
+    return jax.lax.scan(step, MemoryBank.empty(cfg, num_objects, n), xs)
 
 
 @pytest.mark.slow
@@ -423,7 +424,7 @@ def test_track_step_clip(ref, memory_selection):
     c, g = cfg.d_model, cfg.grid
     frames = {"pix": _normal(rng, T, c, g, g), "fpn0": _normal(rng, T, c, 4 * g, 4 * g),
               "fpn1": _normal(rng, T, c, 2 * g, 2 * g)}
-    wants = [_run_torch_clip(ref, trk, frames, prompts) for prompts in PROMPTS]
+    wants = [_run_torch_clip(ref, trk, cfg, frames, prompts) for prompts in PROMPTS]
 
     b = len(PROMPTS)
     abstract = jax.eval_shape(lambda: Tracker(cfg).init(jax.random.key(0), method=Tracker.all_paths))["params"]
@@ -432,24 +433,57 @@ def test_track_step_clip(ref, memory_selection):
     params = keymap.convert(state, abstract).params
     bank, got = jax.jit(_track_clip, static_argnums=(0, 4))(cfg, params, frames, _prompt_arrays(PROMPTS), b)
 
-    present = []
-    for t in range(T):
-        for o, want in enumerate(wants):
-            w = want[t]
-            present.append(w["object_score_logits"][0] > 0)
-            tag = f"clip (selection={memory_selection}) frame {t} object {o}"
-            _close(f"{tag} object score", got["object_score_logits"][t, o], w["object_score_logits"], 1e-4)
-            if "iou_score" in w:
-                _close(f"{tag} iou", got["iou_score"][t, o], w["iou_score"], 1e-4)
-            _close(f"{tag} obj_ptr", got["obj_ptr"][t, o], w["obj_ptr"], 1e-4)
-            _close(f"{tag} memory", got["maskmem_features"][t, o], w["maskmem_features"].transpose(1, 2, 0), 1e-4)
-            if t not in PROMPTS[o] or isinstance(PROMPTS[o][t], tuple):  # mask inputs: see tracker.py
-                for key in ("pred_masks", "pred_masks_high_res"):
-                    scale = np.abs(w[key]).max()
-                    _close(f"{tag} {key} / max", got[key][t, o] / scale, w[key][0] / scale, 1e-3)
+    present = _compare_clip(f"clip (selection={memory_selection})", got, wants, PROMPTS)
     assert 0 < sum(present) < len(present)  # objects both present and absent somewhere in the clip
     if memory_selection:
         _check_training_mode_and_bf16(cfg, params, frames, bank, got)
+
+
+def _compare_clip(name, got, wants, prompts, features_tol=1e-4):
+    """Every frame and object: object score and IoU within 1e-4, pointer and memory features within
+    ``features_tol``, mask logits within 1e-3 of their largest magnitude (not on mask-input frames:
+    see tracker.py). Returns whether the reference saw each (frame, object) present."""
+    present = []
+    for t in range(len(wants[0])):
+        for o, want in enumerate(wants):
+            w = want[t]
+            present.append(w["object_score_logits"][0] > 0)
+            tag = f"{name} frame {t} object {o}"
+            _close(f"{tag} object score", got["object_score_logits"][t, o], w["object_score_logits"], 1e-4)
+            if "iou_score" in w:
+                _close(f"{tag} iou", got["iou_score"][t, o], w["iou_score"], 1e-4)
+            _close(f"{tag} obj_ptr", got["obj_ptr"][t, o], w["obj_ptr"], features_tol)
+            _close(f"{tag} memory", got["maskmem_features"][t, o], w["maskmem_features"].transpose(1, 2, 0),
+                   features_tol)
+            if t not in prompts[o] or isinstance(prompts[o][t], tuple):
+                for key in ("pred_masks", "pred_masks_high_res"):
+                    scale = np.abs(w[key]).max()
+                    _close(f"{tag} {key} / max", got[key][t, o] / scale, w[key][0] / scale, 1e-3)
+    return present
+
+
+@pytest.mark.slow
+def test_track_step_clip_official_size(ref):
+    """The official tracker (video model's switches, memory selection on) over 8 frames of random
+    backbone features at 1008 px: a GT mask on frame 0, then propagation with memory. One object, one
+    process each side; the reference's own track_step frame by frame."""
+    from sam3_jax.testing import reference
+
+    cfg = TrackerConfig.official()
+    trk = reference.build_tracker(cfg, seed=11)
+    rng = np.random.default_rng(11)
+    c, g, m = cfg.d_model, cfg.grid, cfg.input_mask_size
+    frames = {"pix": _normal(rng, T, c, g, g), "fpn0": _normal(rng, T, c, 4 * g, 4 * g),
+              "fpn1": _normal(rng, T, c, 2 * g, 2 * g)}
+    yy, xx = np.mgrid[:m, :m] / m
+    prompts = [{0: (((yy - 0.4) ** 2 / 0.04 + (xx - 0.55) ** 2 / 0.02) < 1).astype(np.float32)}]
+    wants = [_run_torch_clip(ref, trk, cfg, frames, prompts[0])]
+    state = state_dict_numpy(trk)
+    state.pop("no_mem_pos_enc")  # never read by the reference (SAM3_SPEC §3.1); dead for the converter
+    params = keymap.convert(state, jax.eval_shape(
+        lambda: Tracker(cfg).init(jax.random.key(0), method=Tracker.all_paths))["params"]).params
+    _, got = jax.jit(_track_clip, static_argnums=(0, 4))(cfg, params, frames, _prompt_arrays(prompts, cfg), 1)
+    _compare_clip("official clip", got, wants, prompts, features_tol=1e-3)
 
 
 def _check_training_mode_and_bf16(cfg, params, frames, bank, got, t=3):
