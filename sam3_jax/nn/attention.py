@@ -7,6 +7,9 @@ Softmax runs in float32 whatever the compute dtype.
 On a GPU, attention in bf16/fp16 without bias, padding mask or dropout (the ViT's window and global
 blocks) goes to cuDNN's fused flash attention, which never materialises the (Lq, Lk) logits; set
 ``SAM3_JAX_CUDNN_ATTENTION=0`` to keep XLA's einsum-softmax-einsum everywhere (e.g. to compare).
+On a CPU, long attention without dropout (the ViT's global blocks, the tracker's memory attention)
+runs over chunks of queries in turn: each row's softmax is its own, so the result is the same, and
+the (Lq, Lk) logits are never all in memory at once.
 """
 from __future__ import annotations
 
@@ -19,6 +22,20 @@ import jax.numpy as jnp
 
 MASKED = -1e30
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CHUNK_LOGITS = 1 << 22  # on a CPU, attention with more (query, key) pairs than this goes by query chunks
+CHUNK_QUERIES = 1024  # at most this many queries a chunk (the largest divisor of Lq up to it)
+MIN_CHUNK = 128
+
+
+def _query_chunk(q, k, bias, dropout: bool) -> int | None:
+    """The query chunk size where chunking applies (see the module docstring), else None."""
+    lq, lk = q.shape[1], k.shape[1]
+    if dropout or jax.default_backend() != "cpu" or lq * lk <= CHUNK_LOGITS:
+        return None
+    if bias is not None and jnp.ndim(bias) >= 2 and jnp.shape(bias)[-2] != 1:
+        return None  # a per-query bias (boxRPB) would have to be chunked too; those are short
+    size = max(c for c in range(1, min(lq, CHUNK_QUERIES) + 1) if lq % c == 0)
+    return size if size >= MIN_CHUNK and size < lq else None
 
 
 def _use_cudnn(q, k, v, bias, key_padding_mask, dropout: bool, implementation: str | None) -> bool:
@@ -53,6 +70,17 @@ def attend(q, k, v, bias=None, key_padding_mask=None, *, dropout_rate: float = 0
     dropout = not deterministic and dropout_rate > 0.0
     if _use_cudnn(q, k, v, bias, key_padding_mask, dropout, implementation):
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    chunk = _query_chunk(q, k, bias, dropout)
+    if chunk is not None:
+        b, lq = q.shape[:2]
+        chunks = q.reshape(b, lq // chunk, chunk, *q.shape[2:]).swapaxes(0, 1)
+        out = jax.lax.map(lambda qc: _softmax_attention(qc, k, v, bias, key_padding_mask, scale), chunks)
+        return out.swapaxes(0, 1).reshape(q.shape[:3] + v.shape[3:])
+    return _softmax_attention(q, k, v, bias, key_padding_mask, scale, dropout_rate if dropout else 0.0,
+                              dropout_rng)
+
+
+def _softmax_attention(q, k, v, bias, key_padding_mask, scale, dropout_rate: float = 0.0, dropout_rng=None):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
@@ -61,7 +89,7 @@ def attend(q, k, v, bias=None, key_padding_mask=None, *, dropout_rate: float = 0
         # (uniform weights) instead of NaN, which would poison gradients through jnp.where.
         logits = jnp.where(key_padding_mask[:, None, None, :], MASKED, logits)
     weights = jax.nn.softmax(logits, axis=-1)
-    if dropout:
+    if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
