@@ -1,24 +1,36 @@
 """Segment objects through a video and write DAVIS-style masks: the objects of a mask on one frame
 (the SAM 2 task), or every instance of a text prompt (SAM 3's detect-and-track).
 
-  python -m sam3_jax.predict_video --checkpoint=DIR --video=FRAMES_DIR --init_mask=00000.png \
-      --init_frame=0 --output=OUT_DIR [--direction=both|forward|backward] [--overwrite]
-  python -m sam3_jax.predict_video --checkpoint=DIR --video=FRAMES_DIR --prompt="a dog" --output=OUT_DIR
+  python -m sam3_jax.predict_video --checkpoint=DIR --video=FRAMES_DIR_OR_FILE --init_mask=00000.png \
+      --init_frame=0 --output=OUT_DIR [--direction=both|forward|backward] [--overlay=OUT.mp4|OUT.gif] [--overwrite]
+  python -m sam3_jax.predict_video --checkpoint=DIR --video=FRAMES_DIR_OR_FILE --prompt="a dog" --output=OUT_DIR
 
-``--video`` is a directory of JPEG / PNG frames (DAVIS's JPEGImages/<video>), in frame-number order.
+``--video`` is a directory of JPEG / PNG frames (DAVIS's JPEGImages/<video>), in frame-number order, or a
+video file (MP4, MOV, WebM, ... whatever FFmpeg reads; ``infer/video_io.py`` says how it is decoded)
+whose frames are named ``00000``, ``00001``, ...
 ``--init_mask`` is a palette (or grayscale) PNG of object ids on frame ``--init_frame`` (0 background,
 255 void), e.g. DAVIS's first annotation; it must have the frames' size. Every id becomes one object.
 ``--output`` receives one palette PNG of ids per frame the direction reaches, named like the frame
 (``00000.jpg`` -> ``00000.png``), with the init mask's palette; where masks overlap, the object with the
 higher mask logit wins. The directory is written under a temporary name and renamed when complete:
-on any error nothing is left behind. Video files (MP4, ...) are not read: no video decoder is a
-dependency; extract the frames with ffmpeg first (the error message gives the command).
+on any error nothing is left behind.
 
 With ``--prompt`` (instead of ``--init_mask``) objects are found by the detector on every frame and
 tracked forward from frame 0 (``infer/detect_track.py``); the PNGs hold palette index
 ``(object id % 254) + 1`` (0 background, 255 never used), and ``objects.json`` lists every object shown,
 with its palette index, its detection score and the frames it appears on.
+
+Both tasks also write ``results.json``, a YouTube-VIS results file (``evaluate --metric=ytvis`` reads it):
+per object ``{"video_id", "category_id", "score", "segmentations", "obj_id", "label"}`` with, for every
+frame of the video, the compressed RLE of the object's pixels in the PNGs, or null where it has none
+(and on frames not tracked); ``label`` is its palette index in the PNGs. ``score``: with ``--prompt`` the detection
+score (as objects.json); with ``--init_mask`` the mean over the tracked frames of the object score
+(sigmoid of the tracker's object score logit). ``--overlay`` writes the tracked frames, in order, with
+the objects tinted in the PNGs' palette colours, as an MP4 or a GIF (``video_io.write_overlay``), also
+under a temporary name.
 """
+import contextlib
+import json
 import os
 import sys
 
@@ -29,17 +41,20 @@ from sam3_jax import fileio
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory with a tracker (convert_torch_ckpt.py).")
-flags.DEFINE_string("video", None, "Directory of the video's JPEG / PNG frames.")
+flags.DEFINE_string("video", None, "Directory of the video's JPEG / PNG frames, or a video file.")
 flags.DEFINE_string("init_mask", None, "Palette PNG of object ids on --init_frame (DAVIS annotation).")
 flags.DEFINE_string("prompt", None, "Text prompt: find and track every instance (instead of --init_mask).")
 flags.DEFINE_integer("init_frame", 0, "Index (in frame order, from 0) of the frame --init_mask annotates.")
 flags.DEFINE_string("output", None, "Directory to create with one palette PNG per tracked frame.")
 flags.DEFINE_enum("direction", "both", ["forward", "backward", "both"],
                   "Track after the init frame, before it, or both (forward first, as the reference).")
-flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.")
+flags.DEFINE_string("overlay", None, "Optional .mp4 or .gif to write: the frames with the masks drawn in.")
+flags.DEFINE_integer("video_id", 1, "video_id of every masklet in results.json (the ground truth's, to evaluate).")
+flags.DEFINE_integer("category_id", 1, "category_id of every masklet in results.json.")
+flags.DEFINE_bool("overwrite", False, "Replace --output (and --overlay) if it exists.")
 
-VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 VOID_ID = 255
+RESULTS = "results.json"
 
 
 class InputError(ValueError):
@@ -78,19 +93,86 @@ def read_init_mask(path: str):
         raise InputError(f"{path}: cannot be read as an image ({e})") from e
 
 
+@contextlib.contextmanager
 def open_frames(path: str):
+    """Yields (frames, stems, fps): the frame source, each frame's output name without ``.png`` and the
+    frame rate the overlay plays at (a directory of frames has none: ``video_io.DEFAULT_FPS``)."""
+    from sam3_jax.infer import video_io
     from sam3_jax.infer.video_predictor import ImageFolderFrames
 
-    if os.path.isfile(path):
-        if path.lower().endswith(VIDEO_SUFFIXES):
-            raise InputError(
-                f"{path}: video files are not read (no video decoder is installed with sam3-jax); extract the "
-                f"frames first, e.g. `mkdir frames && ffmpeg -i {path} -q:v 2 -start_number 0 frames/%05d.jpg`, "
-                "and pass --video=frames")
-        raise InputError(f"{path}: --video must be a directory of frames")
-    if not os.path.exists(path):
+    if os.path.isdir(path):
+        frames = ImageFolderFrames(path)
+        yield frames, [os.path.splitext(os.path.basename(p))[0] for p in frames.paths], video_io.DEFAULT_FPS
+    elif os.path.isfile(path):
+        with video_io.VideoFileFrames(path) as frames:
+            yield frames, [f"{i:05d}" for i in range(len(frames))], frames.fps
+    else:
         raise InputError(f"video not found: {path}")
-    return ImageFolderFrames(path)
+
+
+def check_outputs(output: str, overlay: str | None, overwrite: bool) -> str:
+    """Refuses, before any work, outputs that exist (unless ``overwrite``) or an overlay that cannot be
+    written; returns ``output`` made absolute."""
+    from sam3_jax.infer import video_io
+
+    output = os.path.abspath(output)
+    for path in [output] + ([overlay] if overlay else []):
+        if os.path.exists(path) and not overwrite:
+            raise InputError(f"output exists (pass --overwrite to replace it): {os.path.abspath(path)}")
+    if overlay:
+        if not overlay.lower().endswith(video_io.OVERLAY_SUFFIXES):
+            raise InputError(f"--overlay={overlay}: must end with {' or '.join(video_io.OVERLAY_SUFFIXES)}")
+        if os.path.abspath(overlay).startswith(output + os.sep):
+            raise InputError(f"--overlay={overlay}: must be outside --output (that directory is replaced whole)")
+    return output
+
+
+class Masklets:
+    """Per object a YouTube-VIS segmentation per frame: compressed RLE where it has pixels, else None.
+    Held until the end (an RLE is small: about its outline's length in bytes)."""
+
+    def __init__(self, num_frames: int):
+        self.num_frames = num_frames
+        self.rles: dict[int, list] = {}
+
+    def add(self, frame_idx: int, obj_id: int, mask: np.ndarray) -> None:
+        from sam3_jax.evaluation.coco import encode_mask
+
+        if mask.any():
+            self.rles.setdefault(obj_id, [None] * self.num_frames)[frame_idx] = encode_mask(mask)
+
+    def results(self, objects: list[dict], video_id: int, category_id: int) -> list[dict]:
+        """``objects``: {"id", "label", "score"} each, in the order to list them."""
+        return [{"video_id": video_id, "category_id": category_id, "score": o["score"],
+                 "segmentations": self.rles.get(o["id"], [None] * self.num_frames), "obj_id": o["id"],
+                 "label": o["label"]} for o in objects]
+
+
+def save_label(directory: str, stem: str, label: np.ndarray, palette: list[int]) -> None:
+    from PIL import Image
+
+    im = Image.fromarray(label)
+    im.putpalette(palette)  # mode L -> P, the ids kept as palette indices
+    im.save(os.path.join(directory, stem + ".png"))
+
+
+def finish(directory: str, results: list[dict], frames, stems: list[str], done: list[int], palette: list[int],
+           fps, overlay: str | None) -> None:
+    """results.json into ``directory``, then the overlay of the ``done`` frames from their PNGs there."""
+    from PIL import Image
+
+    from sam3_jax.infer import video_io
+
+    with open(os.path.join(directory, RESULTS), "w") as f:
+        json.dump(results, f)
+    if overlay:
+        def tinted():
+            for i in sorted(done):
+                with Image.open(os.path.join(directory, stems[i] + ".png")) as im:
+                    label = np.asarray(im)
+                yield video_io.blend(np.asarray(frames[i]), label, palette)
+
+        video_io.write_overlay(overlay, tinted(), fps)
 
 
 def label_map(result, obj_ids: list[int]) -> np.ndarray:
@@ -102,40 +184,40 @@ def label_map(result, obj_ids: list[int]) -> np.ndarray:
 
 
 def run(checkpoint: str, video: str, init_mask: str, init_frame: int, output: str, direction: str,
-        overwrite: bool = False) -> int:
+        overwrite: bool = False, overlay: str | None = None, video_id: int = 1, category_id: int = 1) -> int:
     """Does the work of the CLI; returns the number of frames written."""
-    from PIL import Image
-
     from sam3_jax.infer.video_predictor import VideoPredictor
 
-    output = os.path.abspath(output)
-    if os.path.exists(output) and not overwrite:
-        raise InputError(f"output exists (pass --overwrite to replace it): {output}")
-    frames = open_frames(video)
-    if not 0 <= init_frame < len(frames):
-        raise InputError(f"--init_frame={init_frame} is outside the video's {len(frames)} frames")
-    ids_map, palette = read_init_mask(init_mask)
-    if ids_map.shape != frames.size:
-        raise InputError(f"{init_mask} is {ids_map.shape[1]}x{ids_map.shape[0]} but the frames are "
-                         f"{frames.size[1]}x{frames.size[0]}")
-    obj_ids = [int(i) for i in np.unique(ids_map) if i not in (0, VOID_ID)]
-    if not obj_ids:
-        raise InputError(f"{init_mask}: no object (every pixel is 0 or {VOID_ID})")
-    palette = palette or voc_palette()
-    predictor = VideoPredictor.from_checkpoint(checkpoint)
-    prompts = {i: ids_map == i for i in obj_ids}
+    output = check_outputs(output, overlay, overwrite)
+    with open_frames(video) as (frames, stems, fps):
+        if not 0 <= init_frame < len(frames):
+            raise InputError(f"--init_frame={init_frame} is outside the video's {len(frames)} frames")
+        ids_map, palette = read_init_mask(init_mask)
+        if ids_map.shape != frames.size:
+            raise InputError(f"{init_mask} is {ids_map.shape[1]}x{ids_map.shape[0]} but the frames are "
+                             f"{frames.size[1]}x{frames.size[0]}")
+        obj_ids = [int(i) for i in np.unique(ids_map) if i not in (0, VOID_ID)]
+        if not obj_ids:
+            raise InputError(f"{init_mask}: no object (every pixel is 0 or {VOID_ID})")
+        palette = palette or voc_palette()
+        predictor = VideoPredictor.from_checkpoint(checkpoint)
+        prompts = {i: ids_map == i for i in obj_ids}
+        masklets, done = Masklets(len(frames)), []
+        presence = np.zeros(len(obj_ids))  # sum over tracked frames of sigmoid(object score logit)
 
-    with fileio.atomic_directory(output) as tmp:
-        written = 0
-        for result in predictor.propagate_iter(frames, prompts, init_frame, direction):
-            name = os.path.splitext(os.path.basename(frames.paths[result.frame_idx]))[0] + ".png"
-            im = Image.fromarray(label_map(result, obj_ids))
-            im.putpalette(palette)  # mode L -> P, the ids kept as palette indices
-            im.save(os.path.join(tmp, name))
-            written += 1
-            if written % 25 == 0:
-                logging.info("%d frames tracked", written)
-    return written
+        with fileio.atomic_directory(output) as tmp:
+            for result in predictor.propagate_iter(frames, prompts, init_frame, direction):
+                label = label_map(result, obj_ids)
+                save_label(tmp, stems[result.frame_idx], label, palette)
+                for i in obj_ids:
+                    masklets.add(result.frame_idx, i, label == i)
+                presence += 0.5 + 0.5 * np.tanh(result.scores.astype(np.float64) / 2)  # sigmoid, no overflow
+                done.append(result.frame_idx)
+                if len(done) % 25 == 0:
+                    logging.info("%d frames tracked", len(done))
+            objects = [{"id": i, "label": i, "score": float(p / len(done))} for i, p in zip(obj_ids, presence)]
+            finish(tmp, masklets.results(objects, video_id, category_id), frames, stems, done, palette, fps, overlay)
+    return len(done)
 
 
 def text_label_map(frame) -> np.ndarray:
@@ -146,40 +228,36 @@ def text_label_map(frame) -> np.ndarray:
     return label
 
 
-def run_text(checkpoint: str, video: str, prompt: str, output: str, overwrite: bool = False) -> int:
+def run_text(checkpoint: str, video: str, prompt: str, output: str, overwrite: bool = False,
+             overlay: str | None = None, video_id: int = 1, category_id: int = 1) -> int:
     """The CLI with ``--prompt``: returns the number of frames written."""
-    import json
-
-    from PIL import Image
-
     from sam3_jax.infer.detect_track import DetectTrackPredictor
 
-    output = os.path.abspath(output)
-    if os.path.exists(output) and not overwrite:
-        raise InputError(f"output exists (pass --overwrite to replace it): {output}")
+    output = check_outputs(output, overlay, overwrite)
     if not prompt or not prompt.strip():
         raise InputError("--prompt is empty")
-    frames = open_frames(video)
-    predictor = DetectTrackPredictor.from_checkpoint(checkpoint)
-    objects: dict[int, dict] = {}
-    with fileio.atomic_directory(output) as tmp:
-        written = 0
-        for result in predictor.propagate_iter(frames, prompt):
-            name = os.path.splitext(os.path.basename(frames.paths[result.frame_idx]))[0] + ".png"
-            im = Image.fromarray(text_label_map(result))
-            im.putpalette(voc_palette())
-            im.save(os.path.join(tmp, name))
-            for obj_id, prob, mask in zip(result.obj_ids, result.probs, result.masks):
-                if mask.any():
-                    entry = objects.setdefault(int(obj_id), {"id": int(obj_id), "label": int(obj_id) % (VOID_ID - 1) + 1,
-                                                             "score": float(prob), "frames": []})
-                    entry["frames"].append(result.frame_idx)
-            written += 1
-            if written % 25 == 0:
-                logging.info("%d frames processed", written)
-        with open(os.path.join(tmp, "objects.json"), "w") as f:
-            json.dump({"prompt": prompt, "objects": [objects[i] for i in sorted(objects)]}, f, indent=1)
-    return written
+    with open_frames(video) as (frames, stems, fps):
+        predictor = DetectTrackPredictor.from_checkpoint(checkpoint)
+        objects: dict[int, dict] = {}
+        masklets, done, palette = Masklets(len(frames)), [], voc_palette()
+        with fileio.atomic_directory(output) as tmp:
+            for result in predictor.propagate_iter(frames, prompt):
+                save_label(tmp, stems[result.frame_idx], text_label_map(result), palette)
+                for obj_id, prob, mask in zip(result.obj_ids, result.probs, result.masks):
+                    if mask.any():
+                        label = int(obj_id) % (VOID_ID - 1) + 1
+                        entry = objects.setdefault(int(obj_id), {"id": int(obj_id), "label": label,
+                                                                 "score": float(prob), "frames": []})
+                        entry["frames"].append(result.frame_idx)
+                    masklets.add(result.frame_idx, int(obj_id), mask)
+                done.append(result.frame_idx)
+                if len(done) % 25 == 0:
+                    logging.info("%d frames processed", len(done))
+            shown = [objects[i] for i in sorted(objects)]
+            with open(os.path.join(tmp, "objects.json"), "w") as f:
+                json.dump({"prompt": prompt, "objects": shown}, f, indent=1)
+            finish(tmp, masklets.results(shown, video_id, category_id), frames, stems, done, palette, fps, overlay)
+    return len(done)
 
 
 def main(argv):
@@ -190,11 +268,13 @@ def main(argv):
     try:
         if (FLAGS.prompt is None) == (FLAGS.init_mask is None):
             raise InputError("give exactly one of --init_mask (objects on one frame) and --prompt (text)")
+        outputs = {"overwrite": FLAGS.overwrite, "overlay": FLAGS.overlay, "video_id": FLAGS.video_id,
+                   "category_id": FLAGS.category_id}
         if FLAGS.prompt is not None:
-            written = run_text(FLAGS.checkpoint, FLAGS.video, FLAGS.prompt, FLAGS.output, FLAGS.overwrite)
+            written = run_text(FLAGS.checkpoint, FLAGS.video, FLAGS.prompt, FLAGS.output, **outputs)
         else:
             written = run(FLAGS.checkpoint, FLAGS.video, FLAGS.init_mask, FLAGS.init_frame, FLAGS.output,
-                          FLAGS.direction, FLAGS.overwrite)
+                          FLAGS.direction, **outputs)
     except (InputError, VideoInputError, DataError, OSError) as e:  # bad input: one line naming it, no traceback
         print(f"predict_video: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -2,12 +2,16 @@
 
 No PyTorch: the checkpoint is the tiny model (ModelConfig.tiny() / TrackerConfig.tiny()) with seeded
 random parameters, written in the converted-checkpoint format. Frames and the init mask come from the
-synthetic DAVIS-style generator. (Agreement with the reference: tests/parity/test_video_predictor_parity.py.)
+synthetic DAVIS-style generator; video files are made here with PyAV. (Agreement with the reference:
+tests/parity/test_video_predictor_parity.py.)
 """
+import json
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
+import av
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,9 +21,13 @@ from PIL import Image
 from sam3_jax import predict_video
 from sam3_jax.convert import checkpoint, sam3_checkpoint
 from sam3_jax.data.sources.davis import DavisSource
+from sam3_jax.data.sources.json_video import ytvis_source
 from sam3_jax.data.synthetic import render_video
-from sam3_jax.infer import video_predictor
-from sam3_jax.infer.video_predictor import VideoInputError
+from sam3_jax.evaluation import ytvis
+from sam3_jax.infer import video_io, video_predictor
+from sam3_jax.infer.detect_track import DetectTrackFrame, DetectTrackPredictor
+from sam3_jax.infer.video_io import VideoFileFrames
+from sam3_jax.infer.video_predictor import VideoInputError, VideoPredictor
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tokenizer import DEFAULT_BPE_PATH
 from sam3_jax.model.tracker.config import TrackerConfig
@@ -96,11 +104,17 @@ def tiny_checkpoint(tmp_path_factory):
     return str(out)
 
 
+def _synthetic():
+    """The test video: NUM_FRAMES 48 x 64 frames (PIL) and their label maps."""
+    frames, labels, _ = render_video(np.random.default_rng(3), NUM_FRAMES, 64)
+    return frames, labels
+
+
 @pytest.fixture(scope="module")
 def davis_video(tmp_path_factory):
     """DAVIS layout: JPEGImages/vid/0000{0..4}.jpg and the palette annotation of frame INIT."""
     root = tmp_path_factory.mktemp("davis")
-    frames, labels, _ = render_video(np.random.default_rng(3), NUM_FRAMES, 64)  # 48 x 64 frames
+    frames, labels = _synthetic()
     frame_dir = root / "JPEGImages" / "vid"
     frame_dir.mkdir(parents=True)
     for i, frame in enumerate(frames):
@@ -123,7 +137,7 @@ def test_cli_writes_davis_masks(tiny_checkpoint, davis_video):
     proc = _cli(f"--checkpoint={tiny_checkpoint}", f"--video={root / 'JPEGImages' / 'vid'}",
                 f"--init_mask={root / 'init.png'}", f"--init_frame={INIT}", f"--output={out}", "--direction=both")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(NUM_FRAMES)]
+    assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(NUM_FRAMES)] + ["results.json"]
     assert not [p for p in os.listdir(out.parent) if p.startswith(".")]  # no temporary directory left
     video = DavisSource(str(root / "JPEGImages"), str(root / "Annotations")).video(0)
     ids = [int(i) for i in np.unique(init_label) if i]
@@ -141,16 +155,16 @@ def test_cli_writes_davis_masks(tiny_checkpoint, davis_video):
 
 @pytest.mark.slow
 def test_cli_text_prompt_writes_every_frame(tiny_checkpoint, davis_video):
-    """--prompt: detect-and-track from frame 0; one palette PNG per frame and objects.json (random
-    weights find nothing at the reference's thresholds: the files are still complete)."""
-    import json
-
+    """--prompt: detect-and-track from frame 0; one palette PNG per frame, objects.json and results.json
+    (random weights find nothing at the reference's thresholds: the files are still complete)."""
     root, _ = davis_video
     out = root / "text_out"
     proc = _cli(f"--checkpoint={tiny_checkpoint}", f"--video={root / 'JPEGImages' / 'vid'}", "--prompt=a ball",
                 f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(NUM_FRAMES)] + ["objects.json"]
+    pngs = [f"{i:05d}.png" for i in range(NUM_FRAMES)]
+    assert sorted(os.listdir(out)) == pngs + ["objects.json", "results.json"]
+    assert json.loads((out / "results.json").read_text()) == []  # no object found
     meta = json.loads((out / "objects.json").read_text())
     assert meta["prompt"] == "a ball" and isinstance(meta["objects"], list)
     im = Image.open(out / "00000.png")
@@ -208,7 +222,7 @@ def test_bad_inputs_name_the_problem(tmp_path, tiny_checkpoint):
     (broken / "00001.jpg").write_bytes(b"not a jpeg")
     fails(broken, match=r"00001\.jpg: cannot be read")
     (tmp_path / "clip.mp4").write_bytes(b"\x00")
-    fails(tmp_path / "clip.mp4", match="ffmpeg -i .*clip.mp4")
+    fails(tmp_path / "clip.mp4", match=r"clip\.mp4: cannot be read as a video")
     fails(tmp_path / "missing", match="video not found")
     good = _frames(tmp_path, [(12, 16), (12, 16)], "good")
     fails(good, init_mask=_mask(tmp_path, (10, 16)), match=r"mask.png is 16x10 but the frames are 16x12")
@@ -247,3 +261,234 @@ def test_predictor_input_errors(tiny_checkpoint):
             predictor.propagate(frames, **kwargs)
     with pytest.raises(VideoInputError, match="frames must be"):
         predictor.propagate(np.zeros((3, 12, 16), np.uint8), {1: mask})
+
+
+# ------------------------------------------------------------------------------------ video files
+@pytest.fixture(scope="module")
+def davis_mp4(davis_video):
+    """The DAVIS frames as an H.264 MP4 at 24 fps (yuv420p: lossy), and the MP4 decoded here to
+    0000{0..4}.png: the pixels the predictor must see when it is given the MP4."""
+    root, _ = davis_video
+    path = root / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.height, stream.width, stream.pix_fmt = 48, 64, "yuv420p"
+        for frame in _synthetic()[0]:
+            container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        container.mux(stream.encode(None))
+    decoded = root / "decoded"
+    decoded.mkdir()
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            Image.fromarray(frame.to_ndarray(format="rgb24")).save(decoded / f"{i:05d}.png")
+    assert len(os.listdir(decoded)) == NUM_FRAMES
+    return path, decoded
+
+
+def test_video_file_frames_in_the_predictors_order(davis_mp4):
+    """direction="both" from frame 2, then in order (the overlay): every frame as decoded; only the frames
+    passed on the way to frame 2 are spooled, and close() deletes them."""
+    path, decoded = davis_mp4
+    want = [np.asarray(Image.open(decoded / f"{i:05d}.png")) for i in range(NUM_FRAMES)]
+    with VideoFileFrames(str(path)) as frames:
+        assert len(frames) == NUM_FRAMES and frames.size == (48, 64) and frames.fps == 24
+        for i in [2, 3, 4, 1, 0, *range(NUM_FRAMES)]:
+            np.testing.assert_array_equal(frames[i], want[i])
+        spool = frames._spool.name
+        assert sorted(os.listdir(spool)) == ["00000.npy", "00001.npy"]
+    assert not os.path.exists(spool)
+
+
+def _labels(out):
+    return np.stack([np.asarray(Image.open(out / f"{t:05d}.png")) for t in range(NUM_FRAMES)])
+
+
+def _check_ytvis_results(out, tmp_path):
+    """results.json read back with the project's YouTube-VIS reader gives exactly the PNGs' masks, and its
+    evaluator scores it AP 1 against ground truth encoded here from the PNGs."""
+    results = json.loads((out / "results.json").read_text())
+    labels = _labels(out)
+    videos = [{"id": results[0]["video_id"], "height": 48, "width": 64,
+               "file_names": [f"vid/{t:05d}.jpg" for t in range(NUM_FRAMES)]}]
+    categories = [{"id": c, "name": f"thing {c}"} for c in {r["category_id"] for r in results}]
+    as_gt = {"videos": videos, "categories": categories,
+             "annotations": [{"id": r["obj_id"], "video_id": r["video_id"], "category_id": r["category_id"],
+                              "segmentations": r["segmentations"]} for r in results]}
+    (tmp_path / "as_gt.json").write_text(json.dumps(as_gt))
+    video = ytvis_source(str(tmp_path), str(tmp_path / "as_gt.json")).video(0)
+    want = labels[:, None] == np.array([r["label"] for r in results])[None, :, None, None]
+    assert want.any(axis=(0, 2, 3)).all()
+    for t in range(NUM_FRAMES):
+        np.testing.assert_array_equal(video.load_annotation(t).masks([r["obj_id"] for r in results]), want[t])
+    gt = {"videos": videos, "categories": categories,
+          "annotations": [{"video_id": r["video_id"], "category_id": r["category_id"],
+                           "segmentations": ytvis.encode_masklet(want[:, k])} for k, r in enumerate(results)]}
+    assert ytvis.evaluate(gt, str(out / "results.json"))["AP"] == 1.0
+    return results
+
+
+@pytest.fixture(scope="module")
+def tiny_video_predictor(tiny_checkpoint):
+    """One predictor for the tests below: its jitted functions compile once (most of their time)."""
+    return VideoPredictor.from_checkpoint(tiny_checkpoint)
+
+
+@pytest.mark.slow
+def test_predictor_reads_an_mp4_as_its_decoded_frames(tiny_video_predictor, davis_video, davis_mp4):
+    """Direction both from frame INIT: every frame's mask logits and object scores are bit-identical."""
+    _, init_label = davis_video
+    path, decoded = davis_mp4
+    prompts = {int(i): init_label == i for i in np.unique(init_label) if i}
+    with VideoFileFrames(str(path)) as frames:
+        from_mp4 = list(tiny_video_predictor.propagate_iter(frames, prompts, INIT, "both"))
+    from_pngs = video_predictor.ImageFolderFrames(str(decoded))
+    for a, b in zip(from_mp4, tiny_video_predictor.propagate_iter(from_pngs, prompts, INIT, "both"), strict=True):
+        assert a.frame_idx == b.frame_idx
+        np.testing.assert_array_equal(a.logits, b.logits)
+        np.testing.assert_array_equal(a.scores, b.scores)
+    assert [r.frame_idx for r in from_mp4] == [2, 3, 4, 1, 0]
+
+
+@pytest.fixture(scope="module")
+def mask_task_outputs(tiny_checkpoint, tiny_video_predictor, davis_video, davis_mp4, tmp_path_factory):
+    """predict_video.run, direction both from frame INIT, on the MP4 (with an MP4 overlay) and on its frames
+    decoded to PNGs."""
+    root, _ = davis_video
+    path, decoded = davis_mp4
+    out = tmp_path_factory.mktemp("mask_task")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(VideoPredictor, "from_checkpoint", classmethod(lambda cls, directory: tiny_video_predictor))
+        for name, video, overlay in (("mp4", path, out / "overlay.mp4"), ("frames", decoded, None)):
+            written = predict_video.run(tiny_checkpoint, str(video), str(root / "init.png"), INIT, str(out / name),
+                                        "both", overlay=overlay and str(overlay))
+            assert written == NUM_FRAMES
+    return out
+
+
+@pytest.mark.slow
+def test_mp4_gives_the_masks_of_its_decoded_frames(mask_task_outputs, tmp_path):
+    out = mask_task_outputs
+    names = [f"{i:05d}.png" for i in range(NUM_FRAMES)] + ["results.json"]
+    assert sorted(os.listdir(out / "mp4")) == sorted(os.listdir(out / "frames")) == names
+    np.testing.assert_array_equal(_labels(out / "mp4"), _labels(out / "frames"))
+    assert (out / "mp4" / "results.json").read_text() == (out / "frames" / "results.json").read_text()
+    results = _check_ytvis_results(out / "mp4", tmp_path)
+    ids = [int(i) for i in np.unique(_labels(out / "mp4")[INIT]) if i]
+    assert [r["obj_id"] for r in results] == [r["label"] for r in results] == ids
+    assert all(0 < r["score"] <= 1 and (r["video_id"], r["category_id"]) == (1, 1) for r in results)
+
+
+@pytest.mark.slow
+def test_mp4_overlay_has_every_frame(mask_task_outputs, davis_mp4):
+    """The overlay: one frame per tracked frame at the video's size and rate, the objects tinted in the
+    PNGs' palette colours (H.264 is lossy: compared with a tolerance)."""
+    out = mask_task_outputs
+    _, decoded = davis_mp4
+    assert not [p for p in os.listdir(out) if p.startswith(".")]
+    with av.open(str(out / "overlay.mp4")) as container:
+        stream = container.streams.video[0]
+        assert stream.average_rate == 24
+        got = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    labels = _labels(out / "mp4")
+    assert len(got) == NUM_FRAMES and got[0].shape == (48, 64, 3)
+    for t in range(NUM_FRAMES):
+        frame = np.asarray(Image.open(decoded / f"{t:05d}.png"))
+        want = video_io.blend(frame, labels[t], predict_video.voc_palette()).astype(int)
+        error, tinted = np.abs(got[t] - want), labels[t] > 0
+        assert error.mean() < 4, t
+        if tinted.any():  # (random weights: not every frame has an object; the prompt frame has)
+            assert error[tinted].mean() < np.abs(got[t] - frame)[tinted].mean() / 3, t
+    assert labels[INIT].any()
+
+
+class _FakeDetectTrack:
+    """Stands in for the text-prompted predictor: objects 3 and 300 are the synthetic video's objects 1 and
+    2, with fixed detection scores; it reads every frame, in order, as the real one does."""
+
+    def __init__(self):
+        self.labels = _synthetic()[1]
+
+    def propagate_iter(self, frames, prompt):
+        for t in range(len(frames)):
+            assert frames[t].shape == (48, 64, 3)
+            yield DetectTrackFrame(frame_idx=t, obj_ids=np.array([3, 300]), probs=np.array([0.9, 0.6]),
+                                   masks=self.labels[t][None] == np.array([1, 2])[:, None, None],
+                                   boxes_xywh=np.zeros((2, 4)))
+
+
+def _main(capsys, *args):
+    """predict_video's main in this process (no JAX start-up per call): (exit code, stderr)."""
+    try:
+        predict_video.FLAGS(["predict_video", *args])
+        predict_video.main([])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        predict_video.FLAGS.unparse_flags()
+    return code, capsys.readouterr().err
+
+
+def test_text_task_on_mp4_writes_ytvis_results_and_gif(tmp_path, monkeypatch, capsys, davis_mp4):
+    """--prompt on an MP4 through the CLI's main: PNGs 00000.png ..., objects.json as before, results.json
+    with the ids given by flag and objects.json's scores, and a GIF overlay of every frame."""
+    path, _ = davis_mp4
+    monkeypatch.setattr(DetectTrackPredictor, "from_checkpoint", classmethod(lambda cls, d: _FakeDetectTrack()))
+    out, gif = tmp_path / "out", tmp_path / "overlay.gif"
+    code, err = _main(capsys, "--checkpoint=unused", f"--video={path}", "--prompt=a shape", f"--output={out}",
+                      f"--overlay={gif}", "--video_id=5", "--category_id=2")
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(NUM_FRAMES)] + ["objects.json", "results.json"]
+    objects = json.loads((out / "objects.json").read_text())["objects"]
+    assert [list(o) for o in objects] == [["id", "label", "score", "frames"]] * 2
+    results = _check_ytvis_results(out, tmp_path)
+    assert [(r["obj_id"], r["label"], r["score"]) for r in results] == [(o["id"], o["label"], o["score"])
+                                                                       for o in objects]
+    assert [(r["obj_id"], r["label"]) for r in results] == [(3, 4), (300, 47)]
+    assert {(r["video_id"], r["category_id"]) for r in results} == {(5, 2)}
+    for r, o in zip(results, objects):  # null exactly where the object has no pixel
+        assert [t for t, s in enumerate(r["segmentations"]) if s is not None] == o["frames"]
+    with Image.open(gif) as im:
+        assert im.n_frames == NUM_FRAMES and im.size == (64, 48)
+        assert abs(im.info["duration"] - 1000 / 24) <= 5  # GIF delays are in 10 ms
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_bad_video_files_exit_1_naming_the_file(tmp_path, capsys, davis_video, davis_mp4):
+    """Each fails before any work: exit 1, one line naming the file, no output and no temporary file."""
+    root, _ = davis_video
+    mp4, _ = davis_mp4
+    (tmp_path / "notes.mp4").write_text("not a video\n")
+    data = mp4.read_bytes()
+    (tmp_path / "truncated.mp4").write_bytes(data[:len(data) // 2])  # the index (moov) is at the end: gone
+    for name, fmt in (("no_stream.mp4", "mp4"), ("no_frames.avi", "avi")):
+        container = av.open(str(tmp_path / name), "w", format=fmt)
+        stream = container.add_stream("mjpeg", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        container.start_encoding()  # a header, no frame (the MP4 muxer drops the empty stream)
+        container.close()
+    with av.open(str(tmp_path / "sizes.mkv"), "w") as container:  # Motion JPEG: every packet has its own size
+        stream = container.add_stream("mjpeg", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")))
+        small = av.CodecContext.create("mjpeg", "w")
+        small.width, small.height, small.pix_fmt, small.time_base = 32, 24, "yuvj420p", Fraction(1, 24)
+        frame = av.VideoFrame.from_ndarray(np.zeros((24, 32, 3), np.uint8), format="rgb24")
+        frame.pts = 1
+        for packet in small.encode(frame):
+            packet.stream, packet.time_base, packet.pts, packet.dts = stream, Fraction(1, 24), 1, 1
+            container.mux(packet)
+    out = tmp_path / "out"
+    for name, message in [("notes.mp4", "cannot be read as a video"), ("truncated.mp4", "cannot be read as a video"),
+                          ("no_stream.mp4", "no video stream"), ("no_frames.avi", "no frames"),
+                          ("sizes.mkv", "frame 1 is 32x24 but frame 0 is 64x48")]:
+        video = tmp_path / name
+        for task in (f"--init_mask={root / 'init.png'}", "--prompt=a shape"):
+            code, err = _main(capsys, "--checkpoint=unused", f"--video={video}", task, f"--output={out}")
+            assert code == 1 and err.count("\n") == 1 and f"{video}: {message}" in err, (name, err)
+            assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+    for overlay, message in [("o.avi", "must end with .gif or .mp4"), ("out/o.mp4", "must be outside --output"),
+                             ("notes.mp4", "output exists")]:
+        code, err = _main(capsys, "--checkpoint=unused", f"--video={mp4}", "--prompt=a shape", f"--output={out}",
+                          f"--overlay={tmp_path / overlay}")
+        assert code == 1 and message in err and not out.exists(), (overlay, err)
