@@ -6,7 +6,10 @@ heuristics of ``build_sam3_video_model`` (temporal disambiguation on); every thr
 ``DetectTrackConfig`` with the reference's default. Per frame:
 
 1. detect: the detector with the cached text features; mask NMS; keep prob > threshold. The tracker's
-   three feature levels are rounded to bfloat16 as the reference's detector hands them over;
+   three feature levels are rounded to bfloat16 as the reference's detector hands them over. Detection
+   does not depend on the tracking state, so it runs ahead of the loop a block of frames at a time
+   (``detection_block``), the frames sharded over the local devices as the reference's multi-GPU
+   predictor shards its frames; the loop then takes the block's frames one by one;
 2. propagate: one ``track_step`` for every live object over its memory bank (no memory encoding
    yet); small holes and sprinkles of the low-res masks filled (``fill_holes``);
 3. plan (host-side numpy): associate detections to tracks by mask IoU, pick new objects, hot-start
@@ -25,7 +28,11 @@ kept in ascending id order as the reference orders them; a validity mask marks t
 object's ``MemoryBank`` has ``max_cond_frames_in_attn`` conditioning slots (the most recent
 conditioning frames, which is what forward tracking selects) and the tracked-frame slots the reference's
 rules can still reach (``video_predictor.bank_capacity``). Nothing else is kept per frame but the
-outputs waiting out the hot-start delay.
+outputs waiting out the hot-start delay, and one block of detections: its tracker features on the
+tracking device (the first of the mesh) and its detection probs and mask logits on the host. Memory is
+thus bounded by the block size, not the video's length; each device of the mesh encodes (and holds the
+activations of) ``detection_block / mesh size`` frames per call. The last block is padded with blank
+frames (never read), so it reuses the compiled call.
 
 Not implemented (all off in the reference's configuration): Hungarian association
 (``o2o_matching_masklets_enable``), boundary suppression of detections, masklet confirmation, the
@@ -36,6 +43,7 @@ as ``Sam3VideoInference.propagate_in_video`` does from frame 0.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +51,8 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sam3_jax.infer.video_predictor import (
     FrameSource,
@@ -91,6 +101,11 @@ class DetectTrackConfig:
     shrink_thresh: float = 0.3  # memory masks keeping less than this share after non-overlap are suppressed
     max_num_objects: int = -1  # (<= 0: no limit, the reference's 10000)
     capacity: int = 16  # initial padded object count (doubles when exceeded)
+    # Frames encoded and detected per call, sharded over gcd(detection_block, local devices) devices. The
+    # default (<= 0) is one frame per local device: every device busy, each at the activation memory of a
+    # one-frame call (what fits today fits), and one frame at a time on a single device. 1: one frame at a
+    # time on one device; a multiple of the device count: larger batches per device, more memory.
+    detection_block: int = 0
 
 
 # ------------------------------------------------------------------------------- host-side heuristics
@@ -337,15 +352,24 @@ class DetectTrackPredictor:
             raise ValueError(f"detector image size {model_cfg.image_size} != tracker {tracker_cfg.image_size}")
         self.model_cfg, self.tcfg = model_cfg, tracker_cfg
         self.cfg = cfg or DetectTrackConfig()
-        self.params = params
         self.tokenizer = tokenizer or SimpleTokenizer()
+        devices = jax.local_devices()
+        self.block = self.cfg.detection_block if self.cfg.detection_block > 0 else len(devices)
+        self.mesh = Mesh(np.array(devices[:math.gcd(self.block, len(devices))]), ("frame",))
+        self._device = devices[0]
+        # Detection (and the tracker's feature projection) on every device of the mesh, tracking on the
+        # first with its replica of the tracker (no copy).
+        self._mesh_params = jax.device_put(params, NamedSharding(self.mesh, P()))
+        self.params = {"tracker": jax.tree.map(lambda x: x.addressable_data(0), self._mesh_params["tracker"])}
         dtype = None if model_cfg.compute_dtype == "float32" else jnp.dtype(model_cfg.compute_dtype)
         self.detector = detector.Sam3Detector(model_cfg)
         self.tracker = Tracker(tracker_cfg, dtype=dtype)
         self.num_cond = tracker_cfg.max_cond_frames_in_attn
         self.slots = self.num_cond + bank_capacity(tracker_cfg) - 1
         self._text = jax.jit(self._text_fn)
-        self._detect = jax.jit(self._detect_fn)
+        self._detect = jax.jit(jax.shard_map(self._detect_fn, mesh=self.mesh, in_specs=(P(), P("frame"), P(), P()),
+                                             out_specs=P("frame")))
+        self._frame = jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i][None], tree))
         self._track = jax.jit(self._track_fn)
         self._mask_prompt = jax.jit(self._mask_prompt_fn)
         self._new_objects = jax.jit(self._new_objects_fn, static_argnums=5)
@@ -370,17 +394,19 @@ class DetectTrackPredictor:
     def _text_fn(self, params, token_ids):
         return self.detector.apply({"params": params["detector"]}, token_ids, method=detector.Sam3Detector.encode_text)
 
-    def _detect_fn(self, params, image, text, text_mask):
-        """One frame: detection probs (Q,), mask logits (Q, h, w), and the tracker's features."""
-        p = params["detector"]
-        feats = self.detector.apply({"params": p}, image, method=detector.Sam3Detector.encode_image)
-        out = self.detector.apply({"params": p}, feats, text, text_mask, jnp.zeros((1, 1, 4)), jnp.ones((1, 1), bool),
-                                  jnp.zeros((1, 1), jnp.int32), method=detector.Sam3Detector.ground)
+    def _detect_fn(self, params, images, text, text_mask):
+        """B frames (one device's share of a block): detection probs (B, Q), mask logits (B, Q, h, w), and
+        the tracker's features (pixel features, high-res levels)."""
+        p, b = params["detector"], images.shape[0]
+        feats = self.detector.apply({"params": p}, images, method=detector.Sam3Detector.encode_image)
+        text, text_mask = jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape[1:]), (text, text_mask))
+        out = self.detector.apply({"params": p}, feats, text, text_mask, jnp.zeros((b, 1, 4)), jnp.ones((b, 1), bool),
+                                  jnp.zeros((b, 1), jnp.int32), method=detector.Sam3Detector.ground)
         # The reference casts the tracker levels to bfloat16 when its detector hands them over.
         fpn = [x.astype(jnp.bfloat16).astype(jnp.float32) for x in feats["sam2_backbone_fpn"]]
         high_res = self._trk(params, fpn[0], fpn[1], method=Tracker.project_high_res)
-        probs = jax.nn.sigmoid(out["pred_logits"][0, :, 0].astype(jnp.float32))
-        return probs, out["pred_masks"][0].astype(jnp.float32), fpn[2], high_res
+        probs = jax.nn.sigmoid(out["pred_logits"][..., 0].astype(jnp.float32))
+        return probs, out["pred_masks"].astype(jnp.float32), (fpn[2], high_res)
 
     @staticmethod
     def _objects(pix, high_res, n):
@@ -483,6 +509,34 @@ class DetectTrackPredictor:
         out[:len(x)] = x
         return out
 
+    def _detections(self, frames: FrameSource | np.ndarray, text, text_mask) -> Iterator[tuple]:
+        """Per frame in order: (index, (H, W), probs (Q,), mask logits (Q, h, w), tracker features on the
+        tracking device). Frames are read, encoded and detected ``self.block`` at a time, sharded over the
+        mesh; one block is held at a time."""
+        num_frames, s = len(frames), self.tcfg.image_size
+        size = None
+        for start in range(0, num_frames, self.block):
+            count = min(self.block, num_frames - start)
+            images = np.zeros((self.block, s, s, 3), np.float32)  # the last block's padding: never read
+            for j in range(count):
+                f = start + j
+                frame = np.asarray(frames[f])
+                if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+                    raise VideoInputError(f"frame {f}: expected uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
+                if size is None:
+                    size = frame.shape[:2]
+                elif frame.shape[:2] != size:
+                    raise VideoInputError(f"frame {f} is {frame.shape[1]}x{frame.shape[0]} but frame 0 is "
+                                          f"{size[1]}x{size[0]}; all frames must have one size")
+                images[j] = preprocess(frame, s)
+            images = jax.device_put(images, NamedSharding(self.mesh, P("frame")))
+            probs, det_all, feats = self._detect(self._mesh_params, images, text, text_mask)
+            probs, det_all = np.asarray(probs), np.asarray(det_all)
+            feats = jax.device_put(feats, self._device)
+            for j in range(count):  # a copy: a view would keep the whole block alive
+                yield start + j, size, probs[j], det_all[j].copy(), self._frame(feats, j)
+            del probs, det_all, feats  # before the next block is made
+
     def propagate_iter(self, frames: FrameSource | np.ndarray, prompt: str) -> Iterator[DetectTrackFrame]:
         """Yields every frame's result in order (delayed by ``hotstart_delay`` frames)."""
         cfg, tcfg = self.cfg, self.tcfg
@@ -492,7 +546,7 @@ class DetectTrackPredictor:
         if num_frames == 0:
             raise VideoInputError("the video has no frames")
         ids = self.tokenizer([prompt], context_length=self.model_cfg.text.context_length)
-        text, text_mask = self._text(self.params, jnp.asarray(ids))
+        text, text_mask = self._text(self._mesh_params, jnp.asarray(ids))
         self.capacity = max(1, cfg.capacity)
         self.bank = MemoryBank.empty(tcfg, self.capacity, self.slots, dtype=jnp.bfloat16)
         obj_ids = np.zeros(0, np.int64)  # live objects, ascending; row i of every padded array
@@ -502,19 +556,7 @@ class DetectTrackPredictor:
         first_score: dict = {}
         max_id, max_objects = -1, cfg.max_num_objects if cfg.max_num_objects > 0 else 10000
         pending: list[_Pending] = []
-        size = None
-        for f in range(num_frames):
-            frame = np.asarray(frames[f])
-            if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-                raise VideoInputError(f"frame {f}: expected uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
-            if size is None:
-                size = frame.shape[:2]
-            elif frame.shape[:2] != size:
-                raise VideoInputError(f"frame {f} is {frame.shape[1]}x{frame.shape[0]} but frame 0 is "
-                                      f"{size[1]}x{size[0]}; all frames must have one size")
-            image = jnp.asarray(preprocess(frame, tcfg.image_size)[None])
-            probs, det_all, pix, high_res = self._detect(self.params, image, text, text_mask)
-            probs, det_all = np.asarray(probs), np.asarray(det_all)
+        for f, size, probs, det_all, (pix, high_res) in self._detections(frames, text, text_mask):
             keep = probs > cfg.score_threshold_detection
             if cfg.det_nms_thresh > 0:
                 keep &= nms_keep(probs, det_all, cfg.score_threshold_detection, cfg.det_nms_thresh)
