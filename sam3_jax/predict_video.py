@@ -1,8 +1,10 @@
-"""Segment objects through a video and write DAVIS-style masks: the objects of a mask on one frame
-(the SAM 2 task), or every instance of a text prompt (SAM 3's detect-and-track).
+"""Segment objects through a video and write DAVIS-style masks: objects given on one frame by a mask,
+boxes or clicks (the SAM 2 task), or every instance of a text prompt (SAM 3's detect-and-track).
 
   python -m sam3_jax.predict_video --checkpoint=DIR --video=FRAMES_DIR_OR_FILE --init_mask=00000.png \
       --init_frame=0 --output=OUT_DIR [--direction=both|forward|backward] [--overlay=OUT.mp4|OUT.gif] [--overwrite]
+  python -m sam3_jax.predict_video --checkpoint=DIR --video=FRAMES_DIR_OR_FILE --box=1:10,20,80,90 \
+      --points="2:40,50,1;45,60,0" --init_frame=0 --output=OUT_DIR
   python -m sam3_jax.predict_video --checkpoint=DIR --video=FRAMES_DIR_OR_FILE --prompt="a dog" --output=OUT_DIR
 
 ``--video`` is a directory of JPEG / PNG frames (DAVIS's JPEGImages/<video>), in frame-number order, or a
@@ -10,9 +12,12 @@ video file (MP4, MOV, WebM, ... whatever FFmpeg reads; ``infer/video_io.py`` say
 whose frames are named ``00000``, ``00001``, ...
 ``--init_mask`` is a palette (or grayscale) PNG of object ids on frame ``--init_frame`` (0 background,
 255 void), e.g. DAVIS's first annotation; it must have the frames' size. Every id becomes one object.
+``--box=ID:x0,y0,x1,y1`` and ``--points=ID:x,y,label[;x,y,label...]`` (label 1 positive, 0 negative), each
+repeatable, give object ID (1..254) a box or clicks on that frame in its pixels, instead of or besides
+``--init_mask``; one object may have a box and clicks, not a mask and either.
 ``--output`` receives one palette PNG of ids per frame the direction reaches, named like the frame
-(``00000.jpg`` -> ``00000.png``), with the init mask's palette; where masks overlap, the object with the
-higher mask logit wins. The directory is written under a temporary name and renamed when complete:
+(``00000.jpg`` -> ``00000.png``), with the init mask's palette (else DAVIS's); where masks overlap, the object
+with the higher mask logit wins. The directory is written under a temporary name and renamed when complete:
 on any error nothing is left behind.
 
 With ``--prompt`` (instead of ``--init_mask``) objects are found by the detector on every frame and
@@ -24,15 +29,17 @@ Both tasks also write ``results.json``, a YouTube-VIS results file (``evaluate -
 per object ``{"video_id", "category_id", "score", "segmentations", "obj_id", "label"}`` with, for every
 frame of the video, the compressed RLE of the object's pixels in the PNGs, or null where it has none
 (and on frames not tracked); ``label`` is its palette index in the PNGs. ``score``: with ``--prompt`` the detection
-score (as objects.json); with ``--init_mask`` the mean over the tracked frames of the object score
+score (as objects.json); else the mean over the tracked frames of the object score
 (sigmoid of the tracker's object score logit). ``--overlay`` writes the tracked frames, in order, with
 the objects tinted in the PNGs' palette colours, as an MP4 or a GIF (``video_io.write_overlay``), also
 under a temporary name.
 """
 import contextlib
+import dataclasses
 import json
 import os
 import sys
+from collections.abc import Collection, Sequence
 
 import numpy as np
 from absl import app, flags, logging
@@ -43,8 +50,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory with a tracker (convert_torch_ckpt.py).")
 flags.DEFINE_string("video", None, "Directory of the video's JPEG / PNG frames, or a video file.")
 flags.DEFINE_string("init_mask", None, "Palette PNG of object ids on --init_frame (DAVIS annotation).")
-flags.DEFINE_string("prompt", None, "Text prompt: find and track every instance (instead of --init_mask).")
-flags.DEFINE_integer("init_frame", 0, "Index (in frame order, from 0) of the frame --init_mask annotates.")
+flags.DEFINE_multi_string("box", [], "ID:x0,y0,x1,y1: a box prompt for object ID on --init_frame, in pixels.")
+flags.DEFINE_multi_string("points", [], "ID:x,y,label[;x,y,label...]: clicks (label 1 positive, 0 negative) for "
+                          "object ID on --init_frame, in pixels.")
+flags.DEFINE_string("prompt", None, "Text prompt: find and track every instance (instead of objects on a frame).")
+flags.DEFINE_integer("init_frame", 0, "Index (in frame order, from 0) of the frame --init_mask / --box / --points "
+                     "annotate.")
 flags.DEFINE_string("output", None, "Directory to create with one palette PNG per tracked frame.")
 flags.DEFINE_enum("direction", "both", ["forward", "backward", "both"],
                   "Track after the init frame, before it, or both (forward first, as the reference).")
@@ -91,6 +102,66 @@ def read_init_mask(path: str):
             return np.asarray(im.convert("L") if im.mode == "1" else im, np.uint8), palette
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise InputError(f"{path}: cannot be read as an image ({e})") from e
+
+
+def _parse_flag(flag: str, value: str, form: str, count: int):
+    """``ID:n,...[;n,...]`` -> (the flag as given, ID, groups of ``count`` finite numbers)."""
+    text = f"--{flag}={value}"
+    try:
+        head, body = value.split(":", 1)
+        obj_id = int(head)
+        groups = [[float(v) for v in group.split(",")] for group in body.split(";")]
+    except ValueError:
+        raise InputError(f"{text}: expected {form}") from None
+    if any(len(g) != count for g in groups) or not np.isfinite(groups).all():
+        raise InputError(f"{text}: expected {form}")
+    if not 0 < obj_id < VOID_ID:
+        raise InputError(f"{text}: object id {obj_id} is outside 1..{VOID_ID - 1}")
+    return text, obj_id, groups
+
+
+def parse_clicks(boxes: Sequence[str], points: Sequence[str]) -> list:
+    """The --box and --points values as (the flag as given, object id, Box or Clicks); checked before the
+    video is read, except against the frame size (``click_prompts``)."""
+    from sam3_jax.infer.video_predictor import Box, Clicks
+
+    parsed, seen = [], set()
+    for flag, values, form, count in (("box", boxes, "ID:x0,y0,x1,y1", 4),
+                                      ("points", points, "ID:x,y,label[;x,y,label...]", 3)):
+        for value in values:
+            text, obj_id, groups = _parse_flag(flag, value, form, count)
+            if (flag, obj_id) in seen:
+                raise InputError(f"{text}: object {obj_id} has another --{flag}")
+            seen.add((flag, obj_id))
+            if flag == "box":
+                if len(groups) != 1:
+                    raise InputError(f"{text}: expected {form}")
+                prompt = Box(*groups[0])
+                if prompt.x1 <= prompt.x0 or prompt.y1 <= prompt.y0:
+                    raise InputError(f"{text}: a box needs x1 > x0 and y1 > y0")
+            else:
+                if any(g[2] not in (0, 1) for g in groups):
+                    raise InputError(f"{text}: a label must be 1 (positive) or 0 (negative)")
+                prompt = Clicks([tuple(g[:2]) for g in groups], [int(g[2]) for g in groups])
+            parsed.append((text, obj_id, prompt))
+    return parsed
+
+
+def click_prompts(parsed: list, size: tuple[int, int], mask_ids: Collection[int]) -> dict:
+    """``parse_clicks``'s prompts checked against the (H, W) frame and the mask's ids, by object id; an
+    object with a box and clicks gets one ``Clicks`` holding both."""
+    from sam3_jax.infer.video_predictor import Box
+
+    boxes, clicks = {}, {}
+    for text, obj_id, prompt in parsed:
+        if obj_id in mask_ids:
+            raise InputError(f"{text}: object {obj_id} also has a mask in --init_mask; give it one or the other")
+        is_box = isinstance(prompt, Box)
+        xy = np.array([(prompt.x0, prompt.y0), (prompt.x1, prompt.y1)] if is_box else prompt.points)
+        if (xy < 0).any() or (xy > (size[1], size[0])).any():
+            raise InputError(f"{text}: outside the {size[1]}x{size[0]} frame")
+        (boxes if is_box else clicks)[obj_id] = prompt
+    return boxes | {i: dataclasses.replace(c, box=boxes.get(i)) for i, c in clicks.items()}
 
 
 @contextlib.contextmanager
@@ -183,25 +254,31 @@ def label_map(result, obj_ids: list[int]) -> np.ndarray:
     return np.where(result.masks.any(axis=0), ids, 0).astype(np.uint8)
 
 
-def run(checkpoint: str, video: str, init_mask: str, init_frame: int, output: str, direction: str,
-        overwrite: bool = False, overlay: str | None = None, video_id: int = 1, category_id: int = 1) -> int:
-    """Does the work of the CLI; returns the number of frames written."""
+def run(checkpoint: str, video: str, init_mask: str | None, init_frame: int, output: str, direction: str,
+        overwrite: bool = False, overlay: str | None = None, video_id: int = 1, category_id: int = 1,
+        boxes: Sequence[str] = (), points: Sequence[str] = ()) -> int:
+    """Does the work of the CLI (``boxes`` / ``points``: the --box / --points values); returns the number of
+    frames written."""
     from sam3_jax.infer.video_predictor import VideoPredictor
 
     output = check_outputs(output, overlay, overwrite)
+    clicks = parse_clicks(boxes, points)
     with open_frames(video) as (frames, stems, fps):
         if not 0 <= init_frame < len(frames):
             raise InputError(f"--init_frame={init_frame} is outside the video's {len(frames)} frames")
-        ids_map, palette = read_init_mask(init_mask)
-        if ids_map.shape != frames.size:
-            raise InputError(f"{init_mask} is {ids_map.shape[1]}x{ids_map.shape[0]} but the frames are "
-                             f"{frames.size[1]}x{frames.size[0]}")
-        obj_ids = [int(i) for i in np.unique(ids_map) if i not in (0, VOID_ID)]
-        if not obj_ids:
-            raise InputError(f"{init_mask}: no object (every pixel is 0 or {VOID_ID})")
+        masks, palette = {}, None
+        if init_mask is not None:
+            ids_map, palette = read_init_mask(init_mask)
+            if ids_map.shape != frames.size:
+                raise InputError(f"{init_mask} is {ids_map.shape[1]}x{ids_map.shape[0]} but the frames are "
+                                 f"{frames.size[1]}x{frames.size[0]}")
+            masks = {int(i): ids_map == i for i in np.unique(ids_map) if i not in (0, VOID_ID)}
+            if not masks:
+                raise InputError(f"{init_mask}: no object (every pixel is 0 or {VOID_ID})")
+        prompts = dict(sorted((masks | click_prompts(clicks, frames.size, masks)).items()))
+        obj_ids = list(prompts)
         palette = palette or voc_palette()
         predictor = VideoPredictor.from_checkpoint(checkpoint)
-        prompts = {i: ids_map == i for i in obj_ids}
         masklets, done = Masklets(len(frames)), []
         presence = np.zeros(len(obj_ids))  # sum over tracked frames of sigmoid(object score logit)
 
@@ -266,15 +343,19 @@ def main(argv):
     from sam3_jax.infer.video_predictor import VideoInputError
 
     try:
-        if (FLAGS.prompt is None) == (FLAGS.init_mask is None):
-            raise InputError("give exactly one of --init_mask (objects on one frame) and --prompt (text)")
+        on_frame = FLAGS.init_mask is not None or FLAGS.box or FLAGS.points
+        if FLAGS.prompt is None and not on_frame:
+            raise InputError("no prompt: give --init_mask, --box or --points (objects on one frame) or --prompt")
+        if FLAGS.prompt is not None and on_frame:
+            raise InputError("give exactly one of --prompt (text) and objects on one frame (--init_mask, --box, "
+                             "--points)")
         outputs = {"overwrite": FLAGS.overwrite, "overlay": FLAGS.overlay, "video_id": FLAGS.video_id,
                    "category_id": FLAGS.category_id}
         if FLAGS.prompt is not None:
             written = run_text(FLAGS.checkpoint, FLAGS.video, FLAGS.prompt, FLAGS.output, **outputs)
         else:
             written = run(FLAGS.checkpoint, FLAGS.video, FLAGS.init_mask, FLAGS.init_frame, FLAGS.output,
-                          FLAGS.direction, **outputs)
+                          FLAGS.direction, boxes=FLAGS.box, points=FLAGS.points, **outputs)
     except (InputError, VideoInputError, DataError, OSError) as e:  # bad input: one line naming it, no traceback
         print(f"predict_video: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -27,7 +27,7 @@ from sam3_jax.evaluation import ytvis
 from sam3_jax.infer import video_io, video_predictor
 from sam3_jax.infer.detect_track import DetectTrackFrame, DetectTrackPredictor
 from sam3_jax.infer.video_io import VideoFileFrames
-from sam3_jax.infer.video_predictor import VideoInputError, VideoPredictor
+from sam3_jax.infer.video_predictor import Box, Clicks, VideoInputError, VideoPredictor
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tokenizer import DEFAULT_BPE_PATH
 from sam3_jax.model.tracker.config import TrackerConfig
@@ -492,3 +492,86 @@ def test_bad_video_files_exit_1_naming_the_file(tmp_path, capsys, davis_video, d
         code, err = _main(capsys, "--checkpoint=unused", f"--video={mp4}", "--prompt=a shape", f"--output={out}",
                           f"--overlay={tmp_path / overlay}")
         assert code == 1 and message in err and not out.exists(), (overlay, err)
+
+
+# ------------------------------------------------------------------------------ box and click prompts
+BOXES = {1: (29, 7, 43, 22), 2: (42, 11, 53, 23), 3: (29, 18, 40, 28)}  # the objects' bounding boxes on frame INIT
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["boxes", "clicks", "mask_and_clicks"])
+def test_box_and_point_flags_give_the_apis_masks(case, tiny_video_predictor, davis_video, tmp_path, monkeypatch,
+                                                 capsys):
+    """--box / --points (alone, together for one object, beside --init_mask) through the CLI's main, forward
+    from INIT: the predictor is given these prompts, and every PNG is the label map of the API's result for
+    them (random weights: box and click masks are mostly empty, so the prompts themselves are compared)."""
+    root, init_label = davis_video
+    video = root / "JPEGImages" / "vid"
+    args = ["--box=3:29,18,40,28", "--points=3:34,23,1;45,16,0"]
+    prompts = {3: Clicks([(34, 23), (45, 16)], [1, 0], box=Box(*BOXES[3]))}
+    if case == "boxes":
+        args = [f"--box={i}:{','.join(map(str, b))}" for i, b in BOXES.items()]
+        prompts = {i: Box(*b) for i, b in BOXES.items()}
+    elif case == "clicks":
+        args += ["--points=2:47,16,1;35,14,0", "--points=1:35.5,14,1"]
+        prompts |= {1: Clicks([(35.5, 14)], [1]), 2: Clicks([(47, 16), (35, 14)], [1, 0])}
+    else:
+        Image.fromarray(np.where(init_label == 3, 0, init_label).astype(np.uint8)).save(tmp_path / "ids12.png")
+        args.append(f"--init_mask={tmp_path / 'ids12.png'}")
+        prompts |= {1: init_label == 1, 2: init_label == 2}
+    prompts = dict(sorted(prompts.items()))
+    calls = []
+
+    def recording(frames, prompts, frame_idx, direction):
+        calls.append((prompts, frame_idx, direction))
+        return VideoPredictor.propagate_iter(tiny_video_predictor, frames, prompts, frame_idx, direction)
+
+    monkeypatch.setattr(VideoPredictor, "from_checkpoint", classmethod(lambda cls, d: tiny_video_predictor))
+    monkeypatch.setattr(tiny_video_predictor, "propagate_iter", recording)
+    out = tmp_path / "out"
+    code, err = _main(capsys, "--checkpoint=unused", f"--video={video}", *args, f"--init_frame={INIT}",
+                      f"--output={out}", "--direction=forward")
+    assert code == 0, err
+    [(given, frame_idx, direction)] = calls
+    assert (list(given), frame_idx, direction) == ([1, 2, 3], INIT, "forward")
+    for i, prompt in prompts.items():
+        if isinstance(prompt, np.ndarray):
+            np.testing.assert_array_equal(given[i], prompt)
+        else:
+            assert given[i] == prompt, (i, given[i])
+    results = VideoPredictor.propagate_iter(tiny_video_predictor, video_predictor.ImageFolderFrames(str(video)),
+                                            prompts, INIT, "forward")
+    want = {f"{r.frame_idx:05d}.png": predict_video.label_map(r, [1, 2, 3]) for r in results}
+    assert sorted(os.listdir(out)) == sorted(want) + ["results.json"]
+    for name, label in want.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(out / name)), label, err_msg=name)
+    assert [r["obj_id"] for r in json.loads((out / "results.json").read_text())] == [1, 2, 3]
+
+@pytest.mark.parametrize("args,message", [
+    (["--box=1:1,2,3"], "--box=1:1,2,3: expected ID:x0,y0,x1,y1"),
+    (["--box=a:1,2,3,4"], "--box=a:1,2,3,4: expected ID:x0,y0,x1,y1"),
+    (["--box=1:1,2,3,4;5,6,7,8"], "--box=1:1,2,3,4;5,6,7,8: expected ID:x0,y0,x1,y1"),
+    (["--box=1:nan,2,3,4"], "--box=1:nan,2,3,4: expected ID:x0,y0,x1,y1"),
+    (["--points=1:1,2"], "--points=1:1,2: expected ID:x,y,label[;x,y,label...]"),
+    (["--points=1:1,2,1;"], "--points=1:1,2,1;: expected ID:x,y,label"),
+    (["--points=1:1,2,2"], "--points=1:1,2,2: a label must be 1 (positive) or 0 (negative)"),
+    (["--box=0:1,2,3,4"], "--box=0:1,2,3,4: object id 0 is outside 1..254"),
+    (["--points=255:1,2,1"], "--points=255:1,2,1: object id 255 is outside 1..254"),
+    (["--box=1:1,2,3,4", "--box=1:5,6,7,8"], "--box=1:5,6,7,8: object 1 has another --box"),
+    (["--box=1:5,2,5,9"], "--box=1:5,2,5,9: a box needs x1 > x0 and y1 > y0"),
+    (["--box=1:0,0,65,10"], "--box=1:0,0,65,10: outside the 64x48 frame"),
+    (["--points=1:10,-1,1"], "--points=1:10,-1,1: outside the 64x48 frame"),
+    (["--init_mask=INIT", "--box=2:1,2,3,4"], "--box=2:1,2,3,4: object 2 also has a mask in --init_mask"),
+    (["--init_mask=INIT", "--points=1:1,2,1"], "--points=1:1,2,1: object 1 also has a mask in --init_mask"),
+    ([], "no prompt: give --init_mask, --box or --points"),
+    (["--prompt=a ball", "--box=1:1,2,3,4"], "give exactly one of --prompt (text) and objects on one frame"),
+])
+def test_bad_box_and_point_flags_exit_1(args, message, tmp_path, capsys, davis_video):
+    """Each fails before the checkpoint is read: exit 1, one line naming the flag and its value, nothing written."""
+    root, _ = davis_video
+    args = [a.replace("INIT", str(root / "init.png")) for a in args]
+    out = tmp_path / "out"
+    code, err = _main(capsys, "--checkpoint=unused", f"--video={root / 'JPEGImages' / 'vid'}", *args,
+                      f"--output={out}")
+    assert code == 1 and err.count("\n") == 1 and message in err, err
+    assert not os.listdir(tmp_path)
