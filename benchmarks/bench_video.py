@@ -1,17 +1,36 @@
 """Video predictor throughput (frames/s) with 1, 5 and 20 objects: JAX vs the reference, same machine.
 
 ``--task=track`` (the SAM 2-style task): each object is given by a mask on frame 0, then tracked
-forward through the clip; frames/s counts the tracked frames (1..T-1), each of which runs the
-backbone once and the tracker for all objects. JAX: ``infer.video_predictor.VideoPredictor``;
-reference: ``Sam3TrackerPredictor`` as ``model_builder.build_tracker`` configures it, driven through
-``init_state`` / ``add_new_mask`` / ``propagate_in_video``, under its own bf16 autocast on a GPU.
+forward through the clip; each tracked frame runs the backbone once and the tracker for all objects.
+JAX: ``infer.video_predictor.VideoPredictor``; reference: ``Sam3TrackerPredictor`` as
+``model_builder.build_tracker`` configures it, driven through ``init_state`` / ``add_new_mask`` /
+``propagate_in_video``, under its own bf16 autocast on a GPU. Weights are random, drawn separately on
+each side (timing does not depend on them).
 
-Frames are generated (moving shapes, ``data.synthetic.render_video``) at the model's image size,
-so no resizing is timed on either side; object masks are discs spread over frame 0. Weights are
-random (timing does not depend on them), drawn separately on each side. Each side runs in its own
-subprocess, so peak memory is its own.
+``--task=text`` (SAM 3's task): the prompt "a red ball" is detected on every frame and what was found
+is tracked. JAX: ``infer.detect_track.DetectTrackPredictor.propagate_iter``; reference:
+``Sam3VideoInference.propagate_in_video`` (the loop under ``Sam3VideoPredictor``'s sessions) from
+frame 0, built and fed as ``tests/parity/test_detect_track_parity.py`` builds and feeds it (its CPU
+shims included). Here the object counts depend on the weights, so both sides get the same ones:
+random reference weights, saved as a video ``sam3.pt`` and converted by our converter in a process of
+their own. With random weights
+every query scores about 0.16 and the queries' masks nearly coincide, so the heuristics are set so
+that frame 0 starts ``min(N, queries)`` objects and none is ever added or removed: every detection
+kept (threshold 0, NMS off), ``max_num_objects=N``, hot-start off (so outputs are not delayed either),
+occlusion suppression off; the rest are the video model's settings. N is then exact up to the
+detector's query count (16 for the tiny model: 20 objects cannot be had there, and the printed
+counts show 16). JAX tracks over a padded capacity (``DetectTrackConfig.capacity``, 16, doubled when
+exceeded), so up to 16 objects its tracking work is that of 16.
 
-  python benchmarks/bench_video.py [--size=official|tiny] [--objects=1,5,20] [--frames=16]
+Printed beside each side's frames/s: the objects it tracked (track) or output with a non-empty mask
+(text) per frame, mean and max over the timed frames, so that a reader sees like is timed against like.
+
+Frames/s counts the frames after the first (1..T-1); the first run (compiles, warm-up) and its first
+frame are timed separately. Frames are generated (moving shapes, ``data.synthetic.render_video``) at
+the model's image size, so no resizing is timed on either side; track's object masks are discs spread
+over frame 0. Each side runs in its own subprocess, so peak memory is its own.
+
+  python benchmarks/bench_video.py [--task=track|text] [--size=official|tiny] [--objects=1,5,20] [--frames=16]
 
 ``--size`` defaults to official on a GPU, tiny on a CPU. On a GPU, JAX computes in bf16.
 """
@@ -19,13 +38,17 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import resource
+import shutil
+import tempfile
 import time
 
 import numpy as np
 
 import sides
 
+PROMPT = "a red ball"
 
 
 def configs(size: str, dtype: str):
@@ -37,25 +60,69 @@ def configs(size: str, dtype: str):
     return ModelConfig.tiny().replace(compute_dtype=dtype), TrackerConfig.tiny()
 
 
-def clip(image_size: int, frames: int, objects: int):
-    """(T, S, S, 3) uint8 frames and (objects, S, S) bool masks on frame 0."""
+def video(image_size: int, frames: int) -> np.ndarray:
+    """(T, S, S, 3) uint8 frames."""
     from sam3_jax.data.synthetic import render_video
 
-    video, _, _ = render_video(np.random.default_rng(0), frames, image_size)
-    video = np.stack([np.asarray(f) for f in video])
-    video = video[:, :image_size, :image_size]
-    video = np.pad(video, ((0, 0), (0, image_size - video.shape[1]), (0, image_size - video.shape[2]), (0, 0)))
+    clip, _, _ = render_video(np.random.default_rng(0), frames, image_size)
+    clip = np.stack([np.asarray(f) for f in clip])[:, :image_size, :image_size]
+    return np.pad(clip, ((0, 0), (0, image_size - clip.shape[1]), (0, image_size - clip.shape[2]), (0, 0)))
+
+
+def discs(image_size: int, objects: int) -> np.ndarray:
+    """(objects, S, S) bool masks for frame 0."""
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[:image_size, :image_size] / image_size
-    masks = np.stack([(yy - cy) ** 2 + (xx - cx) ** 2 < 0.004 for cy, cx in rng.uniform(0.1, 0.9, (objects, 2))])
-    return video, masks
+    return np.stack([(yy - cy) ** 2 + (xx - cx) ** 2 < 0.004 for cy, cx in rng.uniform(0.1, 0.9, (objects, 2))])
+
+
+def detect_track_config(objects: int):
+    """The heuristics that give each side ``objects`` objects from frame 0 on (module docstring)."""
+    from sam3_jax.infer.detect_track import DetectTrackConfig
+
+    return DetectTrackConfig(score_threshold_detection=0.0, det_nms_thresh=0.0, hotstart_delay=0,
+                             occlusion_iou_thresh=0.0, max_num_objects=objects)
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_jax(args, objects: int) -> dict:
+def time_frames(start, count, repeats: int, sync=lambda: None) -> dict:
+    """``start()`` gives a fresh iterator over a clip's outputs; ``count(output)`` the objects in one.
+    A first run (compiles, warm-up), then the best of ``repeats``, timed from the second frame on."""
+    def run():
+        t0 = time.perf_counter()
+        it = start()
+        next(it)  # frame 0
+        t1 = time.perf_counter()
+        counts = [count(out) for out in it]
+        sync()
+        return t1 - t0, time.perf_counter() - t1, counts
+
+    t0 = time.perf_counter()
+    first_frame_s, _, _ = run()
+    first_run_s = time.perf_counter() - t0
+    secs, counts = min((s, c) for _, s, c in (run() for _ in range(repeats)))
+    return {"fps": len(counts) / secs, "first_run_s": first_run_s, "first_frame_s": first_frame_s,
+            "objects_mean": float(np.mean(counts)), "objects_max": int(max(counts))}
+
+
+def convert_weights(args) -> dict:
+    """In a process of its own: the reference's random video-model weights as ``sam3.pt`` and converted
+    (the parity test's seeds) into ``args.convert_to``."""
+    from sam3_jax.testing import reference
+    from sam3_jax.testing.parity import randomize_
+
+    model_cfg, tracker_cfg = configs(args.size, "float32")
+    image_model = reference.build_image_model(model_cfg, joint_box_scores=True)
+    randomize_(image_model, seed=3)
+    converted = reference.convert_video_models(image_model, reference.build_tracker(tracker_cfg, seed=7),
+                                               args.convert_to, model_cfg.replace(joint_box_scores=True), tracker_cfg)
+    return {"checkpoint": converted}
+
+
+def jax_track(args, objects: int):
     import jax
 
     from sam3_jax.infer.video_predictor import VideoPredictor
@@ -66,95 +133,186 @@ def run_jax(args, objects: int) -> dict:
     params = {"detector": detector.init_params(model_cfg, jax.random.key(0)),
               "tracker": tracker.init_params(tracker_cfg, jax.random.key(1))}
     pred = VideoPredictor(params, model_cfg, tracker_cfg)
-    video, masks = clip(model_cfg.image_size, args.frames, objects)
-    prompts = {i + 1: m for i, m in enumerate(masks)}
+    frames = video(model_cfg.image_size, args.frames)
+    prompts = {i + 1: m for i, m in enumerate(discs(model_cfg.image_size, objects))}
+    return lambda: pred.propagate_iter(frames, prompts), lambda r: len(r.masks)
 
-    def run():
-        it = pred.propagate_iter(video, prompts)
-        next(it)  # frame 0: the prompts
-        t0 = time.perf_counter()
-        for _ in it:
-            pass
-        return time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    run()  # compiles
-    first_s = time.perf_counter() - t0
-    secs = min(run() for _ in range(args.repeats))
+def jax_text(args, objects: int):
+    from sam3_jax.convert import checkpoint
+    from sam3_jax.infer.detect_track import DetectTrackPredictor
+    from sam3_jax.infer.video_predictor import read_video_checkpoint
+    from sam3_jax.model.tokenizer import SimpleTokenizer
+
+    params, model_cfg, tracker_cfg = read_video_checkpoint(args.checkpoint, "the text task")
+    model_cfg = model_cfg.replace(joint_box_scores=True, compute_dtype=args.dtype)
+    pred = DetectTrackPredictor(params, model_cfg, tracker_cfg, detect_track_config(objects),
+                                SimpleTokenizer(f"{args.checkpoint}/{checkpoint.VOCAB}"))
+    frames = video(model_cfg.image_size, args.frames)
+    return lambda: pred.propagate_iter(frames, PROMPT), lambda r: len(r.obj_ids)
+
+
+def run_jax(args, objects: int) -> dict:
+    import jax
+
+    start, count = (jax_track if args.task == "track" else jax_text)(args, objects)
+    res = time_frames(start, count, args.repeats)
     stats = jax.devices()[0].memory_stats() or {}
-    return {"fps": (args.frames - 1) / secs, "first_run_s": first_s, "peak_rss_gib": peak_rss_gib(),
-            "device_peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": str(jax.devices()[0])}
+    return {**res, "peak_rss_gib": peak_rss_gib(), "device_peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+            "device": str(jax.devices()[0])}
 
 
-def run_torch(args, objects: int) -> dict:
-    torch, device = sides.torch_reference(args)
+def torch_track(args, objects: int, torch, cuda: bool):
     from sam3_jax.testing import reference
 
-    cuda = device == "cuda"
     model_cfg, tracker_cfg = configs(args.size, "float32")
     image_model = reference.build_image_model(model_cfg)
     pred = reference.build_tracker_predictor(image_model, reference.build_tracker(tracker_cfg), tracker_cfg,
                                              keep_autocast=cuda)
     if cuda:
         pred = pred.cuda()
-    video, masks = clip(model_cfg.image_size, args.frames, objects)
-    images = torch.from_numpy(video).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # io_utils' mean/std 0.5
+    frames = video(model_cfg.image_size, args.frames)
+    masks = discs(model_cfg.image_size, objects)
+    images = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # io_utils' mean/std 0.5
     if cuda:
         images = images.cuda()
     s = model_cfg.image_size
 
-    def run():
+    def start():
         state = pred.init_state(video_height=s, video_width=s, num_frames=args.frames, offload_video_to_cpu=not cuda,
                                 offload_state_to_cpu=not cuda)
         state["images"] = images
         for i, m in enumerate(masks):
             pred.add_new_mask(state, 0, i + 1, torch.from_numpy(m))
         pred.propagate_in_video_preflight(state)
-        gen = pred.propagate_in_video(state, start_frame_idx=0, max_frame_num_to_track=None, reverse=False,
-                                      tqdm_disable=True)
-        next(gen)  # frame 0: the prompts
-        t0 = time.perf_counter()
-        for _ in gen:
-            pass
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return pred.propagate_in_video(state, start_frame_idx=0, max_frame_num_to_track=None, reverse=False,
+                                       tqdm_disable=True)
 
+    return start, lambda out: len(out[1])
+
+
+def torch_text(args, objects: int, torch, cuda: bool):
+    """``Sam3VideoInference`` as the parity test's ``models`` fixture builds it and ``_run_reference``
+    feeds it (frames already at the model's size: no resize), with the converted weights' ``sam3.pt``."""
+    from sam3.model.sam3_image import Sam3ImageOnVideoMultiGPU
+    from sam3.model.sam3_video_inference import Sam3VideoInference
+
+    from sam3_jax.testing import reference
+    from tests.parity.test_detect_track_parity import (
+        _allow_empty_connected_components,
+        _reference_kwargs,
+    )
+
+    model_cfg, tracker_cfg = configs(args.size, "float32")
+    image_model = reference.build_image_model(model_cfg, joint_box_scores=True)
+    base = reference.build_tracker(tracker_cfg)
+    weights = torch.load(os.path.join(os.path.dirname(args.checkpoint), "sam3.pt"))["model"]
+    for prefix, module in (("detector.", image_model), ("tracker.", base)):
+        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    tracker = reference.build_tracker_predictor(image_model, base, tracker_cfg, keep_autocast=cuda)
+    image_model.__class__ = Sam3ImageOnVideoMultiGPU  # the video model's detector class, one process
+    image_model.rank, image_model.world_size = 0, 1
+    image_model.async_all_gather, image_model.gather_backbone_out = False, True
+    model = Sam3VideoInference(detector=image_model, tracker=tracker, image_size=tracker_cfg.image_size,
+                               **_reference_kwargs(detect_track_config(objects))).eval()
+    if cuda:
+        model = model.cuda()
+    else:  # the parity test's CPU shims: bf16 tracker features back to float32, states on the CPU
+        to_float = lambda module, inputs: tuple(a.float() for a in inputs)
+        tracker.sam_mask_decoder.conv_s0.register_forward_pre_hook(to_float)
+        tracker.sam_mask_decoder.conv_s1.register_forward_pre_hook(to_float)
+        detect = model.run_backbone_and_detection
+
+        def run_backbone_and_detection(**kwargs):
+            det_out = detect(**kwargs)
+            cache = kwargs["feature_cache"][kwargs["frame_idx"]][1]["tracker_backbone_out"]
+            cache["backbone_fpn"] = [x.float() for x in cache["backbone_fpn"]]
+            cache["vision_features"] = cache["backbone_fpn"][-1]
+            return det_out
+
+        model.run_backbone_and_detection = run_backbone_and_detection
+        init_state = tracker.init_state
+        tracker.init_state = lambda **kw: init_state(offload_video_to_cpu=True, offload_state_to_cpu=True, **kw)
+        _allow_empty_connected_components()
+    frames = video(model_cfg.image_size, args.frames)
+    images = ((torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0).half() - 0.5) / 0.5  # io_utils' fp16
+    if cuda:
+        images = images.cuda()
+    s = model_cfg.image_size
+
+    def start():
+        state = {"image_size": s, "num_frames": args.frames, "orig_height": s, "orig_width": s, "constants": {}}
+        model._construct_initial_input_batch(state, images)
+        state.update(tracker_inference_states=[], tracker_metadata={}, feature_cache={}, cached_frame_outputs={},
+                     action_history=[], is_image_only=False)
+        state["text_prompt"] = PROMPT  # what add_prompt sets, without its extra pass over the prompt frame
+        state["input_batch"].find_text_batch[0] = PROMPT
+        for stage in state["input_batch"].find_inputs:
+            stage.text_ids[...] = model.TEXT_ID_FOR_TEXT
+        return model.propagate_in_video(state, start_frame_idx=0, max_frame_num_to_track=None, reverse=False)
+
+    return start, lambda out: len(out[1]["out_obj_ids"])
+
+
+def run_torch(args, objects: int) -> dict:
+    torch, device = sides.torch_reference(args)
+    cuda = device == "cuda"
+    start, count = (torch_track if args.task == "track" else torch_text)(args, objects, torch, cuda)
     with torch.inference_mode():
-        run()  # warm-up
-        secs = min(run() for _ in range(args.repeats))
-    return {"fps": (args.frames - 1) / secs, "peak_rss_gib": peak_rss_gib(),
+        res = time_frames(start, count, args.repeats, torch.cuda.synchronize if cuda else lambda: None)
+    return {**res, "peak_rss_gib": peak_rss_gib(),
             "device_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "device": device, "threads": torch.get_num_threads()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="track", choices=["track"])
+    parser.add_argument("--task", default="track", choices=["track", "text"])
     parser.add_argument("--size", choices=["tiny", "official"], default=None,
                         help="default: official on a GPU, tiny on a CPU")
     parser.add_argument("--objects", default="1,5,20", help="comma-separated object counts")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)  # internal: --task=text's converted weights
+    parser.add_argument("--convert-to", help=argparse.SUPPRESS)  # internal: convert them there
     sides.add_flags(parser)
     args = parser.parse_args()
     gpu = bool(glob.glob("/dev/nvidia[0-9]*"))  # not via jax.devices(): this process must not claim the GPU
     args.size = args.size or ("official" if gpu else "tiny")
     args.dtype = "bfloat16" if gpu else "float32"
-    rows = sides.over_object_counts(__file__, args, run_jax, run_torch,
-                                    [f"--size={args.size}", f"--frames={args.frames}", f"--repeats={args.repeats}"])
+    flags = [f"--task={args.task}", f"--size={args.size}", f"--frames={args.frames}", f"--repeats={args.repeats}"]
+    if args.convert_to:
+        sides.emit(convert_weights(args))
+        return
+    tmp = None
+    if args.task == "text" and not args.side:  # the same weights for both sides, converted once
+        tmp = tempfile.mkdtemp(prefix="bench_video_")
+        checkpoint = sides.run(__file__, [f"--convert-to={tmp}", *flags], "weight conversion")["checkpoint"]
+        flags.append(f"--checkpoint={checkpoint}")
+    try:
+        rows = sides.over_object_counts(__file__, args, run_jax, run_torch, flags)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp)
     if rows is None:
         return
     size = configs(args.size, "float32")[0].image_size
     print(f"video predictor ({args.task}), {args.size} model at {size}px, {args.frames} frames, JAX in {args.dtype}, "
-          f"best of {args.repeats} after a warm-up")
-    print(f"{'objects':>8}{'JAX fps':>10}{'PyTorch fps':>13}{'JAX/PyTorch':>13}{'JAX peak GiB':>14}"
-          f"{'torch peak GiB':>16}{'JAX RSS GiB':>13}{'torch RSS GiB':>15}")
+          f"best of {args.repeats} after a first run; frames/s over frames 1..{args.frames - 1}")
+    print(f"{'objects':>8}{'JAX fps':>10}{'PyTorch fps':>13}{'JAX/PyTorch':>13}{'JAX objs mean/max':>19}"
+          f"{'torch objs mean/max':>21}{'JAX peak GiB':>14}{'torch peak GiB':>16}{'JAX RSS GiB':>13}"
+          f"{'torch RSS GiB':>15}")
     for objects, j, t in rows:
-        print(f"{objects:8d}{j['fps']:10.2f}{t['fps']:13.2f}{j['fps'] / t['fps']:13.2f}{j['device_peak_gib']:14.2f}"
-              f"{t['device_peak_gib']:16.2f}{j['peak_rss_gib']:13.2f}{t['peak_rss_gib']:15.2f}")
-    print(f"JAX/PyTorch > 1: JAX is faster. JAX on {rows[0][1]['device']} (first run incl. compile "
-          f"{rows[0][1]['first_run_s']:.1f} s); PyTorch on {rows[0][2]['device']} ({rows[0][2]['threads']} threads)")
+        print(f"{objects:8d}{j['fps']:10.2f}{t['fps']:13.2f}{j['fps'] / t['fps']:13.2f}"
+              f"{j['objects_mean']:14.1f}/{j['objects_max']:<4d}{t['objects_mean']:16.1f}/{t['objects_max']:<4d}"
+              f"{j['device_peak_gib']:14.2f}{t['device_peak_gib']:16.2f}{j['peak_rss_gib']:13.2f}"
+              f"{t['peak_rss_gib']:15.2f}")
+    print("first run (incl. compile / warm-up), s, and its first frame, s:")
+    for objects, j, t in rows:
+        print(f"{objects:8d}  JAX {j['first_run_s']:.1f} ({j['first_frame_s']:.1f}); "
+              f"PyTorch {t['first_run_s']:.1f} ({t['first_frame_s']:.1f})")
+    print(f"JAX/PyTorch > 1: JAX is faster. JAX on {rows[0][1]['device']}; PyTorch on {rows[0][2]['device']} "
+          f"({rows[0][2]['threads']} threads)")
 
 
 if __name__ == "__main__":
