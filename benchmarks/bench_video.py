@@ -198,10 +198,6 @@ def torch_text(args, objects: int, torch, cuda: bool):
     from sam3.model.sam3_video_inference import Sam3VideoInference
 
     from sam3_jax.testing import reference
-    from tests.parity.test_detect_track_parity import (
-        _allow_empty_connected_components,
-        _reference_kwargs,
-    )
 
     model_cfg, tracker_cfg = configs(args.size, "float32")
     image_model = reference.build_image_model(model_cfg, joint_box_scores=True)
@@ -214,7 +210,7 @@ def torch_text(args, objects: int, torch, cuda: bool):
     image_model.rank, image_model.world_size = 0, 1
     image_model.async_all_gather, image_model.gather_backbone_out = False, True
     model = Sam3VideoInference(detector=image_model, tracker=tracker, image_size=tracker_cfg.image_size,
-                               **_reference_kwargs(detect_track_config(objects))).eval()
+                               **reference.detect_track_kwargs(detect_track_config(objects))).eval()
     if cuda:
         model = model.cuda()
     else:  # the parity test's CPU shims: bf16 tracker features back to float32, states on the CPU
@@ -233,7 +229,7 @@ def torch_text(args, objects: int, torch, cuda: bool):
         model.run_backbone_and_detection = run_backbone_and_detection
         init_state = tracker.init_state
         tracker.init_state = lambda **kw: init_state(offload_video_to_cpu=True, offload_state_to_cpu=True, **kw)
-        _allow_empty_connected_components()
+        reference.allow_empty_connected_components()
     frames = video(model_cfg.image_size, args.frames)
     images = ((torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0).half() - 0.5) / 0.5  # io_utils' fp16
     if cuda:

@@ -264,3 +264,43 @@ def convert_video_models(image_model, tracker, directory, cfg, tracker_cfg) -> s
     torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}}, path)
     convert_file(path, out, cfg=cfg, tracker_cfg=tracker_cfg)
     return out
+
+
+def detect_track_kwargs(cfg):
+    """A ``DetectTrackConfig``'s fields under the reference video model's constructor names."""
+    return {
+        "score_threshold_detection": cfg.score_threshold_detection,
+        "det_nms_thresh": cfg.det_nms_thresh,
+        "assoc_iou_thresh": cfg.assoc_iou_thresh,
+        "trk_assoc_iou_thresh": cfg.trk_assoc_iou_thresh,
+        "new_det_thresh": cfg.new_det_thresh,
+        "hotstart_delay": cfg.hotstart_delay,
+        "hotstart_unmatch_thresh": cfg.hotstart_unmatch_thresh,
+        "hotstart_dup_thresh": cfg.hotstart_dup_thresh,
+        "suppress_unmatched_only_within_hotstart": cfg.suppress_unmatched_only_within_hotstart,
+        "init_trk_keep_alive": cfg.init_trk_keep_alive,
+        "max_trk_keep_alive": cfg.max_trk_keep_alive,
+        "min_trk_keep_alive": cfg.min_trk_keep_alive,
+        "suppress_overlapping_based_on_recent_occlusion_threshold": cfg.occlusion_iou_thresh,
+        "fill_hole_area": cfg.fill_hole_area,
+        "recondition_every_nth_frame": cfg.recondition_every_nth_frame,
+        "max_num_objects": cfg.max_num_objects,
+    }
+
+
+def allow_empty_connected_components():
+    """CPU shim: the reference's CPU connected-components fallback cannot take zero masks (torch.stack
+    of an empty list), which its hole filling passes whenever a frame has no new detection."""
+    import sam3.perflib.connected_components as cc
+
+    if getattr(cc.connected_components_cpu, "_empty_ok", False):
+        return
+    orig = cc.connected_components_cpu
+
+    def connected_components_cpu(x):
+        if x.shape[0] == 0:
+            return x.long(), x.long()
+        return orig(x)
+
+    connected_components_cpu._empty_ok = True
+    cc.connected_components_cpu = connected_components_cpu

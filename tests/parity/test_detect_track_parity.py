@@ -38,6 +38,7 @@ import pytest
 from sam3_jax.data.synthetic import render_video
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
+from sam3_jax.testing import reference
 
 pytestmark = pytest.mark.parity
 
@@ -58,28 +59,6 @@ def _thresholds():
         new_det_thresh=0.16, hotstart_delay=3, hotstart_unmatch_thresh=2, hotstart_dup_thresh=2,
         occlusion_iou_thresh=0.3, fill_hole_area=16, recondition_every_nth_frame=3, high_conf_thresh=0.16,
         high_iou_thresh=0.45, recondition_score_thresh=0.005)
-
-
-def _reference_kwargs(cfg):
-    """Our config's fields under the reference's constructor names."""
-    return {
-        "score_threshold_detection": cfg.score_threshold_detection,
-        "det_nms_thresh": cfg.det_nms_thresh,
-        "assoc_iou_thresh": cfg.assoc_iou_thresh,
-        "trk_assoc_iou_thresh": cfg.trk_assoc_iou_thresh,
-        "new_det_thresh": cfg.new_det_thresh,
-        "hotstart_delay": cfg.hotstart_delay,
-        "hotstart_unmatch_thresh": cfg.hotstart_unmatch_thresh,
-        "hotstart_dup_thresh": cfg.hotstart_dup_thresh,
-        "suppress_unmatched_only_within_hotstart": cfg.suppress_unmatched_only_within_hotstart,
-        "init_trk_keep_alive": cfg.init_trk_keep_alive,
-        "max_trk_keep_alive": cfg.max_trk_keep_alive,
-        "min_trk_keep_alive": cfg.min_trk_keep_alive,
-        "suppress_overlapping_based_on_recent_occlusion_threshold": cfg.occlusion_iou_thresh,
-        "fill_hole_area": cfg.fill_hole_area,
-        "recondition_every_nth_frame": cfg.recondition_every_nth_frame,
-        "max_num_objects": cfg.max_num_objects,
-    }
 
 
 def _patch_reference_constants(cfg):
@@ -144,7 +123,6 @@ def models(ref, tmp_path_factory):
     from sam3.model.sam3_video_inference import Sam3VideoInference
 
     from sam3_jax.infer.detect_track import DetectTrackPredictor
-    from sam3_jax.testing import reference
     from sam3_jax.testing.parity import randomize_
 
     torch = ref.torch
@@ -163,7 +141,7 @@ def models(ref, tmp_path_factory):
     image_model.rank, image_model.world_size = 0, 1
     image_model.async_all_gather, image_model.gather_backbone_out = False, True
     theirs = Sam3VideoInference(detector=image_model, tracker=tracker, image_size=TCFG.image_size,
-                                **_reference_kwargs(cfg)).eval()
+                                **reference.detect_track_kwargs(cfg)).eval()
     # CPU shim (module docstring): bfloat16 tracker features back to float32 where they are used.
     to_float = lambda module, args: tuple(a.float() for a in args)
     tracker.sam_mask_decoder.conv_s0.register_forward_pre_hook(to_float)
@@ -180,26 +158,8 @@ def models(ref, tmp_path_factory):
     theirs.run_backbone_and_detection = run_backbone_and_detection
     init_state = tracker.init_state  # states on the CPU (the default storage device is CUDA)
     tracker.init_state = lambda **kw: init_state(offload_video_to_cpu=True, offload_state_to_cpu=True, **kw)
-    _allow_empty_connected_components()
+    reference.allow_empty_connected_components()
     return ours, theirs, cfg
-
-
-def _allow_empty_connected_components():
-    """CPU shim: the reference's CPU connected-components fallback cannot take zero masks (torch.stack
-    of an empty list), which its hole filling passes whenever a frame has no new detection."""
-    import sam3.perflib.connected_components as cc
-
-    if getattr(cc.connected_components_cpu, "_empty_ok", False):
-        return
-    orig = cc.connected_components_cpu
-
-    def connected_components_cpu(x):
-        if x.shape[0] == 0:
-            return x.long(), x.long()
-        return orig(x)
-
-    connected_components_cpu._empty_ok = True
-    cc.connected_components_cpu = connected_components_cpu
 
 
 def _video(num_frames, seed):
@@ -300,7 +260,7 @@ def test_config_defaults_are_the_video_builder_settings(ref):
     src = inspect.getsource(ref.model_builder.build_sam3_video_model)
     first = src[src.index("if apply_temporal_disambiguation:"):src.index("else:", src.index("if apply_temporal"))]
     theirs = {k: float(v) for k, v in re.findall(r"(\w+)=(-?[\d.]+),", first)}
-    ours = _reference_kwargs(DetectTrackConfig())
+    ours = reference.detect_track_kwargs(DetectTrackConfig())
     ours["max_num_objects"] = -1  # theirs: not passed (no limit)
     compared = [k for k in ours if k in theirs]
     assert len(compared) == 13, compared
@@ -321,7 +281,7 @@ def test_nms_and_hole_filling_match_reference(ref):
     from sam3_jax.infer.detect_track import fill_holes, nms_keep
 
     torch = ref.torch
-    _allow_empty_connected_components()
+    reference.allow_empty_connected_components()
     rng = np.random.default_rng(0)
     for trial in range(12):
         n = int(rng.integers(1, 9))
