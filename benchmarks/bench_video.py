@@ -194,9 +194,6 @@ def torch_track(args, objects: int, torch, cuda: bool):
 def torch_text(args, objects: int, torch, cuda: bool):
     """``Sam3VideoInference`` as the parity test's ``models`` fixture builds it and ``_run_reference``
     feeds it (frames already at the model's size: no resize), with the converted weights' ``sam3.pt``."""
-    from sam3.model.sam3_image import Sam3ImageOnVideoMultiGPU
-    from sam3.model.sam3_video_inference import Sam3VideoInference
-
     from sam3_jax.testing import reference
 
     model_cfg, tracker_cfg = configs(args.size, "float32")
@@ -205,31 +202,8 @@ def torch_text(args, objects: int, torch, cuda: bool):
     weights = torch.load(os.path.join(os.path.dirname(args.checkpoint), "sam3.pt"))["model"]
     for prefix, module in (("detector.", image_model), ("tracker.", base)):
         module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
-    tracker = reference.build_tracker_predictor(image_model, base, tracker_cfg, keep_autocast=cuda)
-    image_model.__class__ = Sam3ImageOnVideoMultiGPU  # the video model's detector class, one process
-    image_model.rank, image_model.world_size = 0, 1
-    image_model.async_all_gather, image_model.gather_backbone_out = False, True
-    model = Sam3VideoInference(detector=image_model, tracker=tracker, image_size=tracker_cfg.image_size,
-                               **reference.detect_track_kwargs(detect_track_config(objects))).eval()
-    if cuda:
-        model = model.cuda()
-    else:  # the parity test's CPU shims: bf16 tracker features back to float32, states on the CPU
-        to_float = lambda module, inputs: tuple(a.float() for a in inputs)
-        tracker.sam_mask_decoder.conv_s0.register_forward_pre_hook(to_float)
-        tracker.sam_mask_decoder.conv_s1.register_forward_pre_hook(to_float)
-        detect = model.run_backbone_and_detection
-
-        def run_backbone_and_detection(**kwargs):
-            det_out = detect(**kwargs)
-            cache = kwargs["feature_cache"][kwargs["frame_idx"]][1]["tracker_backbone_out"]
-            cache["backbone_fpn"] = [x.float() for x in cache["backbone_fpn"]]
-            cache["vision_features"] = cache["backbone_fpn"][-1]
-            return det_out
-
-        model.run_backbone_and_detection = run_backbone_and_detection
-        init_state = tracker.init_state
-        tracker.init_state = lambda **kw: init_state(offload_video_to_cpu=True, offload_state_to_cpu=True, **kw)
-        reference.allow_empty_connected_components()
+    model = reference.build_detect_track_model(image_model, base, tracker_cfg, detect_track_config(objects),
+                                               cuda=cuda)
     frames = video(model_cfg.image_size, args.frames)
     images = ((torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0).half() - 0.5) / 0.5  # io_utils' fp16
     if cuda:
@@ -237,14 +211,7 @@ def torch_text(args, objects: int, torch, cuda: bool):
     s = model_cfg.image_size
 
     def start():
-        state = {"image_size": s, "num_frames": args.frames, "orig_height": s, "orig_width": s, "constants": {}}
-        model._construct_initial_input_batch(state, images)
-        state.update(tracker_inference_states=[], tracker_metadata={}, feature_cache={}, cached_frame_outputs={},
-                     action_history=[], is_image_only=False)
-        state["text_prompt"] = PROMPT  # what add_prompt sets, without its extra pass over the prompt frame
-        state["input_batch"].find_text_batch[0] = PROMPT
-        for stage in state["input_batch"].find_inputs:
-            stage.text_ids[...] = model.TEXT_ID_FOR_TEXT
+        state = reference.start_text_prompt(model, images, (s, s), PROMPT)
         return model.propagate_in_video(state, start_frame_idx=0, max_frame_num_to_track=None, reverse=False)
 
     return start, lambda out: len(out[1]["out_obj_ids"])

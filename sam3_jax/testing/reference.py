@@ -304,3 +304,53 @@ def allow_empty_connected_components():
 
     connected_components_cpu._empty_ok = True
     cc.connected_components_cpu = connected_components_cpu
+
+
+def build_detect_track_model(image_model, base, tracker_cfg, dt_cfg, *, cuda: bool = False):
+    """The reference's ``Sam3VideoInference`` in one process from an image model and a ``build_tracker``
+    model, with a ``DetectTrackConfig``'s thresholds. Without CUDA, the CPU shims: the detector's bf16
+    tracker features go back to float32 where they are used, tracker states stay on the CPU (the
+    default storage device is CUDA), and empty hole-filling batches are allowed."""
+    from sam3.model.sam3_image import Sam3ImageOnVideoMultiGPU
+    from sam3.model.sam3_video_inference import Sam3VideoInference
+
+    tracker = build_tracker_predictor(image_model, base, tracker_cfg, keep_autocast=cuda)
+    image_model.__class__ = Sam3ImageOnVideoMultiGPU  # the video model's detector class, one process
+    image_model.rank, image_model.world_size = 0, 1
+    image_model.async_all_gather, image_model.gather_backbone_out = False, True
+    model = Sam3VideoInference(detector=image_model, tracker=tracker, image_size=tracker_cfg.image_size,
+                               **detect_track_kwargs(dt_cfg)).eval()
+    if cuda:
+        return model.cuda()
+    to_float = lambda module, args: tuple(a.float() for a in args)
+    tracker.sam_mask_decoder.conv_s0.register_forward_pre_hook(to_float)
+    tracker.sam_mask_decoder.conv_s1.register_forward_pre_hook(to_float)
+    detect = model.run_backbone_and_detection
+
+    def run_backbone_and_detection(**kwargs):
+        det_out = detect(**kwargs)
+        cache = kwargs["feature_cache"][kwargs["frame_idx"]][1]["tracker_backbone_out"]
+        cache["backbone_fpn"] = [x.float() for x in cache["backbone_fpn"]]
+        cache["vision_features"] = cache["backbone_fpn"][-1]
+        return det_out
+
+    model.run_backbone_and_detection = run_backbone_and_detection
+    init_state = tracker.init_state
+    tracker.init_state = lambda **kw: init_state(offload_video_to_cpu=True, offload_state_to_cpu=True, **kw)
+    allow_empty_connected_components()
+    return model
+
+
+def start_text_prompt(model, images, orig_hw: tuple[int, int], prompt: str) -> dict:
+    """A ``Sam3VideoInference`` state for ``images`` (T, 3, S, S), normalised, with a text prompt: what
+    ``init_state`` + ``add_prompt`` set, without ``add_prompt``'s extra pass over the prompt frame."""
+    state = {"image_size": model.image_size, "num_frames": images.shape[0], "orig_height": orig_hw[0],
+             "orig_width": orig_hw[1], "constants": {}}
+    model._construct_initial_input_batch(state, images)
+    state.update(tracker_inference_states=[], tracker_metadata={}, feature_cache={}, cached_frame_outputs={},
+                 action_history=[], is_image_only=False)
+    state["text_prompt"] = prompt
+    state["input_batch"].find_text_batch[0] = prompt
+    for stage in state["input_batch"].find_inputs:
+        stage.text_ids[...] = model.TEXT_ID_FOR_TEXT
+    return state

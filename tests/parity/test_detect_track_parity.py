@@ -119,9 +119,6 @@ def _patch_reference_constants(cfg):
 
 @pytest.fixture(scope="module")
 def models(ref, tmp_path_factory):
-    from sam3.model.sam3_image import Sam3ImageOnVideoMultiGPU
-    from sam3.model.sam3_video_inference import Sam3VideoInference
-
     from sam3_jax.infer.detect_track import DetectTrackPredictor
     from sam3_jax.testing.parity import randomize_
 
@@ -136,29 +133,7 @@ def models(ref, tmp_path_factory):
     cfg = _thresholds()
     ours = DetectTrackPredictor.from_checkpoint(converted, cfg)
 
-    tracker = reference.build_tracker_predictor(image_model, base, TCFG)
-    image_model.__class__ = Sam3ImageOnVideoMultiGPU  # the video model's detector class, one process
-    image_model.rank, image_model.world_size = 0, 1
-    image_model.async_all_gather, image_model.gather_backbone_out = False, True
-    theirs = Sam3VideoInference(detector=image_model, tracker=tracker, image_size=TCFG.image_size,
-                                **reference.detect_track_kwargs(cfg)).eval()
-    # CPU shim (module docstring): bfloat16 tracker features back to float32 where they are used.
-    to_float = lambda module, args: tuple(a.float() for a in args)
-    tracker.sam_mask_decoder.conv_s0.register_forward_pre_hook(to_float)
-    tracker.sam_mask_decoder.conv_s1.register_forward_pre_hook(to_float)
-    detect = theirs.run_backbone_and_detection
-
-    def run_backbone_and_detection(**kwargs):
-        det_out = detect(**kwargs)
-        cache = kwargs["feature_cache"][kwargs["frame_idx"]][1]["tracker_backbone_out"]
-        cache["backbone_fpn"] = [x.float() for x in cache["backbone_fpn"]]
-        cache["vision_features"] = cache["backbone_fpn"][-1]
-        return det_out
-
-    theirs.run_backbone_and_detection = run_backbone_and_detection
-    init_state = tracker.init_state  # states on the CPU (the default storage device is CUDA)
-    tracker.init_state = lambda **kw: init_state(offload_video_to_cpu=True, offload_state_to_cpu=True, **kw)
-    reference.allow_empty_connected_components()
+    theirs = reference.build_detect_track_model(image_model, base, TCFG, cfg)
     return ours, theirs, cfg
 
 
@@ -180,14 +155,7 @@ def _run_reference(ref, model, frames, prompt):
         images[i] = torch.from_numpy(resized).permute(2, 0, 1).float() / 255.0
     images -= torch.tensor([0.5] * 3, dtype=torch.float16)[:, None, None]
     images /= torch.tensor([0.5] * 3, dtype=torch.float16)[:, None, None]
-    state = {"image_size": s, "num_frames": t, "orig_height": h, "orig_width": w, "constants": {}}
-    model._construct_initial_input_batch(state, images)
-    state.update(tracker_inference_states=[], tracker_metadata={}, feature_cache={}, cached_frame_outputs={},
-                 action_history=[], is_image_only=False)
-    state["text_prompt"] = prompt  # what add_prompt sets, without its extra pass over the prompt frame
-    state["input_batch"].find_text_batch[0] = prompt
-    for stage in state["input_batch"].find_inputs:
-        stage.text_ids[...] = model.TEXT_ID_FOR_TEXT
+    state = reference.start_text_prompt(model, images, (h, w), prompt)
     out = {}
     with torch.no_grad():
         for f, res in model.propagate_in_video(state, start_frame_idx=0, max_frame_num_to_track=None, reverse=False):
