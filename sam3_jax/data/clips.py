@@ -71,10 +71,10 @@ class ClipBuilder:
                 raise DataError(ann.path, "size", f"mask size (h, w) {tuple(ann.size)} != frame "
                                 f"size {(height, width)}")
         n = len(plan.object_ids)
-        planes = [a.bit_planes(plan.object_ids) for a in plan.annotations]
+        masks = _Masks(plan.annotations, plan.object_ids, d.mask_size)
         visible0 = set(plan.annotations[0].visible_ids())
         required = [k for k, i in enumerate(plan.object_ids) if i in visible0]
-        geometry, warped0 = self._geometry(width, height, planes[0], required, rng)
+        geometry, warped0 = self._geometry(width, height, masks, required, rng)
         clip_ops = self._clip_colour(rng)
 
         ex = schema.empty_example(d)
@@ -87,8 +87,7 @@ class ClipBuilder:
                                           self.augment.exact_warp)
             ex["frames"][t] = np.asarray(frame if colour_first else
                                          transforms.apply_colour(frame, ops))
-            warped = warped0 if t == 0 else transforms.warp_planes(planes[t], geometry, d.mask_size)
-            transforms.unpack_masks(warped, ex["masks"][t, :n])
+            masks.unpack(warped0 if t == 0 else masks.warp(t, geometry), ex["masks"][t, :n])
         ex["boxes"], ex["object_valid"] = transforms.boxes_from_masks(ex["masks"])
 
         k, p = len(plan.positions), len(plan.phrase_ids)
@@ -106,20 +105,20 @@ class ClipBuilder:
         ex["source_size"][:] = (height, width)
         return ex
 
-    def _geometry(self, width: int, height: int, planes0: np.ndarray, required: list[int],
+    def _geometry(self, width: int, height: int, masks: _Masks, required: list[int],
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Draws flip + affine until every object visible in the first frame stays visible
         (SAM2 retries the same way), falling back to flip + resize only; returns the matrix and
-        the first frame's warped bit planes."""
-        aug, size = self.augment, self.dims.mask_size
+        the first frame's warped masks (`_Masks.warp`)."""
+        aug = self.augment
         tries = aug.affine_tries if aug.enabled else 0
         for attempt in range(tries + 1):
             if aug.enabled:
                 m = transforms.sample_geometry(aug, width, height, rng, attempt < tries)
             else:
                 m = transforms.resize_matrix(width, height)
-            warped = transforms.warp_planes(planes0, m, size)
-            if all((warped[k // 8] >> (k % 8) & 1).any() for k in required):
+            warped = masks.warp(0, m)
+            if masks.all_present(warped, required):
                 break
         return m, warped
 
@@ -136,3 +135,32 @@ class ClipBuilder:
             return []
         return transforms.sample_jitter(rng, aug.frame_brightness, aug.frame_contrast,
                                         aug.frame_saturation)
+
+
+class _Masks:
+    """The chosen objects' masks of a clip, warped frame by frame: as the frames' maps of ids when
+    every annotation has one (FrameAnnotation.label_map), else as bit planes. Same result."""
+
+    def __init__(self, annotations: list, object_ids: list[int], size: int):
+        self.ids, self.size = object_ids, size
+        labels = [a.label_map() for a in annotations]
+        self.labels = labels if all(x is not None for x in labels) else None
+        self.planes = None if self.labels else [a.bit_planes(object_ids) for a in annotations]
+
+    def warp(self, t: int, geometry: np.ndarray) -> np.ndarray:
+        if self.labels:
+            return transforms.warp_labels(self.labels[t], geometry, self.size)
+        return transforms.warp_planes(self.planes[t], geometry, self.size)
+
+    def all_present(self, warped: np.ndarray, objects: list[int]) -> bool:
+        """Whether each of `objects` (indices into object_ids) has a pixel in `warped`."""
+        if self.labels:
+            counts = np.bincount(warped.ravel(), minlength=256)
+            return all(counts[self.ids[k]] for k in objects)
+        return all((warped[k // 8] >> (k % 8) & 1).any() for k in objects)
+
+    def unpack(self, warped: np.ndarray, out: np.ndarray) -> None:
+        if self.labels:
+            transforms.masks_from_labels(warped, self.ids, out)
+        else:
+            transforms.unpack_masks(warped, out)

@@ -3,9 +3,11 @@
 Geometry (SAM2's hflip -> RandomAffine -> square resize) is composed into a single 3x3 matrix from
 source pixels to the unit square, so each frame is warped straight to S x S (`warp_image`) and each
 mask once (nearest) to M x M from that same matrix: masks and frames cannot drift apart, and there
-is no separate resize pass at the source resolution as in SAM2. Masks travel as bit planes (object
-k is bit k % 8 of plane k // 8), so one nearest warp moves eight objects (see
-FrameAnnotation.bit_planes). Boxes are recomputed from the warped masks.
+is no separate resize pass at the source resolution as in SAM2. Masks stored as a map of ids
+(DAVIS/MOSE palette PNGs: FrameAnnotation.label_map) are warped as that one 8-bit image and compared
+with each object's id afterwards, at M x M; other masks travel as bit planes (object k is bit k % 8
+of plane k // 8), so one nearest warp moves eight objects (see FrameAnnotation.bit_planes). Both
+give the same masks. Boxes are recomputed from the warped masks.
 
 Colour (SAM2: clip-level ColorJitter, grayscale, per-frame ColorJitter) is linear in RGB, so the
 whole chain becomes one 3x4 matrix applied by a single PIL `convert` per frame, before or after the
@@ -81,6 +83,19 @@ def warp_planes(planes: np.ndarray, unit_matrix: np.ndarray, size: int) -> np.nd
     """uint8 [K, H, W] bit planes -> [K, size, size], nearest neighbour."""
     return np.stack([np.asarray(_warp(Image.fromarray(p), unit_matrix, size,
                                       Image.Resampling.NEAREST, 0)) for p in planes])
+
+
+def warp_labels(labels: Image.Image, unit_matrix: np.ndarray, size: int) -> np.ndarray:
+    """8-bit image of object ids (FrameAnnotation.label_map) -> uint8 [size, size], nearest
+    neighbour, outside filled with 0. Nearest sampling moves ids exactly as it moves bit planes,
+    so `masks_from_labels` of this equals `unpack_masks` of `warp_planes`."""
+    return np.asarray(_warp(labels, unit_matrix, size, Image.Resampling.NEAREST, 0))
+
+
+def masks_from_labels(labels: np.ndarray, ids: list[int], out: np.ndarray) -> None:
+    """uint8 [H, W] ids -> `out`, bool [len(ids), H, W]: one comparison per object."""
+    for k, i in enumerate(ids):
+        np.equal(labels, i, out=out[k])
 
 
 def _warp(img: Image.Image, unit_matrix: np.ndarray, size: int, resample, fill) -> Image.Image:

@@ -33,6 +33,12 @@ class FrameAnnotation(abc.ABC):
     def masks(self, ids: Sequence[int]) -> np.ndarray:
         """bool [len(ids), H, W]; all False for an id absent from this frame."""
 
+    def label_map(self) -> Image.Image | None:
+        """The frame's masks as one 8-bit image of object ids (0: background), when they are
+        stored that way and hence disjoint; None otherwise. With it, the clip builder warps all
+        objects of a frame in a single nearest-neighbour pass and never builds bit planes."""
+        return None
+
     def bit_planes(self, ids: Sequence[int]) -> np.ndarray:
         """The masks of `ids` packed as uint8 [ceil(len(ids) / 8), H, W]: object k is bit k % 8
         of plane k // 8 (so one nearest-neighbour warp moves eight objects)."""

@@ -67,6 +67,9 @@ class LabelMapAnnotation(FrameAnnotation):
         label = np.asarray(self.label)
         return label[None] == np.asarray(ids, np.uint8).reshape(-1, 1, 1)
 
+    def label_map(self) -> Image.Image:
+        return self.label
+
     def bit_planes(self, ids: Sequence[int]) -> np.ndarray:
         """Fast path: one lookup table per 8 objects, applied by PIL."""
         planes = []
