@@ -2,13 +2,31 @@
 
 ``--mode``: ``detector`` (the detector's losses), ``tracker`` (SAM 3's stage 4: the tracker's
 losses under SAM 2's recipe, detector frozen, ``--objects`` objects) or ``joint`` (both). The
-reference has no tracker training path (``Sam3TrackerBase.forward`` raises ``NotImplementedError``
-and its ``track_step`` needs attributes it never defines in train mode), so the tracker and joint
-modes report the JAX side alone.
+reference has no tracker training path (``Sam3TrackerBase.forward`` raises ``NotImplementedError``);
+its tracker side here is ``reference_tracker_step.py``: the reference's SAM 3 tracker modules and
+their own ``track_step``, in train mode with autograd, driven as SAM 2's ``SAM2Train`` drives them,
+with SAM 2's ``MultiStepMultiMasksAndIous`` built from the reference's loss functions.
+
+Tracker work, both sides (``--prompts=mask0``, the default): every object slot of the clip tracked
+through its ``--frames`` frames in order, the GT mask as input on frame 0 (the only initial
+conditioning frame), frames 1.. memory-conditioned with multimask output and a loss each, no
+corrective clicks. Our trainer samples SAM 2's full recipe instead (clicks or boxes, up to 7
+corrective clicks: a random amount of work per step); ``--prompts=recipe`` times that, JAX only.
+What cannot be matched exactly (the output prints each side's work):
+
+* frame 0: our step also runs the SAM heads once without prompt on the mask-input frame (their
+  output is replaced by the mask input's and left out of the loss), so it does one SAM-heads pass
+  more per step than the reference;
+* memory selection (``use_memory_selection``): the reference scores a frame by the mean over the
+  objects tracked together, ours per object; ours attends to a fixed number of memory slots
+  (padding masked), the reference to the frames it selected;
+* the frozen backbone: ours runs it in training mode under ``stop_gradient``, the reference in eval
+  mode under ``torch.no_grad`` (the same computation: the drop-path rate only differs in training);
+* random weights on each side, not the same ones: losses are not comparable, work is.
 
 Both sides train the same model size on the same frames: one clip of ``--frames`` frames from the
 generated demo videos (resized to the model's image size), one find query per (frame, phrase) with a
-text prompt and no box prompt, the detector losses (IABCEMdetr + Boxes + Masks, o2o + o2m, aux
+text prompt and no box prompt, in detector and joint modes the detector losses (IABCEMdetr + Boxes + Masks, o2o + o2m, aux
 layers) and an AdamW-style update with gradient clipping.
 
 * JAX: ``sam3_jax.train.step.make_loss_fn`` + ``make_train_step`` with the trainer's optimiser
@@ -19,13 +37,19 @@ layers) and an AdamW-style update with gradient clipping.
   train mode with activation checkpointing switched on where the official builder has it (ViT,
   text encoder, encoder, decoder, segmentation head, geometry encoder), ``model(BatchedDatapoint)``
   (its matcher runs inside ``forward``), ``Sam3LossWrapper`` configured as the training configs
-  do, ``backward()``, ``clip_grad_norm_(0.1)`` and ``torch.optim.AdamW``.
+  do, ``backward()``, ``clip_grad_norm_(0.1)`` and ``torch.optim.AdamW``. Tracker mode: the same
+  model's backbone, frozen, on the clip's frames, then the tracker (``testing.reference.build_tracker``
+  at the ``TrackerConfig``'s sizes) as above; AdamW over the tracker's parameters. Joint mode: the
+  detector's training forward, whose one backbone pass also feeds the tracker, the sum of both
+  losses, AdamW over both models.
 
 Each side runs in its own subprocess so peak memory is measured separately. Run:
 
   CPU (small):  python benchmarks/bench_train_step.py --size=tiny --frames=8 --repeats=3
   GPU (H100/H200, the issue's targets):
                 python benchmarks/bench_train_step.py --size=official --dtype=bfloat16 --frames=8
+
+Tracker mode on the CPU (tiny): ``--mode=tracker --size=tiny --frames=8 --objects=3 --torch-threads=1``.
 
 ``--dtype=bfloat16`` means JAX compute in bf16 and PyTorch under bf16 autocast (the reference's
 training mode). ``--side=jax`` skips the reference (e.g. where it is not installed).
@@ -43,7 +67,9 @@ throughput:
   optimised HLO of the real step, so it includes the remat recomputation (and the optimiser).
 
 Caveats of XLA's FLOP counts: custom calls (e.g. cuDNN flash attention) count 0, and a while
-loop's body (the Hungarian matcher, ``vit.scan_blocks=True``) is counted once, not per trip.
+loop's body (the Hungarian matcher, ``vit.scan_blocks=True``, the tracker's scan over the frames) is
+counted once, not per trip; and the model count takes gradients of every parameter, frozen or not.
+In tracker and joint modes MFU and HFU are therefore not meaningful.
 """
 from __future__ import annotations
 
@@ -97,6 +123,16 @@ def tracker_config(size: str):
     return TrackerConfig.official() if size == "official" else TrackerConfig.tiny()
 
 
+def prompt_config(prompts: str):
+    """The tracker's prompts on the JAX side. ``mask0`` (the default): the GT mask on frame 0, the
+    only initial conditioning frame, and no clicks (the work the reference side does: a fixed amount
+    per step). ``recipe``: SAM 2's training recipe (clicks or boxes half the time, 1-2 initial
+    conditioning frames, up to 7 corrective clicks on up to 2 frames), drawn anew each step: JAX only."""
+    from sam3_jax.train.tracker_prompts import PromptConfig
+
+    return PromptConfig() if prompts == "recipe" else PromptConfig(prob_to_use_pt_input=0.0, num_init_cond_frames=1)
+
+
 def pad_n_queries(size: str) -> int | None:
     """The reference configs pad the CE mean to 200 queries; the tiny decoder only has 16."""
     return 200 if size == "official" else None
@@ -141,7 +177,6 @@ def run_jax(args, batch_path: str) -> dict:
     from sam3_jax.train import step as step_lib
     from sam3_jax.train.losses.detector import DetectorLossConfig
     from sam3_jax.train.losses.tracker import TrackerLossConfig
-    from sam3_jax.train.tracker_prompts import PromptConfig
 
     batch_np = load_batch(batch_path)
     batch_np.pop("phrase_text")
@@ -157,7 +192,7 @@ def run_jax(args, batch_path: str) -> dict:
     if args.mode != "detector":
         tracker_cfg = tracker_config(args.size)
         abstract["tracker"] = tracker_lib.abstract_params(tracker_cfg)
-        stage = tracker_stage.make_tracker_stage(tracker_cfg, PromptConfig(), TrackerLossConfig(),
+        stage = tracker_stage.make_tracker_stage(tracker_cfg, prompt_config(args.prompts), TrackerLossConfig(),
                                                  dtype=cfg.compute_dtype)
     tx = step_lib.wrap_nonfinite(optim.make_optimizer(optim_cfg, abstract, 1000))
     frozen = jax.tree.map(lambda label: label == optim.FROZEN, optim.param_labels(abstract, optim_cfg))
@@ -257,22 +292,16 @@ def reference_inputs(torch, batch: dict, device: str):
                             find_inputs=[find], find_targets=[target], find_metadatas=[None])
 
 
-def run_torch(args, batch_path: str) -> dict:
+def detector_reference(args, torch, device: str):
+    """The reference ``Sam3Image`` at ``--size`` with random weights and its training loss, as the
+    training configs set them up: (model in train mode, ``Sam3LossWrapper``)."""
+    from sam3.train import matcher as tmatcher  # after reference.load() and install_loss_shims (run_torch)
+    from sam3.train.loss import loss_fns, sam3_loss
+
     from sam3_jax.testing import reference
     from sam3_jax.testing.parity import randomize_
 
-    ref = reference.load()
-    torch = ref.torch
-    reference.install_loss_shims(torch)
-    from sam3.train import matcher as tmatcher
-    from sam3.train.loss import loss_fns, sam3_loss
-
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    cfg = model_config(args.size, "float32")
-    model = reference.build_image_model(cfg)
+    model = reference.build_image_model(model_config(args.size, "float32"))
     randomize_(model, seed=0)  # some of its parameters are torch.empty until a checkpoint is loaded
     # Activation checkpointing where model_builder switches it on (the ViT and text encoder have it already).
     model.transformer.encoder.use_act_checkpoint = True
@@ -284,7 +313,7 @@ def run_torch(args, batch_path: str) -> dict:
     model.matcher = hungarian
     model = model.to(device).train()
     decoder = model.transformer.decoder
-    if cuda and decoder.compilable_cord_cache is not None:  # built on the CPU by reference.load()'s shim
+    if device == "cuda" and decoder.compilable_cord_cache is not None:  # built on the CPU by reference.load()'s shim
         decoder.compilable_cord_cache = tuple(c.to(device) for c in decoder.compilable_cord_cache)
     loss = sam3_loss.Sam3LossWrapper(
         [loss_fns.IABCEMdetr(pos_weight=10.0, weight_dict={"loss_ce": 20.0, "presence_loss": 20.0}, gamma=2,
@@ -295,21 +324,78 @@ def run_torch(args, batch_path: str) -> dict:
         normalization="local", matcher=hungarian,
         o2m_matcher=tmatcher.BinaryOneToManyMatcher(alpha=0.3, threshold=0.4, topk=4), o2m_weight=2.0,
         use_o2m_matcher_on_o2m_aux=False, scale_by_find_batch_size=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=8e-5, weight_decay=0.1)
-    datapoint = reference_inputs(torch, load_batch(batch_path), device)
+    return model, loss
+
+
+def run_torch(args, batch_path: str) -> dict:
+    """detector: the reference's own training forward and loss. tracker: the frozen backbone (eval
+    mode, no grad) on every frame, then ``reference_tracker_step.track_clip`` (the reference tracker's
+    ``track_step`` under SAM 2's recipe). joint: the detector's training forward, whose backbone pass
+    also feeds the tracker (with gradient), detector + tracker losses. Then backward, gradient
+    clipping and AdamW as the trainer."""
+    import reference_tracker_step as rts
+
+    from sam3_jax.testing import reference
+    from sam3_jax.testing.parity import randomize_
+    from sam3_jax.train.losses.tracker import TrackerLossConfig
+
+    ref = reference.load()
+    torch = ref.torch
+    reference.install_loss_shims(torch)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    batch = load_batch(batch_path)
+    datapoint = reference_inputs(torch, batch, device)
+    detect, track = args.mode != "tracker", args.mode != "detector"
+    if detect:
+        model, det_loss = detector_reference(args, torch, device)
+    else:  # stage 4: the backbone is frozen (configs/video.py:tracker freezes everything under detector/)
+        model = reference.build_image_model(model_config(args.size, "float32"))
+        randomize_(model, seed=0)
+        model = model.to(device).eval().requires_grad_(False)
+    params = list(model.parameters()) if detect else []
+    if track:
+        trk = rts.prepare_tracker(reference.build_tracker(tracker_config(args.size)).to(device))
+        params += list(trk.parameters())
+        gt, tracked = rts.clip_targets(torch, batch, device)
+        trk_loss_cfg = TrackerLossConfig()
+    # The trainer's optimisers: configs/video.py's default (detector, joint) and :tracker learning rates.
+    opt = torch.optim.AdamW(params, lr=8e-5 if detect else 5e-6, weight_decay=0.1)
+    stash = {}
+    if detect and track:  # the tracker reads the detector's own backbone pass
+        forward_image = model.backbone.forward_image
+
+        def keep_forward_image(samples):
+            stash["backbone_out"] = forward_image(samples)
+            return stash["backbone_out"]
+
+        model.backbone.forward_image = keep_forward_image
+    work = {}
 
     def train_step() -> float:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-            stages = model(datapoint)
-            targets = [model.back_convert(t) for t in datapoint.find_targets]
-            core = loss(stages, targets)["core_loss"]
-        core.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            total = torch.zeros((), device=device)
+            if detect:
+                stages = model(datapoint)
+                targets = [model.back_convert(t) for t in datapoint.find_targets]
+                total = total + det_loss(stages, targets)["core_loss"]
+                sam2_out = stash.get("backbone_out", {}).get("sam2_backbone_out")
+            elif track:
+                with torch.no_grad():
+                    sam2_out = model.backbone.forward_image(datapoint.img_batch)["sam2_backbone_out"]
+            if track:
+                trk_loss, _, w = rts.track_clip(torch, trk, sam2_out, datapoint.img_batch, gt, tracked, trk_loss_cfg)
+                work.update(w)
+                total = total + trk_loss
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.1)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
-        return float(core.detach())
+        return float(total.detach())
 
     train_step()  # warm-up
     times, losses = [], []
@@ -320,7 +406,8 @@ def run_torch(args, batch_path: str) -> dict:
     return {"step_s": float(np.mean(times)), "peak_rss_gib": peak_rss_gib(),
             "device_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "devices": 1, "device": device, "threads": torch.get_num_threads(), "losses": losses,
-            "queries": len(datapoint.find_inputs[0].img_ids)}
+            "queries": len(datapoint.find_inputs[0].img_ids) if detect else 0, "work": work,
+            "trained_params": sum(p.numel() for p in params)}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -373,9 +460,34 @@ def report(args, j: dict | None, t: dict | None) -> None:
               f"model FLOPs/step {j['model_flops']:.3e} (no remat), compiled step FLOPs {j['step_flops']:.3e} "
               f"(incl. remat recompute); peak bf16 {fmt(peak, '.3e')} FLOP/s; losses {np.round(j['losses'], 4).tolist()}")
     if t:
-        print(f"PyTorch: {t['device']}, {t['threads']} threads, {t['queries']} find queries; "
-              f"losses {np.round(t['losses'], 4).tolist()}")
+        print(f"PyTorch: {t['device']}, {t['threads']} threads, {t['queries']} find queries, "
+              f"{t['trained_params']:,d} trained parameters; losses {np.round(t['losses'], 4).tolist()}")
+    if args.mode != "detector":
+        print(tracker_work(args, j, t))
     print(f"machine: {kind}, {os.cpu_count()} CPUs")
+
+
+def tracker_work(args, j: dict | None, t: dict | None) -> str:
+    """What each side's tracker did per step (the two must match for the comparison to hold)."""
+    lines = ["tracker work per step:"]
+    if j:
+        if args.prompts == "recipe":
+            what = "prompts sampled each step by SAM 2's recipe (clicks, boxes, corrective clicks)"
+        else:
+            what = (f"GT mask input on frame 0 (no SAM loss there), frames 1-{args.frames - 1} memory-conditioned "
+                    f"with multimask output and losses, 0 corrective clicks; one SAM-heads pass more than the reference "
+                    f"(frame 0's prompt-less heads, computed on every slot and replaced by the mask input)")
+        lines.append(f"  JAX: {args.objects} object slots (those visible on frame 0 in the losses), {what}; "
+                     f"backbone {'frozen (stop_gradient)' if args.mode == 'tracker' else 'trained'}, "
+                     f"memory-attention dropout on")
+    if t and t.get("work"):
+        w = t["work"]
+        lines.append(f"  PyTorch: {w['object_slots']} object slots ({w['tracked']} in the losses), "
+                     f"{w['mask_input_frames']} mask-input frame, {w['memory_frames']} memory-conditioned frames "
+                     f"({w['multimask_steps']} multimask), {w['loss_steps']} loss steps, {w['sam_heads_calls']} SAM-heads "
+                     f"calls, {w['corrections']} corrective clicks; backbone "
+                     f"{'frozen (eval, no_grad)' if args.mode == 'tracker' else 'trained'}, modules in train mode")
+    return "\n".join(lines)
 
 
 def main():
@@ -386,6 +498,9 @@ def main():
     parser.add_argument("--phrases", type=int, default=1)
     parser.add_argument("--mode", default="detector", choices=["detector", "tracker", "joint"])
     parser.add_argument("--objects", type=int, default=3, help="objects per clip (tracker and joint modes)")
+    parser.add_argument("--prompts", default="mask0", choices=["mask0", "recipe"],
+                        help="tracker prompts: the GT mask on frame 0 (both sides), or SAM 2's sampled "
+                             "recipe (JAX only); see prompt_config")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--scan-blocks", action="store_true",
@@ -398,8 +513,8 @@ def main():
     if args.size is None:  # not via jax.devices(): this process must not claim the GPU's memory
         args.size = "official" if glob.glob("/dev/nvidia[0-9]*") else "tiny"
 
-    if args.mode != "detector" and args.side != "jax":
-        print("the reference has no tracker training path: JAX side only")
+    if args.mode != "detector" and args.prompts == "recipe" and args.side != "jax":
+        print("--prompts=recipe: SAM 2's sampled prompts and corrective clicks run on the JAX side only")
         args.side = "jax"
     if args.batch:  # one side, in a subprocess
         fn = run_jax if args.side == "jax" else run_torch
@@ -415,7 +530,8 @@ def main():
                 continue
             flags = [f"--side={name}", f"--size={args.size}", f"--frames={args.frames}", f"--phrases={args.phrases}",
                      f"--repeats={args.repeats}", f"--mode={args.mode}", f"--objects={args.objects}",
-                     f"--dtype={args.dtype}", f"--torch-threads={args.torch_threads}", f"--batch={batch_path}"]
+                     f"--dtype={args.dtype}", f"--torch-threads={args.torch_threads}", f"--batch={batch_path}",
+                     f"--prompts={args.prompts}"]
             flags += ["--scan-blocks"] if args.scan_blocks else []
             results[name] = sides.run(__file__, flags, f"{name} run")
     report(args, results["jax"], results["torch"])
