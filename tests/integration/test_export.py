@@ -95,3 +95,38 @@ def test_rope_buffers_are_bit_exact_at_official_size(ref):
         want = compute_axial_cis(*args).numpy()
         got = export._freqs_cis(*args)
         assert got.dtype == want.dtype and np.array_equal(got, want), block
+
+
+def _same_bytes(torch, a, b) -> bool:
+    """Bit-for-bit tensor equality that also holds for NaN bit patterns (uninitialised buffers)."""
+    def raw(t):
+        return t.contiguous().view(-1).view(torch.uint8)
+
+    return a.dtype == b.dtype and a.shape == b.shape and raw(a).equal(raw(b))
+
+
+@pytest.mark.slow
+def test_official_size_export_loads_into_build_sam3_video_model(ref, tmp_path):
+    """The issue's deployment promise at full size: the official video model's own random weights go
+    torch -> flax -> torch bit for bit, and the export loads into ``build_sam3_video_model`` with
+    ``strict=True`` (which raises on any missing, unexpected or mis-shaped key)."""
+    from sam3_jax.testing import reference
+
+    torch = ref.torch
+    torch.manual_seed(0)
+    model = ref.model_builder.build_sam3_video_model(load_from_HF=False, bpe_path=reference.bpe_path(),
+                                                     device="cpu")
+    src = tmp_path / "sam3.pt"
+    torch.save({"model": model.state_dict()}, src)
+    del model
+    convert_file(str(src), str(tmp_path / "ckpt"))
+    out = tmp_path / "exported.pt"
+    subprocess.run([sys.executable, os.path.join(REPO, "convert_torch_ckpt.py"), "--direction=to_torch",
+                    f"--checkpoint={tmp_path / 'ckpt'}", f"--torch_ckpt={out}"], check=True, cwd=REPO)
+    want = torch.load(src, map_location="cpu", weights_only=True, mmap=True)["model"]
+    got = torch.load(out, map_location="cpu", weights_only=True, mmap=True)["model"]
+    assert len(want) == 1465 and sorted(got) == sorted(want)
+    assert not [k for k in want if not _same_bytes(torch, got[k], want[k])]
+    del want, got
+    ref.model_builder.build_sam3_video_model(checkpoint_path=str(out), load_from_HF=False,
+                                             bpe_path=reference.bpe_path(), device="cpu")
