@@ -1,9 +1,23 @@
 """Text-prompted video segmentation: detect on every frame, track what was found (SAM 3's video model).
 
-``DetectTrackPredictor.propagate_iter(frames, prompt)`` follows the reference's ``Sam3VideoInference``
-detect-and-track loop (``Sam3VideoBase._det_track_one_frame``, forward in time from frame 0) with the
-heuristics of ``build_sam3_video_model`` (temporal disambiguation on); every threshold is a field of
-``DetectTrackConfig`` with the reference's default. Per frame:
+``DetectTrackPredictor.propagate_iter(frames, prompt, start_frame, direction)`` follows the reference's
+``Sam3VideoInference`` detect-and-track loop (``Sam3VideoBase._det_track_one_frame``) with the heuristics
+of ``build_sam3_video_model`` (temporal disambiguation on); every threshold is a field of
+``DetectTrackConfig`` with the reference's default. Directions, as its video predictor's
+``propagation_direction``:
+
+* forward: ``propagate_in_video(start_frame)``, frames ``start_frame`` .. T-1 (the default, from 0);
+* both: that forward pass, then ``propagate_in_video(start_frame, reverse=True)``, frames
+  ``start_frame - 1`` .. 0, on the same state: every object, memory and heuristic record of the forward
+  pass goes on (the start frame is not revisited); only the hot-start output buffer is per pass;
+* backward: the start frame as ``add_prompt`` runs it (a forward pass of one frame, given at once), then
+  that reverse pass.
+
+In a reverse pass the tracker attends to the frames after the current one (``select_memory(reverse=True)``:
+conditioning frames nearest first, the following frames, pointer distances counted backward), hot-start
+counts an object as young while it was added less than ``hotstart_delay`` frames *after* the current
+one and keeps, of duplicates, the one added last, and occlusion suppression compares the frames the
+objects were last occluded with the reference's reversed comparison. Per frame:
 
 1. detect: the detector with the cached text features; mask NMS; keep prob > threshold. The tracker's
    three feature levels are rounded to bfloat16 as the reference's detector hands them over. Detection
@@ -25,9 +39,13 @@ heuristics of ``build_sam3_video_model`` (temporal disambiguation on); every thr
 
 Static shapes: live objects occupy the first rows of arrays padded to a capacity (doubled when full),
 kept in ascending id order as the reference orders them; a validity mask marks the live rows. Each
-object's ``MemoryBank`` has ``max_cond_frames_in_attn`` conditioning slots (the most recent
-conditioning frames, which is what forward tracking selects) and the tracked-frame slots the reference's
-rules can still reach (``video_predictor.bank_capacity``). Nothing else is kept per frame but the
+object's ``MemoryBank`` has ``max_cond_frames_in_attn`` conditioning slots (the conditioning frames
+nearest the current one in the direction of travel, which is what tracking selects) and the
+tracked-frame slots the reference's rules can still reach (``video_predictor.bank_capacity``). For
+``direction="both"`` (from a frame > 0) a second bank of the same size keeps, during the forward pass,
+each object's conditioning and tracked frames nearest the start frame by the same rules: what the
+reference's backward pass reaches of the forward pass (``video_predictor``'s seed bank, for the
+objects of the detect-and-track loop). Nothing else is kept per frame but the
 outputs waiting out the hot-start delay, and one block of detections: its tracker features on the
 tracking device (the first of the mesh) and its detection probs and mask logits on the host. Memory is
 thus bounded by the block size, not the video's length; each device of the mesh encodes (and holds the
@@ -36,10 +54,14 @@ frames (never read), so it reuses the compiled call.
 
 Not implemented (all off in the reference's configuration): Hungarian association
 (``o2o_matching_masklets_enable``), boundary suppression of detections, masklet confirmation, the
-bbox-IoU reconditioning trigger, decreasing keep-alive for empty masklets, backward propagation,
-geometric (box) prompts and interactive refinement. The reference's predictor API also runs the prompt
-frame once in ``add_prompt`` and again at the start of propagation; here every frame is processed once,
-as ``Sam3VideoInference.propagate_in_video`` does from frame 0.
+bbox-IoU reconditioning trigger, decreasing keep-alive for empty masklets, geometric (box) prompts and
+interactive refinement; nor ``propagate_in_video``'s ``max_frame_num_to_track`` (a pass runs to the
+video's first or last frame). The reference's predictor API also runs the prompt
+frame once in ``add_prompt`` and again at the start of a forward propagation; here every frame is
+processed once, as ``Sam3VideoInference.propagate_in_video`` does from the start frame (for "backward"
+the one pass over the start frame is ``add_prompt``'s). Conditioning frames beyond the
+``max_cond_frames_in_attn`` nearest are not kept (with memory selection off, the reference may still
+attend to one among its last frames as an ordinary memory).
 """
 from __future__ import annotations
 
@@ -55,6 +77,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sam3_jax.infer.video_predictor import (
+    DIRECTIONS,
     FrameSource,
     VideoInputError,
     _resize,
@@ -173,7 +196,9 @@ def associate(det_masks: np.ndarray, det_scores: np.ndarray, trk_masks: np.ndarr
 
 @dataclass
 class Hotstart:
-    """Removal of young objects that detections do not confirm (``_process_hotstart``, forward)."""
+    """Removal of young objects that detections do not confirm (``_process_hotstart``). Young: added less
+    than ``hotstart_delay`` frames before the current one in the direction of travel (``reverse``: frames
+    after it); of tracks sharing a detection, the one added first in that direction is kept."""
 
     cfg: DetectTrackConfig
     first_frame: dict = field(default_factory=dict)  # id -> frame it was added
@@ -183,11 +208,14 @@ class Hotstart:
     removed: set = field(default_factory=set)
     suppressed: dict = field(default_factory=lambda: defaultdict(set))  # frame -> ids hidden on it
 
-    def update(self, frame_idx: int, assoc: Association, new_ids: Sequence[int]) -> set:
+    def update(self, frame_idx: int, assoc: Association, new_ids: Sequence[int], reverse: bool = False) -> set:
         """Records this frame; returns the ids to remove now."""
         cfg = self.cfg
         newly = set()
-        young_after = frame_idx - cfg.hotstart_delay  # first seen after this: still in hot-start
+        limit = frame_idx + cfg.hotstart_delay if reverse else frame_idx - cfg.hotstart_delay
+
+        def young(i):  # first seen after ``limit`` (reverse: before it): still in hot-start
+            return self.first_frame[i] < limit if reverse else self.first_frame[i] > limit
         for i in new_ids:
             self.first_frame.setdefault(int(i), frame_idx)
             self.keep_alive[int(i)] = cfg.init_trk_keep_alive
@@ -202,7 +230,7 @@ class Hotstart:
         for i, frames in self.unmatched.items():
             if i in self.removed or i in newly:
                 continue
-            if len(frames) >= cfg.hotstart_unmatch_thresh and self.first_frame[i] > young_after:
+            if len(frames) >= cfg.hotstart_unmatch_thresh and young(i):
                 newly.add(i)
             if self.keep_alive[i] <= 0 and not cfg.suppress_unmatched_only_within_hotstart and i not in newly:
                 self.suppressed[frame_idx].add(i)
@@ -210,30 +238,34 @@ class Hotstart:
             if len(ids) < 2:
                 continue
             ids = [int(i) for i in ids]
-            first = min(ids, key=lambda i: self.first_frame[i])
+            first = (max if reverse else min)(ids, key=lambda i: self.first_frame[i])
             for i in ids:
                 if i != first:
                     self.overlaps[(first, i)].append(frame_idx)
         for (_, i), frames in self.overlaps.items():
             if i in self.removed or i in newly:
                 continue
-            if self.first_frame[i] > young_after and len(frames) >= cfg.hotstart_dup_thresh:
+            if young(i) and len(frames) >= cfg.hotstart_dup_thresh:
                 newly.add(i)
         self.removed |= newly
         return newly
 
 
-def occlusion_suppression(masks: np.ndarray, last_occluded: np.ndarray, iou_thresh: float) -> np.ndarray:
+def occlusion_suppression(masks: np.ndarray, last_occluded: np.ndarray, iou_thresh: float,
+                          reverse: bool = False) -> np.ndarray:
     """Of two tracks overlapping by IoU >= ``iou_thresh``, the one occluded more recently is suppressed,
-    provided the other was occluded at some point (``_get_objects_to_suppress_based_on_most_recently_occluded``,
-    forward). masks (N, h, w) bool, last_occluded (N,) frame or -1 -> (N,) bool."""
+    provided the other was occluded at some point (``_get_objects_to_suppress_based_on_most_recently_occluded``).
+    ``reverse``: "more recently" is the lower frame index, compared as the reference compares it (a
+    never-occluded track, -1, counts as the more recent). masks (N, h, w) bool, last_occluded (N,) frame
+    or -1 -> (N,) bool."""
     n = len(masks)
     if n <= 1:
         return np.zeros(n, bool)
     pairs = np.triu(mask_iou(masks, masks) >= iou_thresh, k=1)
     li, lj = last_occluded[:, None], last_occluded[None, :]
-    sup_i = pairs & (li > lj) & (lj > NEVER_OCCLUDED)
-    sup_j = pairs & (lj > li) & (li > NEVER_OCCLUDED)
+    later = np.less if reverse else np.greater
+    sup_i = pairs & later(li, lj) & (lj > NEVER_OCCLUDED)
+    sup_j = pairs & later(lj, li) & (li > NEVER_OCCLUDED)
     return sup_i.any(1) | sup_j.any(0)
 
 
@@ -334,6 +366,31 @@ class _Pending:
     suppressed: set
 
 
+@dataclass
+class _State:
+    """What one propagation keeps from frame to frame, and from its forward pass to its backward pass
+    (the reference's tracker states and metadata)."""
+
+    hot: Hotstart
+    bank: MemoryBank  # per live object (rows in id order), padded to the capacity
+    seed: MemoryBank | None = None  # "both": what the backward pass will reach of the forward pass
+    obj_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # live objects, ascending
+    group: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # the frame each was added on
+    last_occluded: dict = field(default_factory=dict)
+    first_score: dict = field(default_factory=dict)
+    max_id: int = -1
+    size: tuple | None = None  # the frames' (H, W)
+
+    def commit(self, predictor, feats, ptr, eff, frame_idx, is_cond, write, reset, anchor):
+        """Stores frame ``frame_idx`` in the bank (around the current frame), and in the seed bank where it
+        is among the frames nearest the pass's first frame ``anchor``."""
+        self.bank = predictor._commit(self.bank, feats, ptr, eff, frame_idx, is_cond, write, reset, frame_idx,
+                                      nearer_only=False)
+        if self.seed is not None:
+            self.seed = predictor._commit(self.seed, feats, ptr, eff, frame_idx, is_cond, write, reset, anchor,
+                                          nearer_only=True)
+
+
 class DetectTrackPredictor:
     """Finds and tracks every instance of a text prompt through a video (see the module docstring).
 
@@ -370,11 +427,11 @@ class DetectTrackPredictor:
         self._detect = jax.jit(jax.shard_map(self._detect_fn, mesh=self.mesh, in_specs=(P(), P("frame"), P(), P()),
                                              out_specs=P("frame")))
         self._frame = jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i][None], tree))
-        self._track = jax.jit(self._track_fn)
+        self._track = jax.jit(self._track_fn, static_argnames=("reverse",))
         self._mask_prompt = jax.jit(self._mask_prompt_fn)
         self._new_objects = jax.jit(self._new_objects_fn, static_argnums=5)
         self._update_memory = jax.jit(self._update_memory_fn)
-        self._commit = jax.jit(self._commit_fn)
+        self._commit = jax.jit(self._commit_fn, static_argnames=("nearer_only",))
         self._fill = jax.jit(fill_holes, static_argnums=1)
         self._to_video = jax.jit(lambda x, size: _resize(x, size, antialias=False) > 0, static_argnums=1)
 
@@ -412,12 +469,13 @@ class DetectTrackPredictor:
     def _objects(pix, high_res, n):
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]), (pix, high_res))
 
-    def _track_fn(self, params, pix, high_res, bank, valid, group, frame_idx, num_frames):
+    def _track_fn(self, params, pix, high_res, bank, valid, group, frame_idx, num_frames, *, reverse: bool):
         """Propagation without memory encoding: hole-filled low-res logits, score logits, pointers and the
-        memory-selection score (mean over each group, as the reference's per-state batch)."""
+        memory-selection score (mean over each group, as the reference's per-state batch). ``reverse``:
+        the memories of the frames after this one (tracking backward in time)."""
         n = valid.shape[0]
         pix, high_res = self._objects(pix, high_res, n)
-        memory = select_memory(bank, frame_idx, num_frames, self.tcfg)
+        memory = select_memory(bank, frame_idx, num_frames, self.tcfg, reverse=reverse)
         out = self._trk(params, pix, high_res, memory, jnp.zeros((n,), bool), jnp.zeros((n, 1, 2)),
                         jnp.zeros((n, 1), jnp.int32), jnp.zeros((n, 1), bool), run_mem_encoder=False,
                         method=Tracker.track_step)
@@ -471,19 +529,34 @@ class DetectTrackPredictor:
         mem = self._trk(params, high, jnp.zeros((n,), bool), method=Tracker.mask_for_memory)
         return self._trk(params, pix, mem, score[:, None], method=Tracker.encode_memory)
 
-    def _commit_fn(self, bank, feats, ptr, eff, frame_idx, is_cond, write, reset):
-        """Stores frame ``frame_idx`` for the rows in ``write``: a conditioning frame in the first free or
-        oldest of the conditioning slots, a tracked frame in the tracked-frame slot of least priority
-        (``video_predictor.store``'s rule). Rows in ``reset`` are emptied first (new objects)."""
+    def _commit_fn(self, bank, feats, ptr, eff, frame_idx, is_cond, write, reset, anchor=None, *,
+                   nearer_only: bool = False):
+        """Stores frame ``frame_idx`` for the rows in ``write``: a conditioning frame in the free or farthest
+        from ``anchor`` of the conditioning slots (with the current frame as anchor: the oldest in the
+        direction of travel; the nearest are the ones ``select_memory`` picks), a tracked frame in the
+        tracked-frame slot of least priority around ``anchor`` (``video_predictor.store``'s rule). Rows in
+        ``reset`` are emptied first (new objects). ``nearer_only``: only where the frame has a higher
+        priority than what it replaces (``store(force=False)``: the seed bank of a forward pass that a
+        backward pass follows, anchored at the start frame). ``anchor`` defaults to ``frame_idx``."""
+        anchor = frame_idx if anchor is None else anchor
         k = bank.frame.shape[1]
         bank = bank.replace(frame=jnp.where(reset[:, None], -1, bank.frame),
                             is_cond=jnp.where(reset[:, None], False, bank.is_cond))
         in_cond = jnp.arange(k)[None, :] < self.num_cond
-        cond_slot = jnp.argmin(jnp.where(in_cond, bank.frame, _BIG), axis=1)
-        prio = jnp.where(bank.frame < 0, -2 * _BIG, _slot_priority(bank.frame, bank.score, frame_idx, self.tcfg))
-        free_slot = jnp.argmin(jnp.where(in_cond, 3 * _BIG, prio), axis=1)
+        far = jnp.abs(bank.frame - anchor)
+        cond_prio = jnp.where(in_cond, jnp.where(bank.frame < 0, -2 * _BIG, -far), 3 * _BIG)
+        cond_slot = jnp.argmin(cond_prio, axis=1)
+        prio = jnp.where(bank.frame < 0, -2 * _BIG, _slot_priority(bank.frame, bank.score, anchor, self.tcfg))
+        prio = jnp.where(in_cond, 3 * _BIG, prio)
+        free_slot = jnp.argmin(prio, axis=1)
         slot = jnp.where(is_cond, cond_slot, free_slot)
         rows = jnp.arange(bank.frame.shape[0])
+        if nearer_only:
+            n = rows.shape[0]
+            new_cond = -jnp.abs(frame_idx - anchor)
+            new_trk = _slot_priority(jnp.full((n,), frame_idx, jnp.int32), eff, anchor, self.tcfg)
+            old = jnp.where(is_cond, cond_prio[rows, cond_slot], prio[rows, free_slot])
+            write = write & (jnp.where(is_cond, new_cond, new_trk) > old)
 
         def pick(new, old):
             return jnp.where(write.reshape((-1,) + (1,) * (old.ndim - 1)), new.astype(old.dtype), old)
@@ -494,14 +567,16 @@ class DetectTrackPredictor:
                           pick(is_cond, bank.is_cond[rows, slot]), pick(eff, bank.score[rows, slot]))
 
     # ---------------------------------------------------------------------------------------- the loop
-    def _grow(self, needed: int):
+    def _grow(self, st: _State, needed: int):
         cap = self.capacity
         while cap < needed:
             cap *= 2
         if cap == self.capacity:
             return
         extra = MemoryBank.empty(self.tcfg, cap - self.capacity, self.slots, dtype=jnp.bfloat16)
-        self.bank = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), self.bank, extra)
+        st.bank = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), st.bank, extra)
+        if st.seed is not None:
+            st.seed = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), st.seed, extra)
         self.capacity = cap
 
     def _pad(self, x: np.ndarray, fill=0.0):
@@ -509,54 +584,75 @@ class DetectTrackPredictor:
         out[:len(x)] = x
         return out
 
-    def _detections(self, frames: FrameSource | np.ndarray, text, text_mask) -> Iterator[tuple]:
-        """Per frame in order: (index, (H, W), probs (Q,), mask logits (Q, h, w), tracker features on the
-        tracking device). Frames are read, encoded and detected ``self.block`` at a time, sharded over the
-        mesh; one block is held at a time."""
-        num_frames, s = len(frames), self.tcfg.image_size
-        size = None
-        for start in range(0, num_frames, self.block):
-            count = min(self.block, num_frames - start)
+    def _detections(self, frames: FrameSource | np.ndarray, order: Sequence[int], text, text_mask,
+                    size) -> Iterator[tuple]:
+        """Per frame of ``order``: (index, (H, W), probs (Q,), mask logits (Q, h, w), tracker features on
+        the tracking device). Frames are read, encoded and detected ``self.block`` at a time, sharded over
+        the mesh; one block is held at a time. ``size``: the frames' (H, W), or None (the first frame's)."""
+        s = self.tcfg.image_size
+        for start in range(0, len(order), self.block):
+            chunk = order[start:start + self.block]
             images = np.zeros((self.block, s, s, 3), np.float32)  # the last block's padding: never read
-            for j in range(count):
-                f = start + j
+            for j, f in enumerate(chunk):
                 frame = np.asarray(frames[f])
                 if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
                     raise VideoInputError(f"frame {f}: expected uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
                 if size is None:
                     size = frame.shape[:2]
-                elif frame.shape[:2] != size:
-                    raise VideoInputError(f"frame {f} is {frame.shape[1]}x{frame.shape[0]} but frame 0 is "
+                elif frame.shape[:2] != tuple(size):
+                    raise VideoInputError(f"frame {f} is {frame.shape[1]}x{frame.shape[0]} but frame {order[0]} is "
                                           f"{size[1]}x{size[0]}; all frames must have one size")
                 images[j] = preprocess(frame, s)
             images = jax.device_put(images, NamedSharding(self.mesh, P("frame")))
             probs, det_all, feats = self._detect(self._mesh_params, images, text, text_mask)
             probs, det_all = np.asarray(probs), np.asarray(det_all)
             feats = jax.device_put(feats, self._device)
-            for j in range(count):  # a copy: a view would keep the whole block alive
-                yield start + j, size, probs[j], det_all[j].copy(), self._frame(feats, j)
+            for j, f in enumerate(chunk):  # a copy: a view would keep the whole block alive
+                yield f, size, probs[j], det_all[j].copy(), self._frame(feats, j)
             del probs, det_all, feats  # before the next block is made
 
-    def propagate_iter(self, frames: FrameSource | np.ndarray, prompt: str) -> Iterator[DetectTrackFrame]:
-        """Yields every frame's result in order (delayed by ``hotstart_delay`` frames)."""
+    def propagate_iter(self, frames: FrameSource | np.ndarray, prompt: str, start_frame: int = 0,
+                       direction: str = "forward") -> Iterator[DetectTrackFrame]:
+        """Yields every frame's result, each pass in its processing order, delayed within the pass by
+        ``hotstart_delay`` frames: forward, frames ``start_frame`` .. T-1; backward, ``start_frame`` (the
+        prompt frame's pass of the reference's ``add_prompt``), then ``start_frame - 1`` .. 0 tracking
+        backward in time; both, the forward pass, then the backward pass from ``start_frame - 1`` with
+        every object, memory and heuristic state the forward pass left (the reference's video predictor
+        with ``propagation_direction``). Each frame is yielded once."""
         cfg, tcfg = self.cfg, self.tcfg
+        if direction not in DIRECTIONS:
+            raise VideoInputError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         if not prompt or not prompt.strip():
             raise VideoInputError("give a text prompt (e.g. --prompt='person')")
         num_frames = len(frames)
         if num_frames == 0:
             raise VideoInputError("the video has no frames")
+        if not 0 <= start_frame < num_frames:
+            raise VideoInputError(f"start frame {start_frame} is outside the video's {num_frames} frames")
         ids = self.tokenizer([prompt], context_length=self.model_cfg.text.context_length)
         text, text_mask = self._text(self._mesh_params, jnp.asarray(ids))
         self.capacity = max(1, cfg.capacity)
-        self.bank = MemoryBank.empty(tcfg, self.capacity, self.slots, dtype=jnp.bfloat16)
-        obj_ids = np.zeros(0, np.int64)  # live objects, ascending; row i of every padded array
-        group = np.zeros(0, np.int32)  # the frame each was added on (the reference's tracker state)
-        hot = Hotstart(cfg)
-        last_occluded: dict = {}
-        first_score: dict = {}
-        max_id, max_objects = -1, cfg.max_num_objects if cfg.max_num_objects > 0 else 10000
+        st = _State(hot=Hotstart(cfg), bank=MemoryBank.empty(tcfg, self.capacity, self.slots, dtype=jnp.bfloat16))
+        # The backward pass of "both" starts from what the forward pass reached nearest the start frame: a
+        # second bank keeps it. After a one-frame forward pass ("backward") the bank itself is that.
+        if direction == "both" and start_frame > 0:
+            st.seed = st.bank
+        end = num_frames - 1 if direction in ("forward", "both") else start_frame
+        yield from self._pass(st, frames, range(start_frame, end + 1), text, text_mask, reverse=False)
+        if direction != "forward" and start_frame > 0:
+            if st.seed is not None:
+                st.bank, st.seed = st.seed, None
+            yield from self._pass(st, frames, range(start_frame - 1, -1, -1), text, text_mask, reverse=True)
+
+    def _pass(self, st: _State, frames, order: range, text, text_mask, reverse: bool) -> Iterator[DetectTrackFrame]:
+        """``propagate_in_video`` over ``order`` (one direction): the per-frame loop, its outputs held
+        ``hotstart_delay`` frames and all given at the pass's last frame."""
+        cfg = self.cfg
+        num_frames, anchor = len(frames), order[0]
+        max_objects = cfg.max_num_objects if cfg.max_num_objects > 0 else 10000
         pending: list[_Pending] = []
-        for f, size, probs, det_all, (pix, high_res) in self._detections(frames, text, text_mask):
+        for f, size, probs, det_all, (pix, high_res) in self._detections(frames, order, text, text_mask, st.size):
+            st.size = size
             keep = probs > cfg.score_threshold_detection
             if cfg.det_nms_thresh > 0:
                 keep &= nms_keep(probs, det_all, cfg.score_threshold_detection, cfg.det_nms_thresh)
@@ -564,12 +660,14 @@ class DetectTrackPredictor:
             det_logits, det_scores = det_all[det_idx], probs[det_idx]
 
             # 2. propagate the live objects.
+            obj_ids, group = st.obj_ids, st.group
             n, prev_ids = len(obj_ids), obj_ids.copy()
             valid = np.arange(self.capacity) < n
             trk_low = np.zeros((0,) + det_all.shape[1:], np.float32)
             if n:
-                low, trk_score, ptr, eff = self._track(self.params, pix, high_res, self.bank, jnp.asarray(valid),
-                                                       jnp.asarray(self._pad(group, -1)), f, num_frames)
+                low, trk_score, ptr, eff = self._track(self.params, pix, high_res, st.bank, jnp.asarray(valid),
+                                                       jnp.asarray(self._pad(group, -1)), f, num_frames,
+                                                       reverse=reverse)
                 trk_low, trk_score = np.array(low[:n]), np.asarray(trk_score[:n])
             if trk_low.shape[1:] != det_logits.shape[1:]:
                 raise ValueError(f"detector masks {det_logits.shape[1:]} and tracker masks {trk_low.shape[1:]} differ")
@@ -579,8 +677,8 @@ class DetectTrackPredictor:
             new_det = assoc.new_det
             if n + len(new_det) > max_objects:  # keep the best-scoring new detections
                 new_det = new_det[np.argsort(det_scores[new_det])[::-1][:max(0, max_objects - n)]]
-            new_ids = max_id + 1 + np.arange(len(new_det))
-            removed = hot.update(f, assoc, new_ids)
+            new_ids = st.max_id + 1 + np.arange(len(new_det))
+            removed = st.hot.update(f, assoc, new_ids, reverse=reverse)
             recond = np.zeros(self.capacity, bool)
             if (cfg.recondition_every_nth_frame > 0 and f % cfg.recondition_every_nth_frame == 0
                     and assoc.recondition):
@@ -593,45 +691,45 @@ class DetectTrackPredictor:
                     _, new_ptr, _ = self._mask_prompt(self.params, pix, high_res, jnp.asarray(recond_masks))
                     ptr = jnp.where(jnp.asarray(recond)[:, None], new_ptr, ptr)
             if n and cfg.occlusion_iou_thresh > 0:
-                before = np.array([last_occluded.get(int(i), ALWAYS_OCCLUDED if int(i) in removed else
-                                                     NEVER_OCCLUDED) for i in obj_ids])
-                suppress = occlusion_suppression(trk_low > 0, before, cfg.occlusion_iou_thresh)
+                before = np.array([st.last_occluded.get(int(i), ALWAYS_OCCLUDED if int(i) in removed else
+                                                        NEVER_OCCLUDED) for i in obj_ids])
+                suppress = occlusion_suppression(trk_low > 0, before, cfg.occlusion_iou_thresh, reverse)
                 occluded = ~(trk_low > 0).reshape(n, -1).any(1) | suppress
-                last_occluded = {int(i): (f if occluded[k] else int(before[k])) for k, i in enumerate(obj_ids)}
+                st.last_occluded = {int(i): (f if occluded[k] else int(before[k])) for k, i in enumerate(obj_ids)}
                 trk_low[suppress] = NO_OBJ_LOGIT
             if n:
                 feats = self._update_memory(self.params, pix, jnp.asarray(self._pad(trk_low, NO_OBJ_LOGIT)),
                                             jnp.asarray(valid))
                 # A reconditioned object's whole group gets this frame as a conditioning frame.
-                cond = valid & np.isin(self._pad(group, -1), group[recond[:n]])
-                self.bank = self._commit(self.bank, feats, ptr, eff, f, jnp.asarray(cond), jnp.asarray(valid),
-                                         jnp.zeros(self.capacity, bool))
+                cond = jnp.asarray(valid & np.isin(self._pad(group, -1), group[recond[:n]]))
+                st.commit(self, feats, ptr, eff, f, cond, jnp.asarray(valid), jnp.zeros(self.capacity, bool), anchor)
 
             # 4. execute: new objects, then removals.
             if len(new_det):
-                self._grow(n + len(new_det))
+                self._grow(st, n + len(new_det))
                 rows = np.arange(self.capacity)
-                fresh = (rows >= n) & (rows < n + len(new_det))
+                fresh = jnp.asarray((rows >= n) & (rows < n + len(new_det)))
                 new_masks = np.zeros((self.capacity,) + det_all.shape[1:], np.float32)
                 new_masks[n:n + len(new_det)] = det_logits[new_det]
-                new_ptr, feats = self._new_objects(self.params, pix, high_res, jnp.asarray(new_masks), jnp.asarray(fresh),
+                new_ptr, feats = self._new_objects(self.params, pix, high_res, jnp.asarray(new_masks), fresh,
                                                    tuple(size))
-                self.bank = self._commit(self.bank, feats, new_ptr, jnp.zeros(self.capacity), f,
-                                         jnp.asarray(fresh), jnp.asarray(fresh), jnp.asarray(fresh))
-                obj_ids = np.concatenate([obj_ids, new_ids])
-                group = np.concatenate([group, np.full(len(new_det), f, np.int32)])
-                max_id = int(new_ids[-1])
+                st.commit(self, feats, new_ptr, jnp.zeros(self.capacity), f, fresh, fresh, fresh, anchor)
+                st.obj_ids = obj_ids = np.concatenate([obj_ids, new_ids])
+                st.group = group = np.concatenate([group, np.full(len(new_det), f, np.int32)])
+                st.max_id = int(new_ids[-1])
                 for i, d in zip(new_ids, new_det):
-                    first_score[int(i)] = float(det_scores[d])
+                    st.first_score[int(i)] = float(det_scores[d])
             if removed:
                 stay = ~np.isin(obj_ids, list(removed))
-                order = np.concatenate([np.flatnonzero(stay), np.flatnonzero(~stay),
-                                        np.arange(len(obj_ids), self.capacity)])
-                self.bank = _take_rows(self.bank, jnp.asarray(order))
-                obj_ids, group = obj_ids[stay], group[stay]
+                order_rows = jnp.asarray(np.concatenate([np.flatnonzero(stay), np.flatnonzero(~stay),
+                                                         np.arange(len(obj_ids), self.capacity)]))
+                st.bank = _take_rows(st.bank, order_rows)
+                if st.seed is not None:
+                    st.seed = _take_rows(st.seed, order_rows)
+                st.obj_ids, st.group = obj_ids[stay], group[stay]
                 for i in removed:
-                    first_score[i] = REMOVED_SCORE
-                    last_occluded.pop(i, None)
+                    st.first_score[i] = REMOVED_SCORE
+                    st.last_occluded.pop(i, None)
 
             # 5. outputs: the tracked masks of the objects live before this frame's changes, the
             # hole-filled detection masks of the new ones.
@@ -647,15 +745,15 @@ class DetectTrackPredictor:
                 video = np.asarray(self._to_video(filled, tuple(size)))[n:]
                 for k, (i, d) in enumerate(zip(new_ids, new_det)):
                     masks[int(i)], tprobs[int(i)] = video[k], float(det_scores[d])
-            pending.append(_Pending(f, masks, tprobs, set(hot.suppressed.get(f, set()))))
-            if f == num_frames - 1:
+            pending.append(_Pending(f, masks, tprobs, set(st.hot.suppressed.get(f, set()))))
+            if f == order[-1]:
                 ready, pending = pending, []
             elif cfg.hotstart_delay <= 0 or len(pending) >= cfg.hotstart_delay:
                 ready, pending = pending[:1], pending[1:]
             else:
                 ready = []
             for p in ready:
-                yield self._output(p, first_score, hot.removed, size)
+                yield self._output(p, st.first_score, st.hot.removed, size)
 
     def _output(self, p: _Pending, scores: dict, removed: set, size) -> DetectTrackFrame:
         """``_postprocess_output``: empty and hidden objects dropped, object-wise non-overlap."""
