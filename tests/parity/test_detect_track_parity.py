@@ -7,7 +7,10 @@ written to a ``sam3.pt`` and converted. The reference is built from its own clas
 becomes its ``Sam3ImageOnVideoMultiGPU`` (one process), the tracker is the ``Sam3TrackerPredictor`` that
 ``model_builder.build_tracker`` configures. Its state is made as ``init_state`` makes it, from frames
 prepared as ``io_utils`` does, and the text prompt is set as ``add_prompt`` sets it; then
-``propagate_in_video`` runs from frame 0, forward.
+``propagate_in_video`` runs from frame 0, forward. Two more cases go backward in time from a middle
+frame as the reference's video predictor does: backward from frame 7 (``add_prompt``'s pass over frame
+7, then ``propagate_in_video(reverse=True)``: frames 6 .. 0) and both from frame 4 (forward 4 .. 9, then
+reverse 3 .. 0 on the same state, the forward pass's objects tracked on from its memories).
 
 CPU shims on the reference side (it runs under CUDA autocast on GPU): its detector casts the tracker's
 feature levels to bfloat16 before handing them over; on CPU the float32 convolutions and the tracker
@@ -25,11 +28,12 @@ duplicates, one is reconditioned from its detection, and overlapping tracks are 
 occlusion; the test asserts on the reference side that each of these paths was taken. The
 reconditioning constants the reference hard-codes are lowered as ``_patch_reference_constants`` says
 (the pair IoU one by our ``associate``). Compared on every frame: the same object ids, per-object mask
-IoU >= 0.99 (both empty counts as 1), probs within 1e-4. Also here: the config's defaults against
+IoU >= 0.99 (both empty counts as 1), probs within 1e-4, and the frames in the reference's order. Also here: the config's defaults against
 ``build_sam3_video_model``, and each heuristic against its reference function on random inputs.
 
-Not covered: backward propagation, the reference's extra pass over the prompt frame in ``add_prompt``
-(see the predictor's docstring), and the heuristics that are off in the reference's configuration.
+Not covered: the reference's extra pass over the prompt frame in ``add_prompt`` before a forward
+propagation (see the predictor's docstring), and the heuristics that are off in the reference's
+configuration.
 """
 
 import numpy as np
@@ -142,8 +146,11 @@ def _video(num_frames, seed):
     return np.stack([np.asarray(f) for f in frames])
 
 
-def _run_reference(ref, model, frames, prompt):
-    """(frame -> (ids, masks, probs)) from ``propagate_in_video``, and the reference's metadata."""
+def _run_reference(ref, model, frames, prompt, start=0, direction="forward"):
+    """[(frame, (ids, masks, probs))] in the order the reference gives them, and its metadata: forward,
+    ``propagate_in_video`` from ``start``; backward, ``add_prompt``'s pass over ``start`` (its frame run
+    and post-processed) then ``propagate_in_video(reverse=True)`` from ``start``; both, the video
+    predictor's forward then backward ``propagate_in_video`` on one state."""
     from PIL import Image
 
     torch = ref.torch
@@ -156,16 +163,48 @@ def _run_reference(ref, model, frames, prompt):
     images -= torch.tensor([0.5] * 3, dtype=torch.float16)[:, None, None]
     images /= torch.tensor([0.5] * 3, dtype=torch.float16)[:, None, None]
     state = reference.start_text_prompt(model, images, (h, w), prompt)
-    out = {}
+    out = []
+
+    def record(f, res):
+        out.append((f, (res["out_obj_ids"].astype(np.int64), res["out_binary_masks"], res["out_probs"])))
+
     with torch.no_grad():
-        for f, res in model.propagate_in_video(state, start_frame_idx=0, max_frame_num_to_track=None, reverse=False):
-            out[f] = (res["out_obj_ids"].astype(np.int64), res["out_binary_masks"], res["out_probs"])
+        if direction == "backward":
+            record(start, model._postprocess_output(state, model._run_single_frame_inference(state, start, False)))
+        else:
+            for f, res in model.propagate_in_video(state, start_frame_idx=start, max_frame_num_to_track=None,
+                                                   reverse=False):
+                record(f, res)
+        if direction != "forward":
+            for f, res in model.propagate_in_video(state, start_frame_idx=start, max_frame_num_to_track=None,
+                                                   reverse=True):
+                record(f, res)
     return out, state["tracker_metadata"]
 
 
 def _iou(a, b):
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
+
+
+def _compare(want, got, figures):
+    """Frame by frame in the reference's order: the same ids, IoU >= MIN_IOU, probs within PROB_TOL.
+    Returns the ids seen."""
+    assert [f for f, _ in want] == [r.frame_idx for r in got]
+    seen = set()
+    for (f, (ids, masks, probs)), r in zip(want, got):
+        print(f"frame {f}: reference ids {ids.tolist()}, ours {r.obj_ids.tolist()}")
+        assert r.obj_ids.tolist() == ids.tolist(), f
+        for k, i in enumerate(ids):
+            iou = _iou(r.masks[k], masks[k])
+            figures["min_iou"] = min(figures["min_iou"], iou)
+            figures["objects_compared"] += 1
+            print(f"  object {i}: IoU {iou:.4f} (area {masks[k].sum()}), prob {r.probs[k]:.5f} vs {probs[k]:.5f}")
+            assert iou >= MIN_IOU, (f, int(i), iou)
+            assert abs(float(r.probs[k]) - float(probs[k])) <= PROB_TOL, (f, int(i))
+            seen.add(int(i))
+        figures["frames"] += 1
+    return seen
 
 
 @pytest.mark.slow
@@ -177,23 +216,9 @@ def test_detect_track_matches_reference(ref, models):
         want, meta = _run_reference(ref, theirs, frames, PROMPT)
     finally:
         undo()
-    got = {r.frame_idx: r for r in ours.propagate_iter(frames, PROMPT)}
-    assert sorted(got) == sorted(want) == list(range(NUM_FRAMES))
-    seen = set()
-    for f in range(NUM_FRAMES):
-        ids, masks, probs = want[f]
-        r = got[f]
-        print(f"frame {f}: reference ids {ids.tolist()}, ours {r.obj_ids.tolist()}")
-        assert r.obj_ids.tolist() == ids.tolist(), f
-        for k, i in enumerate(ids):
-            iou = _iou(r.masks[k], masks[k])
-            FIGURES["min_iou"] = min(FIGURES["min_iou"], iou)
-            FIGURES["objects_compared"] += 1
-            print(f"  object {i}: IoU {iou:.4f} (area {masks[k].sum()}), prob {r.probs[k]:.5f} vs {probs[k]:.5f}")
-            assert iou >= MIN_IOU, (f, int(i), iou)
-            assert abs(float(r.probs[k]) - float(probs[k])) <= PROB_TOL, (f, int(i))
-            seen.add(int(i))
-        FIGURES["frames"] += 1
+    got = list(ours.propagate_iter(frames, PROMPT))
+    assert [f for f, _ in want] == list(range(NUM_FRAMES))
+    seen = _compare(want, got, FIGURES)
     rank0 = meta["rank0_metadata"]
     removed = sorted(int(i) for i in rank0["removed_obj_ids"])
     print(f"figures: {FIGURES}; reference paths: {PATHS}, removed by hot-start {removed}, "
@@ -201,6 +226,45 @@ def test_detect_track_matches_reference(ref, models):
     # The scenario takes the paths it is meant to check (on the reference side).
     assert len(seen) >= 3 and removed and meta["max_obj_id"] + 1 > len(seen) and PATHS["reconditioned"] > 0
     assert PATHS["occlusion_suppressed"] > 0
+
+
+REVERSE_FIGURES = {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("direction,start", [("backward", 7), ("both", 4)])
+def test_detect_track_reverse_matches_reference(ref, models, direction, start):
+    """Backward from frame 7 (frame 7, then 6 .. 0 tracked backward in time) and both from frame 4
+    (4 .. 9, then 3 .. 0 continuing every object and heuristic state of the forward pass): the same
+    frames in the same order, ids, masks and probs as the reference."""
+    ours, theirs, cfg = models
+    frames = _video(NUM_FRAMES, seed=4)
+    paths = dict(PATHS)
+    undo = _patch_reference_constants(cfg)
+    try:
+        want, meta = _run_reference(ref, theirs, frames, PROMPT, start, direction)
+    finally:
+        undo()
+    paths = {k: PATHS[k] - v for k, v in paths.items()}
+    got = list(ours.propagate_iter(frames, PROMPT, start_frame=start, direction=direction))
+    forward = list(range(start, NUM_FRAMES)) if direction == "both" else [start]
+    assert [f for f, _ in want] == forward + list(range(start - 1, -1, -1))
+    figures = REVERSE_FIGURES.setdefault(direction, {"min_iou": 1.0, "frames": 0, "objects_compared": 0})
+    _compare(want, got, figures)
+    removed = sorted(int(i) for i in meta["rank0_metadata"]["removed_obj_ids"])
+    # Tracked backward in time: ids shown on two or more frames of the backward pass, and those of them
+    # that the forward pass (or the start frame) created.
+    backward = [r for r in got if r.frame_idx < start]
+    counts = np.bincount(np.concatenate([r.obj_ids for r in backward] + [np.zeros(0, np.int64)]))
+    tracked = {int(i) for i in np.flatnonzero(counts >= 2)}
+    before = {int(i) for r in got if r.frame_idx >= start for i in r.obj_ids}
+    carried = {int(i) for r in backward for i in r.obj_ids if int(i) <= max(before, default=-1)}
+    print(f"{direction} from {start}: figures {figures}; removed by hot-start {removed}, objects created "
+          f"{meta['max_obj_id'] + 1}, tracked backward {sorted(tracked)}, from the forward pass {sorted(carried)}, "
+          f"reference paths {paths}")
+    # backward: objects tracked over several frames in reverse; both: the forward pass's objects taken on
+    # into the backward pass (its memories: the frames after the start frame).
+    assert figures["objects_compared"] > 0 and (carried if direction == "both" else tracked)
 
 
 # ------------------------------------------------------- the heuristics, one function at a time
