@@ -5,7 +5,8 @@ boxes or clicks (the SAM 2 task), or every instance of a text prompt (SAM 3's de
       --init_frame=0 --output=OUT_DIR [--direction=both|forward|backward] [--overlay=OUT.mp4|OUT.gif] [--overwrite]
   python -m sam3_jax.predict_video --checkpoint=DIR --video=FRAMES_DIR_OR_FILE --box=1:10,20,80,90 \
       --points="2:40,50,1;45,60,0" --init_frame=0 --output=OUT_DIR
-  python -m sam3_jax.predict_video --checkpoint=DIR --video=FRAMES_DIR_OR_FILE --prompt="a dog" --output=OUT_DIR
+  python -m sam3_jax.predict_video --checkpoint=DIR --video=FRAMES_DIR_OR_FILE --prompt="a dog" --output=OUT_DIR \
+      [--init_frame=0] [--direction=both|forward|backward]
 
 ``--video`` is a directory of JPEG / PNG frames (DAVIS's JPEGImages/<video>), in frame-number order, or a
 video file (MP4, MOV, WebM, ... whatever FFmpeg reads; ``infer/video_io.py`` says how it is decoded)
@@ -21,9 +22,12 @@ with the higher mask logit wins. The directory is written under a temporary name
 on any error nothing is left behind.
 
 With ``--prompt`` (instead of ``--init_mask``) objects are found by the detector on every frame and
-tracked forward from frame 0 (``infer/detect_track.py``); the PNGs hold palette index
-``(object id % 254) + 1`` (0 background, 255 never used), and ``objects.json`` lists every object shown,
-with its palette index, its detection score and the frames it appears on.
+tracked from ``--init_frame`` (``infer/detect_track.py``) as the reference's video predictor propagates:
+forward to the last frame, backward to frame 0 (the start frame first), or both (forward, then backward
+with what the forward pass found); with the defaults (frame 0, both) that is forward through the video.
+The PNGs hold palette index ``(object id % 254) + 1`` (0 background, 255 never used), one per frame
+reached, and ``objects.json`` lists every object shown, with its palette index, its detection score and
+the frames it appears on (ascending).
 
 Both tasks also write ``results.json``, a YouTube-VIS results file (``evaluate --metric=ytvis`` reads it):
 per object ``{"video_id", "category_id", "score", "segmentations", "obj_id", "label"}`` with, for every
@@ -55,7 +59,7 @@ flags.DEFINE_multi_string("points", [], "ID:x,y,label[;x,y,label...]: clicks (la
                           "object ID on --init_frame, in pixels.")
 flags.DEFINE_string("prompt", None, "Text prompt: find and track every instance (instead of objects on a frame).")
 flags.DEFINE_integer("init_frame", 0, "Index (in frame order, from 0) of the frame --init_mask / --box / --points "
-                     "annotate.")
+                     "annotate, or where --prompt's detect-and-track starts.")
 flags.DEFINE_string("output", None, "Directory to create with one palette PNG per tracked frame.")
 flags.DEFINE_enum("direction", "both", ["forward", "backward", "both"],
                   "Track after the init frame, before it, or both (forward first, as the reference).")
@@ -306,19 +310,23 @@ def text_label_map(frame) -> np.ndarray:
 
 
 def run_text(checkpoint: str, video: str, prompt: str, output: str, overwrite: bool = False,
-             overlay: str | None = None, video_id: int = 1, category_id: int = 1) -> int:
-    """The CLI with ``--prompt``: returns the number of frames written."""
+             overlay: str | None = None, video_id: int = 1, category_id: int = 1, init_frame: int = 0,
+             direction: str = "forward") -> int:
+    """The CLI with ``--prompt``: detect-and-track from ``init_frame`` in ``direction``; returns the number
+    of frames written."""
     from sam3_jax.infer.detect_track import DetectTrackPredictor
 
     output = check_outputs(output, overlay, overwrite)
     if not prompt or not prompt.strip():
         raise InputError("--prompt is empty")
     with open_frames(video) as (frames, stems, fps):
+        if not 0 <= init_frame < len(frames):
+            raise InputError(f"--init_frame={init_frame} is outside the video's {len(frames)} frames")
         predictor = DetectTrackPredictor.from_checkpoint(checkpoint)
         objects: dict[int, dict] = {}
         masklets, done, palette = Masklets(len(frames)), [], voc_palette()
         with fileio.atomic_directory(output) as tmp:
-            for result in predictor.propagate_iter(frames, prompt):
+            for result in predictor.propagate_iter(frames, prompt, start_frame=init_frame, direction=direction):
                 save_label(tmp, stems[result.frame_idx], text_label_map(result), palette)
                 for obj_id, prob, mask in zip(result.obj_ids, result.probs, result.masks):
                     if mask.any():
@@ -330,7 +338,7 @@ def run_text(checkpoint: str, video: str, prompt: str, output: str, overwrite: b
                 done.append(result.frame_idx)
                 if len(done) % 25 == 0:
                     logging.info("%d frames processed", len(done))
-            shown = [objects[i] for i in sorted(objects)]
+            shown = [objects[i] | {"frames": sorted(objects[i]["frames"])} for i in sorted(objects)]
             with open(os.path.join(tmp, "objects.json"), "w") as f:
                 json.dump({"prompt": prompt, "objects": shown}, f, indent=1)
             finish(tmp, masklets.results(shown, video_id, category_id), frames, stems, done, palette, fps, overlay)
@@ -352,7 +360,8 @@ def main(argv):
         outputs = {"overwrite": FLAGS.overwrite, "overlay": FLAGS.overlay, "video_id": FLAGS.video_id,
                    "category_id": FLAGS.category_id}
         if FLAGS.prompt is not None:
-            written = run_text(FLAGS.checkpoint, FLAGS.video, FLAGS.prompt, FLAGS.output, **outputs)
+            written = run_text(FLAGS.checkpoint, FLAGS.video, FLAGS.prompt, FLAGS.output,
+                               init_frame=FLAGS.init_frame, direction=FLAGS.direction, **outputs)
         else:
             written = run(FLAGS.checkpoint, FLAGS.video, FLAGS.init_mask, FLAGS.init_frame, FLAGS.output,
                           FLAGS.direction, boxes=FLAGS.box, points=FLAGS.points, **outputs)

@@ -408,8 +408,11 @@ class _FakeDetectTrack:
     def __init__(self):
         self.labels = _synthetic()[1]
 
-    def propagate_iter(self, frames, prompt):
-        for t in range(len(frames)):
+    def propagate_iter(self, frames, prompt, start_frame=0, direction="forward"):
+        self.calls = getattr(self, "calls", []) + [(start_frame, direction)]
+        order = list(range(start_frame, len(frames))) if direction != "backward" else [start_frame]
+        order += list(range(start_frame - 1, -1, -1)) if direction != "forward" else []
+        for t in order:
             assert frames[t].shape == (48, 64, 3)
             yield DetectTrackFrame(frame_idx=t, obj_ids=np.array([3, 300]), probs=np.array([0.9, 0.6]),
                                    masks=self.labels[t][None] == np.array([1, 2])[:, None, None],
@@ -452,6 +455,48 @@ def test_text_task_on_mp4_writes_ytvis_results_and_gif(tmp_path, monkeypatch, ca
         assert im.n_frames == NUM_FRAMES and im.size == (64, 48)
         assert abs(im.info["duration"] - 1000 / 24) <= 5  # GIF delays are in 10 ms
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_text_task_directions_write_the_frames_reached(tmp_path, monkeypatch, capsys, davis_video):
+    """--prompt with --init_frame and --direction: the predictor is asked for them; the PNGs are the frames
+    reached (backward: 0 .. INIT; both: all, the forward pass first), objects.json lists each object's
+    frames in ascending order and results.json is null on frames not reached."""
+    root, _ = davis_video
+    fake = _FakeDetectTrack()
+    monkeypatch.setattr(DetectTrackPredictor, "from_checkpoint", classmethod(lambda cls, d: fake))
+    for direction, reached in [("backward", range(INIT + 1)), ("both", range(NUM_FRAMES)),
+                               ("forward", range(INIT, NUM_FRAMES))]:
+        out = tmp_path / direction
+        code, err = _main(capsys, "--checkpoint=unused", f"--video={root / 'JPEGImages' / 'vid'}", "--prompt=a shape",
+                          f"--output={out}", f"--init_frame={INIT}", f"--direction={direction}")
+        assert code == 0, err
+        assert fake.calls[-1] == (INIT, direction)
+        assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in reached] + ["objects.json", "results.json"]
+        objects = json.loads((out / "objects.json").read_text())["objects"]
+        results = json.loads((out / "results.json").read_text())
+        for o, r in zip(objects, results, strict=True):
+            want = [t for t in reached if (fake.labels[t] == (1 if o["id"] == 3 else 2)).any()]
+            assert o["frames"] == want and want
+            assert [t for t, x in enumerate(r["segmentations"]) if x is not None] == want
+    code, err = _main(capsys, "--checkpoint=unused", f"--video={root / 'JPEGImages' / 'vid'}", "--prompt=a shape",
+                      f"--output={tmp_path / 'bad'}", f"--init_frame={NUM_FRAMES}", "--direction=backward")
+    assert code == 1 and f"--init_frame={NUM_FRAMES} is outside" in err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_cli_text_prompt_backward_writes_the_frames_reached(tiny_checkpoint, davis_video, tmp_path, capsys):
+    """--prompt --direction=backward --init_frame=INIT with the tiny model: PNGs for frames 0 .. INIT only,
+    objects.json and results.json (one null or RLE per frame of the video)."""
+    root, _ = davis_video
+    out = tmp_path / "backward"
+    code, err = _main(capsys, f"--checkpoint={tiny_checkpoint}", f"--video={root / 'JPEGImages' / 'vid'}",
+                      "--prompt=a ball", f"--output={out}", f"--init_frame={INIT}", "--direction=backward")
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(INIT + 1)] + ["objects.json", "results.json"]
+    for r in json.loads((out / "results.json").read_text()):
+        assert len(r["segmentations"]) == NUM_FRAMES and r["segmentations"][INIT + 1:] == [None] * (NUM_FRAMES - INIT - 1)
+    assert json.loads((out / "objects.json").read_text())["prompt"] == "a ball"
+    assert Image.open(out / "00000.png").size == (64, 48)
 
 
 def test_bad_video_files_exit_1_naming_the_file(tmp_path, capsys, davis_video, davis_mp4):
