@@ -85,8 +85,8 @@ class ClipBuilder:
                 img = transforms.apply_colour(img, ops)
             frame = transforms.warp_image(img, geometry, d.image_size, tuple(self.augment.fill),
                                           self.augment.exact_warp)
-            ex["frames"][t] = np.asarray(frame if colour_first else
-                                         transforms.apply_colour(frame, ops))
+            ex["frames"][t] = transforms.pixels(frame if colour_first else
+                                                transforms.apply_colour(frame, ops))
             masks.unpack(warped0 if t == 0 else masks.warp(t, geometry), ex["masks"][t, :n])
         ex["boxes"], ex["object_valid"] = transforms.boxes_from_masks(ex["masks"])
 
@@ -155,8 +155,7 @@ class _Masks:
     def all_present(self, warped: np.ndarray, objects: list[int]) -> bool:
         """Whether each of `objects` (indices into object_ids) has a pixel in `warped`."""
         if self.labels:
-            counts = np.bincount(warped.ravel(), minlength=256)
-            return all(counts[self.ids[k]] for k in objects)
+            return all((warped == self.ids[k]).any() for k in objects)
         return all((warped[k // 8] >> (k % 8) & 1).any() for k in objects)
 
     def unpack(self, warped: np.ndarray, out: np.ndarray) -> None:

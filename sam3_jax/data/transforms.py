@@ -81,15 +81,46 @@ def warp_image(img: Image.Image, unit_matrix: np.ndarray, size: int,
 
 def warp_planes(planes: np.ndarray, unit_matrix: np.ndarray, size: int) -> np.ndarray:
     """uint8 [K, H, W] bit planes -> [K, size, size], nearest neighbour."""
-    return np.stack([np.asarray(_warp(Image.fromarray(p), unit_matrix, size,
-                                      Image.Resampling.NEAREST, 0)) for p in planes])
+    return np.stack([pixels(_warp(Image.fromarray(p), unit_matrix, size,
+                                  Image.Resampling.NEAREST, 0)) for p in planes])
 
 
 def warp_labels(labels: Image.Image, unit_matrix: np.ndarray, size: int) -> np.ndarray:
     """8-bit image of object ids (FrameAnnotation.label_map) -> uint8 [size, size], nearest
     neighbour, outside filled with 0. Nearest sampling moves ids exactly as it moves bit planes,
     so `masks_from_labels` of this equals `unpack_masks` of `warp_planes`."""
-    return np.asarray(_warp(labels, unit_matrix, size, Image.Resampling.NEAREST, 0))
+    return pixels(_warp(labels, unit_matrix, size, Image.Resampling.NEAREST, 0))
+
+
+def pixels(img: Image.Image) -> np.ndarray:
+    """np.asarray(img) for 8-bit modes (L, P, RGB, ...), read out in one piece.
+
+    np.asarray goes through `Image.tobytes`, which encodes 64 KiB chunks and joins them: for a
+    1008 x 1008 RGB frame that is several ms (fresh buffers, a second copy), ten times a plain
+    copy. Here Pillow's raw encoder writes the whole image into one buffer; where that internal
+    interface is missing or changed, this falls back to np.asarray (same values, slower).
+    """
+    channels = len(img.getbands())
+    nbytes = img.width * img.height * channels
+    if img.mode not in _PIXEL_MODES or nbytes == 0:
+        return np.asarray(img)
+    img.load()
+    try:
+        encoder = Image._getencoder(img.mode, "raw", img.mode)  # what tobytes uses
+        try:
+            encoder.setimage(img.im, (0, 0, *img.size))
+            _, status, data = encoder.encode(nbytes + 1)
+        finally:
+            encoder.cleanup()
+    except (AttributeError, TypeError, ValueError, OSError):
+        return np.asarray(img)
+    if status != 1 or len(data) != nbytes:  # 1: everything encoded
+        return np.asarray(img)
+    shape = (img.height, img.width) if channels == 1 else (img.height, img.width, channels)
+    return np.frombuffer(data, np.uint8).reshape(shape)
+
+
+_PIXEL_MODES = frozenset({"L", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LA", "PA"})
 
 
 def masks_from_labels(labels: np.ndarray, ids: list[int], out: np.ndarray) -> None:

@@ -129,3 +129,15 @@ def test_apply_colour_uses_pil_matrix_convert():
     out = np.asarray(transforms.apply_colour(img, [("brightness", 1.5)]))
     assert (out == 150).all()
     assert transforms.apply_colour(img, []) is img
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGB", "RGBA", "LA", "1", "I;16", "F", "I"])
+@pytest.mark.parametrize("size", [(1, 1), (37, 5), (301, 257)])  # the last is over 64 KiB
+def test_pixels_equals_asarray(mode, size):
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 4), np.uint8), "RGBA")
+    img = base.convert(mode)
+    out = transforms.pixels(img)
+    ref = np.asarray(img)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    np.testing.assert_array_equal(out, ref)
