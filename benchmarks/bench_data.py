@@ -12,17 +12,23 @@ Every row is timed two ways over the same window:
   the load. It includes the main process's share (batch hand-over from workers).
 
 The bare baseline (PIL decode + antialiased bilinear resize to S x S, the only work a pipeline
-cannot avoid) is measured once, on all the files the pipeline reads, with the same two clocks,
-after every file has been read once so that the page cache is warm on both sides. Rows: the
-pipeline in the main process (0 workers), with 1 and 2 worker processes, and in the main process
-with the exact (single bilinear pass) warp.
+cannot avoid) is one figure for all rows, measured on all the files the pipeline reads with the
+same two clocks, after every file has been read once so that the page cache is warm on both sides.
+Rows: the pipeline in the main process (0 workers), with 1 and 2 worker processes, and in the main
+process with the exact (single bilinear pass) warp.
 
-    python benchmarks/bench_data.py [--workers=1,2] [--num_batches=40] [--data_dir=DIR]
+CPU time is not immune to a crowded machine either (a busy sibling hyperthread and a shared cache
+slow every instruction: on a 2-core machine at load 6-8 the same code gave 17-23 frames per CPU
+second from run to run), so with --rounds=R the baseline and every row are measured R times, in
+turn, and each figure printed is the median of its R values.
+
+    python benchmarks/bench_data.py [--workers=1,2] [--num_batches=40] [--rounds=3]
 """
 from __future__ import annotations
 
 import glob
 import os
+import statistics
 import tempfile
 import time
 
@@ -40,6 +46,7 @@ flags.DEFINE_integer("num_batches", 40, "batches (clips) timed per setting, afte
 flags.DEFINE_integer("image_size", 1008, "S")
 flags.DEFINE_integer("num_frames", 8, "T")
 flags.DEFINE_bool("exact_row", True, "also measure the exact-warp setting in process")
+flags.DEFINE_integer("rounds", 3, "measurements of every figure; the median is printed")
 FLAGS = flags.FLAGS
 SOURCE_WIDTH = 1280  # frames are 1280x960
 
@@ -110,20 +117,26 @@ def main(argv) -> None:
     warm_cache(FLAGS.data_dir)
     t = FLAGS.num_frames
     print(f"S={FLAGS.image_size} T={t}, source frames {Image.open(paths[0]).size}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
-    bare, bare_cpu = bare_decode_resize(paths, FLAGS.image_size)
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start, "
+          f"median of {FLAGS.rounds} rounds", flush=True)
+    settings = [(0, False)] + [(w, False) for w in map(int, FLAGS.workers)]
+    settings += [(0, True)] if FLAGS.exact_row else []
+    bare_runs, runs = [], {s: [] for s in settings}
+    for _ in range(FLAGS.rounds):  # interleaved, so a load swing hits every figure alike
+        bare_runs.append(bare_decode_resize(paths, FLAGS.image_size))
+        for w, exact in settings:
+            runs[(w, exact)].append(pipeline_rate(FLAGS.data_dir, w, FLAGS.num_batches, exact))
+    bare, bare_cpu = (statistics.median(x) for x in zip(*bare_runs))
     print(f"bare decode + resize, {len(paths)} frames: {bare:.1f} frames/s wall, "
           f"{bare_cpu:.1f} frames per CPU second")
     head = ("setting", "clips/s", "frames/s", "wall/core", "ratio", "frames/CPU-s", "ratio")
     print("{:<32}{:>8}{:>10}{:>11}{:>7}{:>14}{:>7}".format(*head))
-    settings = [(0, False)] + [(w, False) for w in map(int, FLAGS.workers)]
-    settings += [(0, True)] if FLAGS.exact_row else []
-    for w, exact in settings:
-        clips, clips_cpu = pipeline_rate(FLAGS.data_dir, w, FLAGS.num_batches, exact)
+    for (w, exact), values in runs.items():
+        clips, clips_cpu = (statistics.median(x) for x in zip(*values))
         per_core, cpu_rate = clips * t / max(w, 1), clips_cpu * t
         name = f"pipeline, {w} workers" + (", exact warp" if exact else "")
         print(f"{name:<32}{clips:>8.2f}{clips * t:>10.1f}{per_core:>11.1f}{per_core / bare:>7.2f}"
-              f"{cpu_rate:>14.1f}{cpu_rate / bare_cpu:>7.2f}", flush=True)
+              f"{cpu_rate:>14.1f}{cpu_rate / bare_cpu:>7.2f}")
     print(f"load average {os.getloadavg()[0]:.1f} at end")
 
 
