@@ -90,7 +90,9 @@ def export_checkpoint(checkpoint_dir: str, params: dict | None = None) -> dict[s
 
 
 def write_torch(checkpoint_dir: str, torch_ckpt: str, params: dict | None = None) -> int:
-    """Writes ``{"model": state_dict}`` to ``torch_ckpt`` atomically; returns the number of keys."""
+    """Writes ``{"model": state_dict}`` to ``torch_ckpt`` atomically, each tensor in the dtype the
+    source file had; returns the number of keys."""
     state_dict = export_checkpoint(checkpoint_dir, params)
-    torch_io.write_state_dict(state_dict, torch_ckpt)
+    dtypes = checkpoint.read_manifest(checkpoint_dir).get("source_dtypes", {})
+    torch_io.write_state_dict(state_dict, torch_ckpt, dtypes)
     return len(state_dict)

@@ -107,7 +107,7 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
     vocab = bpe_path or tokenizer.DEFAULT_BPE_PATH
     if not os.path.isfile(vocab):
         raise FileNotFoundError(f"BPE vocabulary not found: {vocab}")
-    state_dict = torch_io.read_state_dict(torch_ckpt)
+    state_dict, source_dtypes = torch_io.read_state_dict(torch_ckpt)
     num_keys = len(state_dict)
     det_sd, trk_sd = split_layout(state_dict, torch_ckpt)
     video_layout = any(k.startswith(DETECTOR) for k in state_dict)
@@ -144,6 +144,7 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
         "tracker_config": checkpoint.config_to_json(tracker_cfg) if video_layout else None,
         "keys": fate,
         "summary": _summary(fate),
+        "source_dtypes": source_dtypes,  # keys stored in another float type than float32
     }
     if cfg.vit.scan_blocks:
         vision = params["detector"]["backbone"]["vision_backbone"]

@@ -23,8 +23,12 @@ def _torch():
     return torch
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Loads ``{"model": sd}`` or a bare state_dict; strips a DDP ``module.`` prefix."""
+def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Loads ``{"model": sd}`` or a bare state_dict; strips a DDP ``module.`` prefix.
+
+    Returns the arrays and the source dtype of every floating tensor that was not float32 (a
+    half-precision copy of ``sam3.pt``): those are widened to float32, which is exact, so that the
+    params are float32 masters as always, and export narrows them back to what the file had."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"torch checkpoint not found: {path}")
     torch = _torch()
@@ -36,14 +40,17 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise CheckpointFormatError(f"{path}: expected a state_dict (or {{'model': state_dict}}), got {type(obj).__name__}")
-    out = {}
+    out, dtypes = {}, {}
     for key, value in obj.items():
         if key.startswith("module."):
             key = key[len("module."):]
         if not hasattr(value, "numpy"):
             raise CheckpointFormatError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        if value.is_floating_point() and value.dtype != torch.float32:
+            dtypes[key] = str(value.dtype).removeprefix("torch.")
+            value = value.float()
         out[key] = value.detach().numpy()
-    return out
+    return out, dtypes
 
 
 def describe_prefixes(keys) -> str:
@@ -65,10 +72,13 @@ def check_is_sam3(keys, path: str) -> None:
         f"top-level prefixes found: {describe_prefixes(keys) or 'none (empty state_dict)'}")
 
 
-def write_state_dict(state_dict: dict[str, np.ndarray], path: str) -> None:
-    """Writes ``{"model": sd}`` atomically (temp file in the same directory, then rename)."""
+def write_state_dict(state_dict: dict[str, np.ndarray], path: str, dtypes: dict[str, str] | None = None) -> None:
+    """Writes ``{"model": sd}`` atomically (temp file in the same directory, then rename); the keys
+    of ``dtypes`` are cast to the torch dtype named there (see ``read_state_dict``)."""
     torch = _torch()
+    dtypes = dtypes or {}
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    tensors.update({k: tensors[k].to(getattr(torch, name)) for k, name in dtypes.items()})
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         torch.save({"model": tensors}, tmp)

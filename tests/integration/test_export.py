@@ -69,6 +69,29 @@ def test_fine_tuned_params_are_exported(tiny_state_dict, tmp_path):
     np.testing.assert_array_equal(out[key], tiny_state_dict[key] + 1)
 
 
+def test_half_precision_file_keeps_its_dtypes(ref, tiny_state_dict, tmp_path):
+    """A bf16 copy of sam3.pt converts (float32 params, exactly the bf16 values) and exports back in
+    bf16 bit for bit; the manifest names the keys that were not float32."""
+    torch = ref.torch
+    sd = {k: torch.from_numpy(v).to(torch.bfloat16) if v.dtype == np.float32 else torch.from_numpy(v)
+          for k, v in tiny_state_dict.items()}
+    src = tmp_path / "sam3_bf16.pt"
+    torch.save({"model": sd}, src)
+    manifest = convert_file(str(src), str(tmp_path / "ckpt"), cfg=ModelConfig.tiny(), tracker_cfg=TrackerConfig.tiny())
+    halves = [k for k, v in sd.items() if v.dtype == torch.bfloat16]
+    assert manifest["source_dtypes"] == dict.fromkeys(halves, "bfloat16") and halves
+    key = "tracker.obj_ptr_proj.layers.0.weight"
+    params = checkpoint.read_params(str(tmp_path / "ckpt"), sam3_checkpoint.abstract_params(*sam3_checkpoint.configs(manifest)))
+    kernel = params["tracker"]["obj_ptr_proj"]["layers_0"]["kernel"]
+    assert kernel.dtype == np.float32
+    np.testing.assert_array_equal(kernel, sd[key].float().numpy().T)
+    out = tmp_path / "exported.pt"
+    export.write_torch(str(tmp_path / "ckpt"), str(out))
+    got = torch.load(out, map_location="cpu", weights_only=True)["model"]
+    assert sorted(got) == sorted(sd)
+    assert not [k for k in sd if got[k].dtype != sd[k].dtype or not _same_bytes(torch, got[k], sd[k])]
+
+
 def test_export_errors_list_every_key(tiny_state_dict, tmp_path):
     ckpt = _converted(tiny_state_dict, tmp_path)
     manifest = checkpoint.read_manifest(str(ckpt))
