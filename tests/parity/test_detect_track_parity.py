@@ -8,9 +8,9 @@ becomes its ``Sam3ImageOnVideoMultiGPU`` (one process), the tracker is the ``Sam
 ``model_builder.build_tracker`` configures. Its state is made as ``init_state`` makes it, from frames
 prepared as ``io_utils`` does, and the text prompt is set as ``add_prompt`` sets it; then
 ``propagate_in_video`` runs from frame 0, forward. Two more cases go backward in time from a middle
-frame as the reference's video predictor does: backward from frame 7 (``add_prompt``'s pass over frame
-7, then ``propagate_in_video(reverse=True)``: frames 6 .. 0) and both from frame 4 (forward 4 .. 9, then
-reverse 3 .. 0 on the same state, the forward pass's objects tracked on from its memories).
+frame as the reference's video predictor does: backward from frame 9 (``add_prompt``'s pass over frame
+9, then ``propagate_in_video(reverse=True)``: frames 8 .. 0) and both from frame 7 (forward 7 .. 9, then
+reverse 6 .. 0 on the same state, the forward pass's objects tracked on from its memories).
 
 CPU shims on the reference side (it runs under CUDA autocast on GPU): its detector casts the tracker's
 feature levels to bfloat16 before handing them over; on CPU the float32 convolutions and the tracker
@@ -232,11 +232,13 @@ REVERSE_FIGURES = {}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("direction,start", [("backward", 7), ("both", 4)])
+@pytest.mark.parametrize("direction,start", [("backward", 9), ("both", 7)])
 def test_detect_track_reverse_matches_reference(ref, models, direction, start):
-    """Backward from frame 7 (frame 7, then 6 .. 0 tracked backward in time) and both from frame 4
-    (4 .. 9, then 3 .. 0 continuing every object and heuristic state of the forward pass): the same
-    frames in the same order, ids, masks and probs as the reference."""
+    """Backward from frame 9 (frame 9, then 8 .. 0 tracked backward in time) and both from frame 7
+    (7 .. 9, then 6 .. 0 continuing every object and heuristic state of the forward pass): the same
+    frames in the same order, ids, masks and probs as the reference. On the reference side, backward:
+    an object tracked over 8 frames in reverse, one reconditioned, four removed by hot-start; both: an
+    object the forward pass found tracked back over 5 frames, duplicates removed by hot-start."""
     ours, theirs, cfg = models
     frames = _video(NUM_FRAMES, seed=4)
     paths = dict(PATHS)
@@ -356,14 +358,16 @@ def test_association_and_occlusion_match_reference(ref):
         assert {k: v.tolist() for k, v in got.det_to_trk.items()} == {k: v.tolist() for k, v in want[2].items()}
         assert got.recondition == want[3]
         np.testing.assert_array_equal(got.empty_ids, want[4])
-        last = rng.choice([-1, -1, 2, 5, 7], m).astype(np.int64)
-        want = base.Sam3VideoBase._get_objects_to_suppress_based_on_most_recently_occluded(
-            this, torch.from_numpy(trk), torch.from_numpy(last), list(ids), 9, False).numpy()
-        np.testing.assert_array_equal(dt.occlusion_suppression(trk, last, 0.3), want)
+        last = rng.choice([-1, -1, 2, 5, 7, dt.ALWAYS_OCCLUDED], m).astype(np.int64)
+        for reverse in (False, True):
+            want = base.Sam3VideoBase._get_objects_to_suppress_based_on_most_recently_occluded(
+                this, torch.from_numpy(trk), torch.from_numpy(last), list(ids), 9, reverse).numpy()
+            np.testing.assert_array_equal(dt.occlusion_suppression(trk, last, 0.3, reverse), want)
 
 
 def test_hotstart_matches_reference(ref):
-    """Random association outcomes over 25 frames through _process_hotstart and ours: the same removals."""
+    """Random association outcomes over 25 frames (forward, and backward in time) through _process_hotstart
+    and ours: the same removals."""
     from collections import defaultdict
     from types import SimpleNamespace
 
@@ -371,7 +375,7 @@ def test_hotstart_matches_reference(ref):
 
     from sam3_jax.infer.detect_track import Association, DetectTrackConfig, Hotstart
 
-    for seed, within_only in [(2, True), (3, False)]:
+    for seed, within_only, reverse in [(2, True, False), (3, False, False), (5, True, True), (6, False, True)]:
         cfg = DetectTrackConfig(hotstart_delay=6, hotstart_unmatch_thresh=3, hotstart_dup_thresh=3,
                                 suppress_unmatched_only_within_hotstart=within_only, init_trk_keep_alive=2,
                                 max_trk_keep_alive=4, min_trk_keep_alive=-1)
@@ -385,7 +389,7 @@ def test_hotstart_matches_reference(ref):
         ours = Hotstart(cfg)
         rng = np.random.default_rng(seed)
         live, next_id = [], 0
-        for f in range(25):
+        for f in range(24, -1, -1) if reverse else range(25):
             new = list(range(next_id, next_id + int(rng.integers(0, 3))))
             next_id += len(new)
             unmatched = [i for i in live if rng.uniform() < 0.4]
@@ -393,10 +397,10 @@ def test_hotstart_matches_reference(ref):
                                                         replace=False)), np.int64)
                           for d in range(int(rng.integers(0, 3))) if live}
             removed = base.Sam3VideoBase._process_hotstart(
-                this, f, 25, False, det_to_trk, np.array(new, np.int64), np.zeros(0, np.int64),
+                this, f, 25, reverse, det_to_trk, np.array(new, np.int64), np.zeros(0, np.int64),
                 np.array(unmatched, np.int64), meta, {})[0]
             got = ours.update(f, Association(np.zeros(0), np.array(unmatched, np.int64), np.zeros(0, np.int64),
-                                             det_to_trk, {}), new)
+                                             det_to_trk, {}), new, reverse)
             assert got == {int(i) for i in removed}, f
             assert ours.suppressed.get(f, set()) == {int(i) for i in meta["suppressed_obj_ids"][f]}, f
             live = [i for i in live + new if i not in got]
