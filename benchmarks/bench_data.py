@@ -127,16 +127,19 @@ def main(argv) -> None:
         for w, exact in settings:
             runs[(w, exact)].append(pipeline_rate(FLAGS.data_dir, w, FLAGS.num_batches, exact))
     bare, bare_cpu = (statistics.median(x) for x in zip(*bare_runs))
+    spread = "{:.1f}-{:.1f}".format(*(f(r[1] for r in bare_runs) for f in (min, max)))
     print(f"bare decode + resize, {len(paths)} frames: {bare:.1f} frames/s wall, "
-          f"{bare_cpu:.1f} frames per CPU second")
-    head = ("setting", "clips/s", "frames/s", "wall/core", "ratio", "frames/CPU-s", "ratio")
-    print("{:<32}{:>8}{:>10}{:>11}{:>7}{:>14}{:>7}".format(*head))
+          f"{bare_cpu:.1f} frames per CPU second (rounds: {spread})")
+    head = ("setting", "clips/s", "frames/s", "wall/core", "ratio", "frames/CPU-s", "ratio",
+            "rounds")
+    print("{:<32}{:>8}{:>10}{:>11}{:>7}{:>14}{:>7}{:>13}".format(*head))
     for (w, exact), values in runs.items():
         clips, clips_cpu = (statistics.median(x) for x in zip(*values))
         per_core, cpu_rate = clips * t / max(w, 1), clips_cpu * t
+        spread = "{:.1f}-{:.1f}".format(*(f(v[1] * t for v in values) for f in (min, max)))
         name = f"pipeline, {w} workers" + (", exact warp" if exact else "")
         print(f"{name:<32}{clips:>8.2f}{clips * t:>10.1f}{per_core:>11.1f}{per_core / bare:>7.2f}"
-              f"{cpu_rate:>14.1f}{cpu_rate / bare_cpu:>7.2f}")
+              f"{cpu_rate:>14.1f}{cpu_rate / bare_cpu:>7.2f}{spread:>13}")
     print(f"load average {os.getloadavg()[0]:.1f} at end")
 
 
