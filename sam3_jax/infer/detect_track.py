@@ -380,6 +380,7 @@ class _State:
     first_score: dict = field(default_factory=dict)
     max_id: int = -1
     size: tuple | None = None  # the frames' (H, W)
+    size_frame: int = 0  # the frame it was read from
 
     def commit(self, predictor, feats, ptr, eff, frame_idx, is_cond, write, reset, anchor):
         """Stores frame ``frame_idx`` in the bank (around the current frame), and in the seed bank where it
@@ -585,10 +586,11 @@ class DetectTrackPredictor:
         return out
 
     def _detections(self, frames: FrameSource | np.ndarray, order: Sequence[int], text, text_mask,
-                    size) -> Iterator[tuple]:
+                    st: _State) -> Iterator[tuple]:
         """Per frame of ``order``: (index, (H, W), probs (Q,), mask logits (Q, h, w), tracker features on
         the tracking device). Frames are read, encoded and detected ``self.block`` at a time, sharded over
-        the mesh; one block is held at a time. ``size``: the frames' (H, W), or None (the first frame's)."""
+        the mesh; one block is held at a time. Every frame must have the size of the first one read
+        (``st.size``, set here)."""
         s = self.tcfg.image_size
         for start in range(0, len(order), self.block):
             chunk = order[start:start + self.block]
@@ -597,18 +599,19 @@ class DetectTrackPredictor:
                 frame = np.asarray(frames[f])
                 if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
                     raise VideoInputError(f"frame {f}: expected uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
-                if size is None:
-                    size = frame.shape[:2]
-                elif frame.shape[:2] != tuple(size):
-                    raise VideoInputError(f"frame {f} is {frame.shape[1]}x{frame.shape[0]} but frame {order[0]} is "
-                                          f"{size[1]}x{size[0]}; all frames must have one size")
+                if st.size is None:
+                    st.size, st.size_frame = frame.shape[:2], f
+                elif frame.shape[:2] != tuple(st.size):
+                    h, w = st.size
+                    raise VideoInputError(f"frame {f} is {frame.shape[1]}x{frame.shape[0]} but frame {st.size_frame} "
+                                          f"is {w}x{h}; all frames must have one size")
                 images[j] = preprocess(frame, s)
             images = jax.device_put(images, NamedSharding(self.mesh, P("frame")))
             probs, det_all, feats = self._detect(self._mesh_params, images, text, text_mask)
             probs, det_all = np.asarray(probs), np.asarray(det_all)
             feats = jax.device_put(feats, self._device)
             for j, f in enumerate(chunk):  # a copy: a view would keep the whole block alive
-                yield f, size, probs[j], det_all[j].copy(), self._frame(feats, j)
+                yield f, st.size, probs[j], det_all[j].copy(), self._frame(feats, j)
             del probs, det_all, feats  # before the next block is made
 
     def propagate_iter(self, frames: FrameSource | np.ndarray, prompt: str, start_frame: int = 0,
@@ -651,8 +654,7 @@ class DetectTrackPredictor:
         num_frames, anchor = len(frames), order[0]
         max_objects = cfg.max_num_objects if cfg.max_num_objects > 0 else 10000
         pending: list[_Pending] = []
-        for f, size, probs, det_all, (pix, high_res) in self._detections(frames, order, text, text_mask, st.size):
-            st.size = size
+        for f, size, probs, det_all, (pix, high_res) in self._detections(frames, order, text, text_mask, st):
             keep = probs > cfg.score_threshold_detection
             if cfg.det_nms_thresh > 0:
                 keep &= nms_keep(probs, det_all, cfg.score_threshold_detection, cfg.det_nms_thresh)
