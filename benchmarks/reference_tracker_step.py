@@ -40,9 +40,9 @@ def prepare_tracker(trk):
 
 def clip_targets(torch, batch: dict, device: str):
     """(gt (N, T, M, M) bool, tracked (N,) bool): every object slot of the clip's first (only) clip;
-    tracked = visible on frame 0 (SAM 2's sampler, as our trainer)."""
+    tracked = valid on frame 0 (SAM 2's sampler; ``tracker_stage`` takes the same)."""
     gt = np.swapaxes(batch["masks"][0], 0, 1)  # (T, N, M, M) -> (N, T, M, M)
-    tracked = batch["object_valid"][0, 0] & gt[:, 0].reshape(gt.shape[0], -1).any(-1)
+    tracked = batch["object_valid"][0, 0]
     return torch.as_tensor(gt, device=device), torch.as_tensor(tracked, device=device)
 
 
