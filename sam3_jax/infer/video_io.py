@@ -33,8 +33,8 @@ class VideoFileFrames:
     than the container lists (a truncated file whose index comes first) is only a warning: an edit list
     (a cut without re-encoding) drops frames the same way.
 
-    Access is by decoding again, in order. The predictors ask almost in order: the text task 0, 1, ...;
-    the mask task the prompt frame k, then k+1 .. T-1, then k-1 .. 0 (direction "both"). A frame the
+    Access is by decoding again, in order. The predictors (both tasks) ask almost in order: the start
+    frame k, then k+1 .. T-1, then k-1 .. 0 (direction "both"; k = 0 is plain order). A frame the
     decoder passes on its way to a later one (those before k) is spooled to a temporary directory, raw,
     and read back from there when asked for; asking for a frame behind the decoder that was not spooled
     restarts decoding from the first frame (``predict_video`` does so once, to write the overlay). Memory
