@@ -40,6 +40,9 @@ def base_config(model: ModelConfig, data: ml_collections.ConfigDict,
     c.checkpoint_async = True  # write checkpoints in the background while training goes on
     c.init_from = ""  # a converted official checkpoint (convert_torch_ckpt.py) or a training run
     c.distributed = False  # jax.distributed.initialize() first (multi-host GPU nodes, TPU pods)
+    # Where jax cannot detect the cluster (SLURM, TPU pods, Open MPI and Kubernetes it can): the
+    # coordinator's host:port, the number of processes and this one's index (0 and -1: detect).
+    c.cluster = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
     c.nonfinite = "skip"  # NaN/Inf loss or gradients: "skip" the update (and count it) or "stop"
     c.max_consecutive_nonfinite = 10  # stop anyway after this many skipped updates in a row
 

@@ -346,6 +346,9 @@ def video_scores(pred, gt, tracked, frame_valid) -> list[jf.VideoScores]:
 def train(config, workdir: str) -> dict[str, float]:
     """``train.py``'s body, callable from Python (tests, notebooks)."""
     if config.distributed:
-        jax.distributed.initialize()
+        cluster = config.cluster
+        jax.distributed.initialize(coordinator_address=cluster.coordinator_address or None,
+                                   num_processes=cluster.num_processes or None,
+                                   process_id=None if cluster.process_id < 0 else cluster.process_id)
     return Trainer(config, workdir).run()
 

@@ -4,6 +4,7 @@ valid keys."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,3 +103,42 @@ def test_unknown_override_is_refused(tmp_path):
     assert proc.returncode != 0
     assert "config.optim has no field 'lrr'" in out and "valid keys:" in out and "lr," in out
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_hosts_equal_one_host(tmp_path):
+    """Multi-host training as on a GPU cluster or TPU pod, with two processes on this machine (2 CPU
+    devices each, gloo collectives): each feeds its own slice of the data (batch 1 per host) into a
+    data=2 x frame=2 mesh that spans both, and the losses equal one process with 4 devices reading
+    the whole batch of 2; both save the step's checkpoint together and only the first writes logs."""
+    common = [f"--config.data.synthetic.output_dir={tmp_path / 'videos'}", "--config.total_steps=2",
+              "--config.checkpoint_every=2", "--config.mesh.data=2", "--config.mesh.frame=2",
+              "--config.data.num_workers=0"]
+
+    def launch(workdir, devices, *extra):
+        env = {**_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        return subprocess.Popen([sys.executable, "train.py", f"--workdir={workdir}", *SMALL, *common, *extra],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    one = launch(tmp_path / "one", 4, "--config.data.batch_size=2")
+    out, _ = one.communicate(timeout=1200)
+    assert one.returncode == 0, out
+    cluster = ["--config.distributed=True", f"--config.cluster.coordinator_address=localhost:{_free_port()}",
+               "--config.cluster.num_processes=2"]
+    hosts = [launch(tmp_path / "two", 2, "--config.data.batch_size=1", *cluster, f"--config.cluster.process_id={i}")
+             for i in range(2)]
+    for host in hosts:
+        out, _ = host.communicate(timeout=1200)
+        assert host.returncode == 0, out
+    expected, got = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert [r["step"] for r in got] == [1, 2]
+    for want, have in zip(expected, got):
+        for key in ("loss", "loss_ce", "loss_bbox", "loss_mask", "presence_loss", "grad_norm", "num_boxes"):
+            assert have[key] == pytest.approx(want[key], rel=1e-5), key
+    assert os.listdir(tmp_path / "two" / "checkpoints") == ["2"]
