@@ -90,6 +90,55 @@ class ConvTranspose2x2(nn.Module):
         return y
 
 
+class Conv(nn.Module):
+    """``flax.linen.Conv`` (same params: ``kernel`` (kh, kw, in/groups, out), ``bias``; NHWC) for the
+    small convs of the tracker's memory encoder, which runs on every frame of a training clip.
+
+    On a CPU it is computed from the kernel's shifted (strided) input windows: a sum of per-tap
+    products when depthwise, one einsum over the stacked windows otherwise. XLA's CPU convolutions
+    are slow in the backward pass at these shapes (a depthwise kernel's gradient became a dense
+    64x64-channel convolution, 64 times the work), which made the memory encoder's backward 40% of
+    the tracker's train step. Elsewhere (GPU, TPU) ``lax.conv_general_dilated`` as flax does.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: int = 1
+    padding: int = 0
+    feature_group_count: int = 1
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        kh, kw = self.kernel_size
+        cin, groups = x.shape[-1], self.feature_group_count
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, cin // groups, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        dtype = self.dtype or x.dtype
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        pad = ((self.padding, self.padding),) * 2
+        if jax.default_backend() != "cpu":
+            y = jax.lax.conv_general_dilated(x, kernel, (self.strides,) * 2, pad, feature_group_count=groups,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        elif groups == 1:
+            taps = jnp.stack(_windows(x, kh, kw, self.strides, pad), axis=3)  # (B, H, W, kh*kw, C)
+            y = jnp.einsum("bhwkc,kco->bhwo", taps, kernel.reshape(kh * kw, cin, self.features))
+        elif groups == cin == self.features:
+            w = kernel.reshape(kh * kw, cin)
+            y = sum(t * w[k] for k, t in enumerate(_windows(x, kh, kw, self.strides, pad)))
+        else:
+            raise NotImplementedError(f"grouped conv with {groups} groups of {cin} channels")
+        return y + bias.astype(dtype)
+
+
+def _windows(x, kh: int, kw: int, stride: int, pad):
+    """The input pixels each kernel tap (i, j) meets, row-major: kh * kw arrays (B, H_out, W_out, C)."""
+    x = jnp.pad(x, ((0, 0), *pad, (0, 0)))
+    h, w = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+    return [x[:, i:i + stride * (h - 1) + 1:stride, j:j + stride * (w - 1) + 1:stride] for i in range(kh)
+            for j in range(kw)]
+
+
 def drop_path(x, rate, rng, deterministic: bool):
     """Stochastic depth per sample (timm DropPath): zero the residual branch, rescale the rest.
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.nn import ops
-from sam3_jax.nn.layers import LayerNorm2d, gelu
+from sam3_jax.nn.layers import Conv, LayerNorm2d, gelu
 from sam3_jax.nn.position import sine_map
 
 
@@ -44,10 +44,10 @@ class MaskDownSampler(nn.Module):
         x, chans = masks, 1
         for i in range(num_stages):
             chans *= self.stride ** 2
-            x = nn.Conv(chans, (self.kernel_size,) * 2, strides=self.stride, padding=[(self.padding,) * 2] * 2,
-                        name=f"encoder_{3 * i}", dtype=self.dtype)(x)
+            x = Conv(chans, (self.kernel_size,) * 2, strides=self.stride, padding=self.padding,
+                     name=f"encoder_{3 * i}", dtype=self.dtype)(x)
             x = gelu(LayerNorm2d(name=f"encoder_{3 * i + 1}", dtype=self.dtype)(x))
-        return nn.Conv(self.embed_dim, (1, 1), name=f"encoder_{3 * num_stages}", dtype=self.dtype)(x)
+        return Conv(self.embed_dim, (1, 1), name=f"encoder_{3 * num_stages}", dtype=self.dtype)(x)
 
 
 class CXBlock(nn.Module):
@@ -60,9 +60,8 @@ class CXBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        pad = self.kernel_size // 2
-        h = nn.Conv(self.dim, (self.kernel_size,) * 2, padding=[(pad, pad)] * 2, feature_group_count=self.dim,
-                    name="dwconv", dtype=self.dtype)(x)
+        h = Conv(self.dim, (self.kernel_size,) * 2, padding=self.kernel_size // 2, feature_group_count=self.dim,
+                 name="dwconv", dtype=self.dtype)(x)
         h = LayerNorm2d(name="norm", dtype=self.dtype)(h)
         h = nn.Dense(4 * self.dim, name="pwconv1", dtype=self.dtype)(h)
         h = nn.Dense(self.dim, name="pwconv2", dtype=self.dtype)(gelu(h))
@@ -100,11 +99,11 @@ class MemoryEncoder(nn.Module):
         down = MaskDownSampler(cfg.d_model, cfg.mask_ds_kernel, cfg.mask_ds_stride, cfg.mask_ds_padding,
                                cfg.mask_ds_total_stride, cfg.mask_interpol_size, dtype=self.dtype,
                                name="mask_downsampler")(masks[..., None])
-        x = nn.Conv(cfg.d_model, (1, 1), name="pix_feat_proj", dtype=self.dtype)(pix_feat) + down
+        x = Conv(cfg.d_model, (1, 1), name="pix_feat_proj", dtype=self.dtype)(pix_feat) + down
         x = Fuser(cfg.d_model, cfg.fuser_layers, cfg.fuser_kernel, cfg.layer_scale_init, dtype=self.dtype,
                   name="fuser")(x)
         if cfg.mem_dim != cfg.d_model:
-            x = nn.Conv(cfg.mem_dim, (1, 1), name="out_proj", dtype=self.dtype)(x)
+            x = Conv(cfg.mem_dim, (1, 1), name="out_proj", dtype=self.dtype)(x)
         b, h, w, _ = x.shape
         pos = jnp.broadcast_to(sine_map(h, w, cfg.mem_dim), (b, h, w, cfg.mem_dim)).astype(x.dtype)
         return x, pos
