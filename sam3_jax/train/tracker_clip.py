@@ -119,6 +119,9 @@ def track_clip(tracker: Tracker, params, feats: ClipFeatures, obj_clip, gt_masks
     # Conditioning frames first, then the rest, each group in time order.
     order = jnp.argsort(jnp.where(init_cond, 0, t) + jnp.arange(t), axis=1)
     n_slots = 2 + prompt_cfg.num_correction_points  # a box's two corners, then the corrections
+    # As SAM2Train: only frames prompted by clicks (not a mask) get corrections, so with the mask
+    # always given no correction branch is built at all.
+    clicks_possible = prompt_cfg.prob_to_use_pt_input > 0 and prompt_cfg.num_correction_points > 0
     variables = {"params": params}
 
     def apply(method, *args, **kwargs):
@@ -184,8 +187,13 @@ def track_clip(tracker: Tracker, params, feats: ClipFeatures, obj_clip, gt_masks
             carry, _ = jax.lax.scan(click, carry, jnp.arange(prompt_cfg.num_correction_points))
             return carry
 
-        heads, coords, labels, point_ok, terms = jax.lax.cond(
-            jnp.any(corr), corrections, lambda c: c, _varying((heads, coords, labels, point_ok, terms), gt))
+        if clicks_possible:
+            # Rematerialised: a lax.cond keeps the residuals of both branches for the backward pass,
+            # zero-filled where not taken ((T, clicks, B, ...) stacks on every slot of the scan);
+            # recomputing the branch where it ran is cheaper than that on every step.
+            heads, coords, labels, point_ok, terms = jax.lax.cond(
+                jnp.any(corr), jax.checkpoint(corrections, policy=jax.checkpoint_policies.nothing_saveable),
+                lambda c: c, _varying((heads, coords, labels, point_ok, terms), gt))
 
         num_points = jnp.sum(point_ok, axis=1)
         heads = {k: heads[k] for k in ("masks", "iou", "obj_ptr", "score")}  # what frame_outputs reads
