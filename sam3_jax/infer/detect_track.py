@@ -77,6 +77,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sam3_jax.infer.video_predictor import (
+    _BIG,
     DIRECTIONS,
     FrameSource,
     VideoInputError,
@@ -85,6 +86,7 @@ from sam3_jax.infer.video_predictor import (
     bank_capacity,
     preprocess,
     read_video_checkpoint,
+    weakest_slot,
 )
 from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
@@ -96,7 +98,6 @@ NEVER_OCCLUDED = -1
 ALWAYS_OCCLUDED = 100000  # an object removed by hot-start: later than any frame
 REMOVED_SCORE = -1e4
 NO_OBJ_LOGIT = -10.0
-_BIG = 1 << 29
 
 
 @dataclass(frozen=True)
@@ -547,16 +548,14 @@ class DetectTrackPredictor:
         far = jnp.abs(bank.frame - anchor)
         cond_prio = jnp.where(in_cond, jnp.where(bank.frame < 0, -2 * _BIG, -far), 3 * _BIG)
         cond_slot = jnp.argmin(cond_prio, axis=1)
-        prio = jnp.where(bank.frame < 0, -2 * _BIG, _slot_priority(bank.frame, bank.score, anchor, self.tcfg))
-        prio = jnp.where(in_cond, 3 * _BIG, prio)
-        free_slot = jnp.argmin(prio, axis=1)
+        free_slot, free_prio = weakest_slot(bank, self.tcfg, anchor, in_cond)
         slot = jnp.where(is_cond, cond_slot, free_slot)
         rows = jnp.arange(bank.frame.shape[0])
         if nearer_only:
             n = rows.shape[0]
             new_cond = -jnp.abs(frame_idx - anchor)
             new_trk = _slot_priority(jnp.full((n,), frame_idx, jnp.int32), eff, anchor, self.tcfg)
-            old = jnp.where(is_cond, cond_prio[rows, cond_slot], prio[rows, free_slot])
+            old = jnp.where(is_cond, cond_prio[rows, cond_slot], free_prio)
             write = write & (jnp.where(is_cond, new_cond, new_trk) > old)
 
         def pick(new, old):

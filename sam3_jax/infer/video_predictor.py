@@ -189,17 +189,24 @@ def _slot_priority(frame, score, anchor, cfg: TrackerConfig):
     return -far
 
 
+def weakest_slot(bank: MemoryBank, cfg: TrackerConfig, anchor, exclude):
+    """Per row: (the tracked-frame slot of least ``_slot_priority`` around ``anchor``, empty slots
+    first and ``exclude``d ones never; its priority), the slot a tracked frame replaces."""
+    prio = _slot_priority(bank.frame, bank.score, anchor, cfg)
+    prio = jnp.where(exclude, 2 * _BIG, jnp.where(bank.frame < 0, -2 * _BIG, prio))
+    slot = jnp.argmin(prio, axis=1)
+    return slot, jnp.take_along_axis(prio, slot[:, None], axis=1)[:, 0]
+
+
 def store(bank: MemoryBank, cfg: TrackerConfig, frame_idx, feats, ptr, score, anchor, force: bool) -> MemoryBank:
     """Writes a tracked (non-conditioning) frame into the slot of least priority (``_slot_priority``
     around ``anchor``; empty slots first, conditioning slots never). Unless ``force``, only where the new
     frame has a higher priority than what it replaces. score (B,) is the frame's memory-selection score."""
     b = bank.frame.shape[0]
     rows = jnp.arange(b)
-    prio = _slot_priority(bank.frame, bank.score, anchor, cfg)
-    prio = jnp.where(bank.frame < 0, -2 * _BIG, jnp.where(bank.is_cond, 2 * _BIG, prio))
-    slot = jnp.argmin(prio, axis=1)
+    slot, weakest = weakest_slot(bank, cfg, anchor, bank.is_cond)
     new = _slot_priority(jnp.broadcast_to(frame_idx, (b,)), score, anchor, cfg)
-    write = jnp.ones((b,), bool) if force else new > prio[rows, slot]
+    write = jnp.ones((b,), bool) if force else new > weakest
 
     def pick(value, old):
         return jnp.where(write.reshape((b,) + (1,) * (old.ndim - 1)), value.astype(old.dtype), old)
