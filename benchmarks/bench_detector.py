@@ -22,6 +22,7 @@ def run_jax(dtype: str, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from sam3_jax import compiler
     from sam3_jax.model import detector
     from sam3_jax.model.config import ModelConfig
 
@@ -30,7 +31,7 @@ def run_jax(dtype: str, repeats: int) -> dict:
     model = detector.Sam3Detector(cfg)
     inputs = [jnp.asarray(x) for x in detector.example_inputs(cfg)]
     inputs[0] = jax.random.uniform(jax.random.key(1), inputs[0].shape, minval=-1, maxval=1)
-    fwd = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+    fwd = jax.jit(lambda p, *a: model.apply({"params": p}, *a), compiler_options=compiler.encoder_options(cfg))
     t0 = time.perf_counter()
     compiled = fwd.lower(params, *inputs).compile()
     compile_s = time.perf_counter() - t0

@@ -76,6 +76,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sam3_jax import compiler
 from sam3_jax.infer.video_predictor import (
     _BIG,
     DIRECTIONS,
@@ -427,7 +428,8 @@ class DetectTrackPredictor:
         self.slots = self.num_cond + bank_capacity(tracker_cfg) - 1
         self._text = jax.jit(self._text_fn)
         self._detect = jax.jit(jax.shard_map(self._detect_fn, mesh=self.mesh, in_specs=(P(), P("frame"), P(), P()),
-                                             out_specs=P("frame")))
+                                             out_specs=P("frame")),
+                               compiler_options=compiler.encoder_options(model_cfg))
         self._frame = jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i][None], tree))
         self._track = jax.jit(self._track_fn, static_argnames=("reverse",))
         self._mask_prompt = jax.jit(self._mask_prompt_fn)

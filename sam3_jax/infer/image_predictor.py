@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam3_jax import compiler
 from sam3_jax.convert import checkpoint, sam3_checkpoint
 from sam3_jax.infer import image_io
 from sam3_jax.model import detector
@@ -74,7 +75,7 @@ class ImagePredictor:
             return model.apply(variables, feats, text, text_mask, boxes, box_mask, box_labels, img_ids=img_ids,
                                method=detector.Sam3Detector.ground)
 
-        self._forward = jax.jit(forward)
+        self._forward = jax.jit(forward, compiler_options=compiler.encoder_options(cfg))
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str, **kwargs) -> "ImagePredictor":

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam3_jax import compiler
 from sam3_jax.infer import image_io
 from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
@@ -258,7 +259,7 @@ class VideoPredictor:
         self.tracker = Tracker(tracker_cfg, dtype=dtype)
         self._select_cfg = select_config(tracker_cfg)
         self.capacity = bank_capacity(tracker_cfg)
-        self._encode = jax.jit(self._encode_fn)
+        self._encode = jax.jit(self._encode_fn, compiler_options=compiler.encoder_options(model_cfg))
         self._prompt = jax.jit(self._prompt_fn)
         self._prompt_memory = jax.jit(self._prompt_memory_fn)
         self._track = jax.jit(self._track_fn, static_argnames=("reverse",))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sam3_jax import compiler
 from sam3_jax.convert import keymap
 from sam3_jax.convert.sam3_checkpoint import check_rope
 from sam3_jax.infer import image_io
@@ -50,7 +51,8 @@ def jax_outputs(cfg, params, image, caption, boxes, labels, max_boxes=4):
     box_mask = np.arange(max_boxes)[None] >= nb
     box_labels = np.zeros((1, max_boxes), np.int32)
     box_labels[0, :nb] = labels
-    fn = jax.jit(lambda p, *a: detector.Sam3Detector(cfg).apply({"params": p}, *a))
+    fn = jax.jit(lambda p, *a: detector.Sam3Detector(cfg).apply({"params": p}, *a),
+                 compiler_options=compiler.encoder_options(cfg))  # as the predictors compile it
     out = fn(params, jnp.asarray(image), ids, pad_boxes, box_mask, box_labels)
     return {
         "pred_logits": np.asarray(out["pred_logits"]),
