@@ -14,8 +14,9 @@ Every row is timed two ways over the same window:
 The bare baseline (PIL decode + antialiased bilinear resize to S x S, the only work a pipeline
 cannot avoid) is one figure for all rows, measured on all the files the pipeline reads with the
 same two clocks, after every file has been read once so that the page cache is warm on both sides.
-Rows: the pipeline in the main process (0 workers), with 1 and 2 worker processes, and in the main
-process with the exact (single bilinear pass) warp.
+Rows: the pipeline in the main process (0 workers) and with 1 and 2 worker processes. Each batch
+is dropped as soon as it arrives, as a training loop does (holding them all would time the
+allocation of fresh memory instead).
 
 CPU time is not immune to a crowded machine either (a busy sibling hyperthread and a shared cache
 slow every instruction: on a 2-core machine at load 6-8 the same code gave 17-23 frames per CPU
@@ -45,7 +46,6 @@ flags.DEFINE_list("workers", ["1", "2"], "worker counts to measure")
 flags.DEFINE_integer("num_batches", 40, "batches (clips) timed per setting, after warm-up")
 flags.DEFINE_integer("image_size", 1008, "S")
 flags.DEFINE_integer("num_frames", 8, "T")
-flags.DEFINE_bool("exact_row", True, "also measure the exact-warp setting in process")
 flags.DEFINE_integer("rounds", 3, "measurements of every figure; the median is printed")
 FLAGS = flags.FLAGS
 SOURCE_WIDTH = 1280  # frames are 1280x960
@@ -90,13 +90,12 @@ def bare_decode_resize(paths: list[str], size: int) -> tuple[float, float]:
     return len(paths) / wall, len(paths) / cpu
 
 
-def pipeline_rate(data_dir: str, workers: int, num_batches: int,
-                  exact_warp: bool) -> tuple[float, float]:
+def pipeline_rate(data_dir: str, workers: int, num_batches: int) -> tuple[float, float]:
     """Clips per wall second and per CPU second of the full pipeline (decode, sample, augment,
     masks, batch, hand-over from workers)."""
     c = data_config.base_config()
     c.image_size, c.num_frames, c.batch_size = FLAGS.image_size, FLAGS.num_frames, 1
-    c.num_workers, c.augment.exact_warp = workers, exact_warp
+    c.num_workers = workers
     c.num_threads = 0 if workers == 0 else 1  # in-process: do the work in this thread
     c.sources.bench = data_config.source_config(
         "davis", os.path.join(data_dir, "davis", "JPEGImages"),
@@ -104,7 +103,10 @@ def pipeline_rate(data_dir: str, workers: int, num_batches: int,
     it = iter(pipeline.build_dataset(c, seed=0, shard_index=0, shard_count=1))
     for _ in range(max(3, 3 * workers)):  # warm-up: worker start, first prefetches
         next(it)
-    wall, cpu = timed(lambda: [next(it) for _ in range(num_batches)])
+    def run():
+        for _ in range(num_batches):  # each batch dropped at once, as a training loop does
+            next(it)
+    wall, cpu = timed(run)
     if workers:
         it.close()
     return num_batches / wall, num_batches / cpu
@@ -119,13 +121,12 @@ def main(argv) -> None:
     print(f"S={FLAGS.image_size} T={t}, source frames {Image.open(paths[0]).size}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start, "
           f"median of {FLAGS.rounds} rounds", flush=True)
-    settings = [(0, False)] + [(w, False) for w in map(int, FLAGS.workers)]
-    settings += [(0, True)] if FLAGS.exact_row else []
+    settings = [0] + [int(w) for w in FLAGS.workers]
     bare_runs, runs = [], {s: [] for s in settings}
     for _ in range(FLAGS.rounds):  # interleaved, so a load swing hits every figure alike
         bare_runs.append(bare_decode_resize(paths, FLAGS.image_size))
-        for w, exact in settings:
-            runs[(w, exact)].append(pipeline_rate(FLAGS.data_dir, w, FLAGS.num_batches, exact))
+        for w in settings:
+            runs[w].append(pipeline_rate(FLAGS.data_dir, w, FLAGS.num_batches))
     bare, bare_cpu = (statistics.median(x) for x in zip(*bare_runs))
     spread = "{:.1f}-{:.1f}".format(*(f(r[1] for r in bare_runs) for f in (min, max)))
     print(f"bare decode + resize, {len(paths)} frames: {bare:.1f} frames/s wall, "
@@ -133,11 +134,11 @@ def main(argv) -> None:
     head = ("setting", "clips/s", "frames/s", "wall/core", "ratio", "frames/CPU-s", "ratio",
             "rounds")
     print("{:<32}{:>8}{:>10}{:>11}{:>7}{:>14}{:>7}{:>13}".format(*head))
-    for (w, exact), values in runs.items():
+    for w, values in runs.items():
         clips, clips_cpu = (statistics.median(x) for x in zip(*values))
         per_core, cpu_rate = clips * t / max(w, 1), clips_cpu * t
         spread = "{:.1f}-{:.1f}".format(*(f(v[1] * t for v in values) for f in (min, max)))
-        name = f"pipeline, {w} workers" + (", exact warp" if exact else "")
+        name = f"pipeline, {w} workers"
         print(f"{name:<32}{clips:>8.2f}{clips * t:>10.1f}{per_core:>11.1f}{per_core / bare:>7.2f}"
               f"{cpu_rate:>14.1f}{cpu_rate / bare_cpu:>7.2f}{spread:>13}")
     print(f"load average {os.getloadavg()[0]:.1f} at end")

@@ -247,6 +247,8 @@ def reference_inputs(torch, batch: dict, device: str):
     targets packed (valid slots first in the padded views), as its collator builds them."""
     from sam3.model.data_misc import BatchedDatapoint, BatchedFindTarget, FindStage
 
+    from sam3_jax.data import schema
+
     frames = batch["frames"][0]  # (T, S, S, 3) uint8
     t_, p_ = batch["query_positives"].shape[1:3]
     n_max = batch["object_valid"].shape[-1]
@@ -262,7 +264,7 @@ def reference_inputs(torch, batch: dict, device: str):
             num_boxes.append(len(slots))
             exhaustive.append(bool(batch["query_exhaustive"][0, t, p]))
             boxes.append(batch["boxes"][0, t, slots])
-            masks.append(batch["masks"][0, t, slots])
+            masks.append(schema.unpack_masks(batch["masks"][0, t, slots]))
             obj_ids.append(batch["object_ids"][0, slots])
             pad = np.zeros((n_max, 4), np.float32)
             pad[:len(slots)] = batch["boxes"][0, t, slots]

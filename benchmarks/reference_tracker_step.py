@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sam3_jax.data import schema
+
 TERMS = ("mask", "dice", "iou", "class")
 
 
@@ -41,7 +43,7 @@ def prepare_tracker(trk):
 def clip_targets(torch, batch: dict, device: str):
     """(gt (N, T, M, M) bool, tracked (N,) bool): every object slot of the clip's first (only) clip;
     tracked = valid on frame 0 (SAM 2's sampler; ``tracker_stage`` takes the same)."""
-    gt = np.swapaxes(batch["masks"][0], 0, 1)  # (T, N, M, M) -> (N, T, M, M)
+    gt = np.swapaxes(schema.unpack_masks(batch["masks"][0]), 0, 1)  # (T, N, M, M) -> (N, T, M, M)
     tracked = batch["object_valid"][0, 0]
     return torch.as_tensor(gt, device=device), torch.as_tensor(tracked, device=device)
 

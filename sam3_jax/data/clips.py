@@ -78,17 +78,13 @@ class ClipBuilder:
         clip_ops = self._clip_colour(rng)
 
         ex = schema.empty_example(d)
-        colour_first = width * height < d.image_size ** 2  # pointwise: do it on fewer pixels
+        frame_masks = np.empty((n, d.mask_size, d.mask_size), bool)  # one frame's, reused
         for t, img in enumerate(images):
-            ops = clip_ops + self._frame_colour(rng)
-            if colour_first:
-                img = transforms.apply_colour(img, ops)
-            frame = transforms.warp_image(img, geometry, d.image_size, tuple(self.augment.fill),
-                                          self.augment.exact_warp)
-            ex["frames"][t] = transforms.pixels(frame if colour_first else
-                                                transforms.apply_colour(frame, ops))
-            masks.unpack(warped0 if t == 0 else masks.warp(t, geometry), ex["masks"][t, :n])
-        ex["boxes"], ex["object_valid"] = transforms.boxes_from_masks(ex["masks"])
+            transforms.warp_image(img, geometry, ex["frames"][t], tuple(self.augment.fill))
+            transforms.apply_colour(ex["frames"][t], clip_ops + self._frame_colour(rng))
+            masks.unpack(warped0 if t == 0 else masks.warp(t, geometry), frame_masks)
+            ex["masks"][t, :n] = schema.pack_masks(frame_masks)
+            ex["boxes"][t, :n], ex["object_valid"][t, :n] = transforms.boxes_from_masks(frame_masks)
 
         k, p = len(plan.positions), len(plan.phrase_ids)
         ex["frame_valid"][:k] = True
@@ -162,4 +158,4 @@ class _Masks:
         if self.labels:
             transforms.masks_from_labels(warped, self.ids, out)
         else:
-            transforms.unpack_masks(warped, out)
+            transforms.masks_from_planes(warped, out)

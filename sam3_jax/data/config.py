@@ -35,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Static maxima of the batch (schema.Dims).
     c.image_size = 1008  # S
-    # M: ground-truth masks at full resolution unless set (a derived reference: one-way link).
+    # M: ground-truth masks at full resolution unless set (a derived reference: one-way link);
+    # a multiple of 8, since masks travel bit-packed (schema.py).
     c.mask_size = c.get_ref("image_size") * 1
     c.num_frames = 8  # T (SAM2 tracker recipe)
     c.max_objects = 3  # N (SAM2: up to 3 objects visible in the first frame)
@@ -61,7 +62,6 @@ def base_config() -> ml_collections.ConfigDict:
         hflip_prob=0.5, degrees=25.0, shear=20.0, scale_min=1.0, scale_max=1.0,
         affine_tries=3,  # affine draws tried to keep first-frame objects visible
         fill=(123, 116, 103),  # outside the warped image (SAM2's image mean)
-        exact_warp=False,  # True: single bilinear warp, ~2x slower (transforms.warp_image)
         brightness=0.1, contrast=0.03, saturation=0.03,  # per clip
         grayscale_prob=0.05,
         frame_brightness=0.1, frame_contrast=0.05, frame_saturation=0.05,  # per frame

@@ -11,7 +11,11 @@ Symbols: ``T`` frames, ``N`` objects, ``P`` noun phrases, ``S`` image side, ``M`
 * Frames are RGB ``uint8``; normalisation (mean 0.5, std 0.5) belongs to the model.
 * Ground-truth masks are binary at ``M x M`` (default ``M = S``: SAM2's losses compare upsampled
   logits with full-resolution masks). They cover the same field of view as the frames, so a mask
-  pixel ``(i, j)`` is the frame region ``[i*S/M, (i+1)*S/M)``.
+  pixel ``(i, j)`` is the frame region ``[i*S/M, (i+1)*S/M)``. They travel bit-packed, eight
+  pixels of a row to a byte (``np.packbits`` along x, so ``M`` is a multiple of 8): at ``M = 1008``
+  bool masks would be as many bytes as the frames, and every byte is paid for in the worker's
+  shared memory and the host-to-device copy. `unpack_masks` (numpy or ``jax.numpy``, so on device
+  inside the step) gives the bool ``[..., M, M]``.
 * Objects are the clip's masklets: slot ``n`` is the same object in every frame. ``object_valid``
   is exactly "the mask is non-empty", so an object that leaves the frame (or is cropped away by
   augmentation) is invalid in that frame, never dropped; its box is then all zeros.
@@ -64,9 +68,15 @@ class Dims:
             context_length=data_cfg.context_length,
         )
 
+    def __post_init__(self):
+        if self.mask_size % 8:
+            raise ValueError(f"data.mask_size={self.mask_size} must be a multiple of 8: masks are "
+                             "bit-packed, 8 pixels of a row to a byte")
+
     def resolve(self, symbols: tuple[str | int, ...]) -> tuple[int, ...]:
         table = {"T": self.num_frames, "N": self.max_objects, "P": self.max_phrases,
-                 "S": self.image_size, "M": self.mask_size, "L": self.context_length}
+                 "S": self.image_size, "M": self.mask_size, "M/8": self.mask_size // 8,
+                 "L": self.context_length}
         return tuple(table[s] if isinstance(s, str) else s for s in symbols)
 
 
@@ -84,7 +94,7 @@ FIELDS: dict[str, Field] = {
     "frames": Field(("T", "S", "S", 3), _U8, 0, "RGB frames, identical augmentation per clip"),
     "frame_valid": Field(("T",), _B, False, "False for padding frames past the clip's end"),
     "frame_indices": Field(("T",), _I, -1, "frame number in the source video"),
-    "masks": Field(("T", "N", "M", "M"), _B, False, "per-object binary mask"),
+    "masks": Field(("T", "N", "M", "M/8"), _U8, 0, "per-object binary mask, bit-packed along x"),
     "boxes": Field(("T", "N", 4), _F, 0.0, "cxcywh in [0, 1] from the mask; 0 when invalid"),
     "object_valid": Field(("T", "N"), _B, False, "object visible (mask non-empty) in the frame"),
     "object_ids": Field(("N",), _I, -1, "object id in the source annotation"),
@@ -99,6 +109,17 @@ FIELDS: dict[str, Field] = {
     "source_size": Field((2,), _I, 0, "(height, width) of the source frames"),
     "skipped": Field((), _I, 0, "bad samples skipped before this one"),
 }
+
+
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """bool [..., M, M] -> uint8 [..., M, M/8] (the ``masks`` field's layout)."""
+    return np.packbits(masks, axis=-1)
+
+
+def unpack_masks(packed, xp=np):
+    """The ``masks`` field, uint8 [..., M, M/8] -> bool [..., M, M]. ``xp=jax.numpy`` unpacks on
+    device (traceable), after the packed bytes have crossed to it."""
+    return xp.unpackbits(packed, axis=-1).astype(bool)
 
 
 def empty_example(dims: Dims) -> dict[str, np.ndarray]:
@@ -140,7 +161,7 @@ def _check_rules(b: dict[str, np.ndarray]) -> None:
             raise ValueError(f"batch key {name!r}: violates '{rule}'")
 
     frame_valid, object_valid, phrase_valid = b["frame_valid"], b["object_valid"], b["phrase_valid"]
-    require(b["masks"].any(axis=(-1, -2)) == object_valid, "object_valid",
+    require(b["masks"].any(axis=(-1, -2)) == object_valid, "object_valid",  # packed: any byte
             "object_valid == mask non-empty")
     require(~object_valid | frame_valid[:, :, None], "object_valid", "only on valid frames")
     require(~object_valid | (b["object_ids"] >= 0)[:, None, :], "object_ids",

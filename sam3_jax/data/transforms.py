@@ -9,9 +9,12 @@ with each object's id afterwards, at M x M; other masks travel as bit planes (ob
 of plane k // 8), so one nearest warp moves eight objects (see FrameAnnotation.bit_planes). Both
 give the same masks. Boxes are recomputed from the warped masks.
 
+PIL decodes; OpenCV warps (SIMD, one pass, straight into the example's arrays) and applies the
+colour matrix in place.
+
 Colour (SAM2: clip-level ColorJitter, grayscale, per-frame ColorJitter) is linear in RGB, so the
-whole chain becomes one 3x4 matrix applied by a single PIL `convert` per frame, before or after the
-warp, whichever touches fewer pixels. Contrast needs the frame's mean grey, which is propagated
+whole chain becomes one 3x4 matrix applied in place to the warped frame by a single OpenCV
+`transform`. Contrast needs the frame's mean grey, which is propagated
 through the chain; unlike torchvision, intermediate values are not clipped (only the result is).
 """
 from __future__ import annotations
@@ -19,8 +22,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import cv2
 import numpy as np
-from PIL import Image, ImageStat
+from PIL import Image
+
+# The loader parallelises over worker processes; OpenCV's own thread pool would oversubscribe the
+# cores (and the per-core throughput is what the data benchmark holds us to).
+cv2.setNumThreads(1)
+# Pillow returns every freed image's memory to the OS by default, so each frame's decode faults in
+# fresh pages (~2,200 a frame at S = 1008); keeping a few freed blocks lets the next frame reuse
+# them (in process, 27.5 -> 21.0 ms a frame on a 2-core CPU machine).
+Image.core.set_blocks_max(max(Image.core.get_blocks_max(), 16))
 
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, as PIL's and torchvision's grayscale
 
@@ -55,41 +67,61 @@ def sample_geometry(cfg: Any, width: int, height: int, rng: np.random.Generator,
     return m
 
 
-def warp_image(img: Image.Image, unit_matrix: np.ndarray, size: int,
-               fill: tuple[int, int, int], exact: bool = False) -> Image.Image:
-    """Warps a frame to size x size.
+def warp_image(img: Image.Image, unit_matrix: np.ndarray, out: np.ndarray,
+               fill: tuple[int, int, int]) -> np.ndarray:
+    """Warps an RGB frame into `out`, uint8 [S, S, 3] (a slot of the example, so no fresh
+    frame-sized buffer is allocated and faulted in per frame), in one bilinear resampling.
 
-    exact: one bilinear pass of PIL's generic transform (about 2x the cost of a resize); big
-    downscales are first box-reduced by an integer factor since that pass does not antialias.
-    Otherwise (default, ~2x faster): an antialiased bilinear resize does the scaling, then a
-    nearest-neighbour pass applies the remaining rotation/shear at unit scale, which shifts edges by
-    at most half a pixel (the masks get the same nearest sampling). Without rotation or shear the
-    second pass is an exact copy or mirror, so plain resize + flip loses nothing.
+    Bilinear sampling does not antialias, so a downscale is low-passed first, per source axis
+    (`f` source pixels per output pixel along it): an integer box reduction by floor(f) (PIL),
+    then for the fractional rest f' a Gaussian of variance (f'^2 - 1) / 6, which with the
+    interpolation's own triangle (variance 1/6) gives the variance of the triangle of PIL's
+    antialiased resize, f'^2 / 6 (SAM2 resizes with it, after a bilinear affine pass: two
+    resamplings where this does one).
     """
-    if exact:
-        factor = min(img.size) // size
-        if factor >= 2:
-            img = img.reduce(factor)
-            unit_matrix = unit_matrix @ np.diag([factor, factor, 1.0])
-        return _warp(img, unit_matrix, size, Image.Resampling.BILINEAR, fill)
-    scale_x, scale_y = size * np.linalg.norm(unit_matrix[:2, :2], axis=0)
-    width, height = max(1, round(img.width * scale_x)), max(1, round(img.height * scale_y))
-    resized = img.resize((width, height), Image.Resampling.BILINEAR)
-    residual = unit_matrix @ np.diag([img.width / width, img.height / height, 1.0])
-    return _warp(resized, residual, size, Image.Resampling.NEAREST, fill)
+    width, height = img.size
+    per_out = 1.0 / (out.shape[0] * np.linalg.norm(unit_matrix[:2, :2], axis=0))  # (f_x, f_y)
+    factor = np.maximum(1, np.floor(per_out)).astype(int)
+    if factor.max() > 1:
+        img = img.reduce(tuple(int(f) for f in factor))
+    src = pixels(img)
+    sigma = np.sqrt(np.maximum(0.0, (per_out / factor) ** 2 - 1) / 6)
+    if sigma.max() > 0.1:  # below that the kernel is a delta at 8 bits
+        sx, sy = np.maximum(sigma, 1e-3)  # OpenCV reads a zero sigmaY as "same as sigmaX"
+        src = cv2.GaussianBlur(src, (0, 0), sigmaX=float(sx), sigmaY=float(sy))
+    scaled = unit_matrix @ np.diag([width / src.shape[1], height / src.shape[0], 1.0])
+    return _warp(src, scaled, out, cv2.INTER_LINEAR, fill)
 
 
 def warp_planes(planes: np.ndarray, unit_matrix: np.ndarray, size: int) -> np.ndarray:
     """uint8 [K, H, W] bit planes -> [K, size, size], nearest neighbour."""
-    return np.stack([pixels(_warp(Image.fromarray(p), unit_matrix, size,
-                                  Image.Resampling.NEAREST, 0)) for p in planes])
+    out = np.empty((len(planes), size, size), np.uint8)
+    for p, o in zip(planes, out):
+        _warp(p, unit_matrix, o, cv2.INTER_NEAREST, 0)
+    return out
 
 
-def warp_labels(labels: Image.Image, unit_matrix: np.ndarray, size: int) -> np.ndarray:
-    """8-bit image of object ids (FrameAnnotation.label_map) -> uint8 [size, size], nearest
+def warp_labels(labels: np.ndarray, unit_matrix: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W] object ids (FrameAnnotation.label_map) -> uint8 [size, size], nearest
     neighbour, outside filled with 0. Nearest sampling moves ids exactly as it moves bit planes,
-    so `masks_from_labels` of this equals `unpack_masks` of `warp_planes`."""
-    return pixels(_warp(labels, unit_matrix, size, Image.Resampling.NEAREST, 0))
+    so `masks_from_labels` of this equals `masks_from_planes` of `warp_planes`."""
+    return _warp(labels, unit_matrix, np.empty((size, size), np.uint8), cv2.INTER_NEAREST, 0)
+
+
+def _warp(src: np.ndarray, unit_matrix: np.ndarray, out: np.ndarray, interpolation,
+          fill) -> np.ndarray:
+    """OpenCV affine warp of `src` into `out` by `unit_matrix` (src pixels -> unit square).
+
+    Our matrices treat pixel (i, j) as the square [j, j+1) x [i, i+1); OpenCV puts pixel centres
+    on the integers, hence the half-pixel shifts on both sides.
+    """
+    half = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    size = np.diag([out.shape[1], out.shape[0], 1.0])
+    m = np.linalg.inv(half) @ size @ unit_matrix @ half
+    fill = tuple(fill) if isinstance(fill, (tuple, list)) else (fill,) * 3
+    cv2.warpAffine(src, m[:2], (out.shape[1], out.shape[0]), dst=out, flags=interpolation,
+                   borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+    return out
 
 
 def pixels(img: Image.Image) -> np.ndarray:
@@ -129,13 +161,7 @@ def masks_from_labels(labels: np.ndarray, ids: list[int], out: np.ndarray) -> No
         np.equal(labels, i, out=out[k])
 
 
-def _warp(img: Image.Image, unit_matrix: np.ndarray, size: int, resample, fill) -> Image.Image:
-    out_to_src = np.linalg.inv(np.diag([size, size, 1.0]) @ unit_matrix)
-    return img.transform((size, size), Image.Transform.AFFINE, tuple(out_to_src[:2].ravel()),
-                         resample=resample, fillcolor=fill)
-
-
-def unpack_masks(planes: np.ndarray, out: np.ndarray) -> None:
+def masks_from_planes(planes: np.ndarray, out: np.ndarray) -> None:
     """uint8 [K, H, W] bit planes (FrameAnnotation.bit_planes) -> `out`, bool [n, H, W]."""
     bit = np.empty(planes.shape[1:], np.uint8)
     for k in range(len(out)):
@@ -192,10 +218,12 @@ def colour_matrix(ops: list[tuple[str, float]], mean_rgb: np.ndarray) -> np.ndar
     return m
 
 
-def apply_colour(img: Image.Image, ops: list[tuple[str, float]]) -> Image.Image:
+def apply_colour(frame: np.ndarray, ops: list[tuple[str, float]]) -> None:
+    """Applies colour ops to a uint8 [H, W, 3] frame in place: one 3x4 matrix per pixel
+    (OpenCV, rounded and clipped to uint8 once at the end)."""
     if not ops:
-        return img
+        return
     mean = np.zeros(3)
-    if any(name == "contrast" for name, _ in ops):  # a 64x64 sample estimates the mean closely
-        mean = np.array(ImageStat.Stat(img.resize((64, 64), Image.Resampling.NEAREST)).mean)
-    return img.convert("RGB", tuple(colour_matrix(ops, mean)[:3].ravel()))
+    if any(name == "contrast" for name, _ in ops):  # a 1/16 x 1/16 grid estimates it closely
+        mean = frame[::16, ::16].reshape(-1, 3).mean(axis=0)
+    cv2.transform(frame, colour_matrix(ops, mean)[:3].astype(np.float32), dst=frame)

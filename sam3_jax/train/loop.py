@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sam3_jax.data import pipeline
+from sam3_jax.data import pipeline, schema
 from sam3_jax.evaluation import jf
 from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
@@ -327,7 +327,7 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             masks, scores = jax.device_get(self.predict(self.state["params"], clip))
         p = clip["phrase_valid"].shape[1]
-        gt = clip["masks"][0] & clip["query_positives"][0, :, 0, :, None, None]
+        gt = schema.unpack_masks(clip["masks"][0]) & clip["query_positives"][0, :, 0, :, None, None]
         return reporting.overlay_clip(clip["frames"][0], masks[::p] > 0, scores[::p], gt_masks=gt,
                                       score_threshold=self.config.eval.overlay_score_threshold)
 

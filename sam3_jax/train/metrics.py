@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam3_jax.data import schema
 from sam3_jax.evaluation import coco
 from sam3_jax.nn.boxes import box_cxcywh_to_xyxy, box_iou
 from sam3_jax.nn.ops import resize_bilinear
@@ -105,13 +106,13 @@ def coco_images(detections: Mapping[str, np.ndarray], batch: Mapping[str, np.nda
     query, holding its ground truth (the frame's objects that answer the phrase) and its detections
     (`top_detections`, laid out (B, T, P, k, ...)); boxes xyxy in pixels of the M x M masks. A query
     whose annotation is not exhaustive is left out: its unlisted instances would count as false positives."""
-    m = batch["masks"].shape[-1]
+    m = batch["masks"].shape[-2]
     asked = batch["frame_valid"][:, :, None] & batch["phrase_valid"][:, None, :] & batch["query_exhaustive"]
     images = []
     for b, t, p in zip(*np.nonzero(asked)):
         objects = np.flatnonzero(batch["query_positives"][b, t, p] & batch["object_valid"][b, t])
         images.append({"gt_boxes": _cxcywh_to_xyxy(batch["boxes"][b, t, objects]) * m,
-                       "gt_masks": batch["masks"][b, t, objects], "scores": detections["scores"][b, t, p],
+                       "gt_masks": schema.unpack_masks(batch["masks"][b, t, objects]), "scores": detections["scores"][b, t, p],
                        "boxes": detections["boxes"][b, t, p] * m, "masks": detections["masks"][b, t, p]})
     return images
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from sam3_jax.data import schema
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.detector import Sam3Detector
 from sam3_jax.train import mesh as mesh_lib
@@ -60,7 +61,8 @@ def query_targets(batch: Mapping[str, jax.Array]) -> tuple[dict, jax.Array]:
 
     valid = batch["query_positives"] & batch["object_valid"][:, :, None, :]
     targets = {"boxes": per_query(batch["boxes"]), "valid": valid.reshape(q, n),
-               "masks": per_query(batch["masks"]), "is_exhaustive": batch["query_exhaustive"].reshape(q)}
+               "masks": per_query(schema.unpack_masks(batch["masks"], jnp)),
+               "is_exhaustive": batch["query_exhaustive"].reshape(q)}
     query_valid = (batch["frame_valid"][:, :, None] & batch["phrase_valid"][:, None, :]).reshape(q)
     return targets, query_valid
 
@@ -185,7 +187,7 @@ def make_eval_fn(model_cfg: ModelConfig, loss_cfg: DetectorLossConfig, mesh, top
         detections = {}
         if top_k:
             b, t, p = batch["query_exhaustive"].shape
-            found = metrics.top_detections(outputs, top_k, batch["masks"].shape[-1])
+            found = metrics.top_detections(outputs, top_k, batch["masks"].shape[-2])  # M
             detections = {k: v.reshape((b, t, p) + v.shape[1:]) for k, v in found.items()}
         return _global_sum({"loss": loss, **terms, **counts}), detections
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sam3_jax.data import schema
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.model.tracker.tracker import Tracker
 from sam3_jax.train import mesh as mesh_lib
@@ -38,7 +39,9 @@ def _local_objects(batch):
         return jax.lax.all_to_all(x, "frame", 2, 1, tiled=True)
 
     frame_valid = jax.lax.all_gather(batch["frame_valid"], "frame", axis=1, tiled=True)
-    return objects(batch["masks"]), objects(batch["object_valid"]), frame_valid
+    # Exchanged packed (1/8 of the bytes), unpacked after.
+    gt = schema.unpack_masks(objects(batch["masks"]), jnp)
+    return gt, objects(batch["object_valid"]), frame_valid
 
 
 def _object_layout(b: int, n_local: int, n_total: int):

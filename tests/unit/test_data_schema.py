@@ -4,7 +4,7 @@ import pytest
 
 from sam3_jax.data import schema
 
-DIMS = schema.Dims(num_frames=3, max_objects=2, max_phrases=2, image_size=8, mask_size=4)
+DIMS = schema.Dims(num_frames=3, max_objects=2, max_phrases=2, image_size=8, mask_size=16)
 
 
 def batched(example, b=2):
@@ -15,7 +15,9 @@ def valid_example():
     ex = schema.empty_example(DIMS)
     ex["frame_valid"][:2] = True
     ex["frames"][:2] = 7
-    ex["masks"][0, 0, 1:3, 0:2] = True
+    mask = np.zeros((16, 16), bool)
+    mask[4:12, 0:8] = True
+    ex["masks"][0, 0] = schema.pack_masks(mask)
     ex["object_valid"][0, 0] = True
     ex["boxes"][0, 0] = [0.25, 0.5, 0.5, 0.5]
     ex["object_ids"][0] = 5
@@ -31,7 +33,7 @@ def valid_example():
 def test_empty_example_has_every_field_with_its_padding():
     ex = schema.empty_example(DIMS)
     assert list(ex) == list(schema.FIELDS)
-    assert ex["masks"].shape == (3, 2, 4, 4) and ex["masks"].dtype == bool
+    assert ex["masks"].shape == (3, 2, 16, 2) and ex["masks"].dtype == np.uint8
     assert ex["frames"].shape == (3, 8, 8, 3) and ex["frames"].dtype == np.uint8
     assert ex["phrase_tokens"].shape == (2, 32)
     assert (ex["object_ids"] == -1).all() and (ex["phrase_ids"] == -1).all()
@@ -69,3 +71,20 @@ def test_validate_rejects_inconsistent_batch_axis():
     b["skipped"] = np.zeros(3, np.int32)
     with pytest.raises(ValueError, match="skipped"):
         schema.validate(b, DIMS)
+
+
+def test_masks_pack_eight_pixels_a_byte_and_unpack_with_numpy_or_jax():
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((2, 3, 16, 16)) < 0.3
+    packed = schema.pack_masks(masks)
+    assert packed.shape == (2, 3, 16, 2) and packed.dtype == np.uint8
+    assert packed[0, 0, 0, 0] == int("".join(str(int(v)) for v in masks[0, 0, 0, :8]), 2)
+    np.testing.assert_array_equal(schema.unpack_masks(packed), masks)
+    np.testing.assert_array_equal(np.asarray(schema.unpack_masks(jnp.asarray(packed), jnp)), masks)
+
+
+def test_mask_size_must_pack_into_whole_bytes():
+    with pytest.raises(ValueError, match="mask_size=20"):
+        schema.Dims(num_frames=1, max_objects=1, max_phrases=1, image_size=8, mask_size=20)

@@ -11,6 +11,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from sam3_jax.data import schema
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.train import loop, metrics, overrides
 from sam3_jax.train import mesh as mesh_lib
@@ -48,7 +49,7 @@ def test_query_targets_order_and_validity():
         "object_valid": np.array([[[1, 1, 0], [1, 0, 0]]], bool),
         "query_positives": np.zeros((b, t, p, n), bool),
         "boxes": np.arange(b * t * n * 4, dtype=np.float32).reshape(b, t, n, 4),
-        "masks": np.zeros((b, t, n, 4, 4), bool),
+        "masks": schema.pack_masks(np.random.default_rng(0).random((b, t, n, 8, 8)) < 0.5),
         "query_exhaustive": np.array([[[1, 0], [1, 1]]], bool),
         "frame_valid": np.array([[1, 0]], bool),
         "phrase_valid": np.array([[1, 1]], bool),
@@ -60,6 +61,7 @@ def test_query_targets_order_and_validity():
     np.testing.assert_array_equal(query_valid, [True, True, False, False])
     np.testing.assert_array_equal(targets["valid"], [[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]])
     np.testing.assert_array_equal(targets["boxes"][2], batch["boxes"][0, 1])
+    np.testing.assert_array_equal(targets["masks"][2], schema.unpack_masks(batch["masks"][0, 1]))
     np.testing.assert_array_equal(targets["is_exhaustive"], [True, False, True, True])
 
 
@@ -99,28 +101,29 @@ def test_top_detections_order_and_layout():
 
 
 def test_coco_ap_hand_worked():
-    """One clip, one 20x20 frame, four phrase slots: a positive with one 10x10 object, an exhaustive
+    """One clip, one 40x40 frame, four phrase slots: a positive with one 20x20 object, an exhaustive
     negative, a non-exhaustive and an unused slot (both left out). Two detections each, ranked
     0.95 FP (negative), 0.9 hit (positive), 0.1 FP, 0.05 FP: precision 1/2 at full recall, so
     AP = 0.5 x the share of IoU thresholds 0.5:0.05:0.95 the hit passes (box IoU 0.64: 3 of 10;
     mask IoU 0.72: 5 of 10)."""
-    m = 20
+    m = 40
     gt = np.zeros((1, 1, 1, m, m), bool)
-    gt[..., :10, :10] = True
-    batch = {"masks": gt, "boxes": np.array([[[[0.25, 0.25, 0.5, 0.5]]]], np.float32),
+    gt[..., :20, :20] = True
+    batch = {"masks": schema.pack_masks(gt), "boxes": np.array([[[[0.25, 0.25, 0.5, 0.5]]]], np.float32),
              "frame_valid": np.ones((1, 1), bool), "phrase_valid": np.array([[True, True, True, False]]),
              "query_exhaustive": np.array([[[True, True, False, True]]]), "object_valid": np.ones((1, 1, 1), bool),
              "query_positives": np.array([[[[True], [False], [True], [False]]]])}
     hit = np.zeros((m, m), bool)
-    hit[:8, :9] = True
+    hit[:16, :18] = True
     far = np.zeros((m, m), bool)
-    far[15:, 15:] = True
+    far[30:, 30:] = True
     detections = {"scores": np.array([[[[0.9, 0.1], [0.95, 0.05], [0.99, 0.98], [0.99, 0.98]]]]),
                   "boxes": np.array([[[[[0, 0, 0.5, 0.32], [0.75, 0.75, 1, 1]]] + [[[0.75, 0.75, 1, 1]] * 2] * 3]]),
                   "masks": np.array([[[[hit, far]] + [[far, far]] * 3]])}
     images = metrics.coco_images(detections, batch)
     assert len(images) == 2 and len(images[0]["gt_boxes"]) == 1 and len(images[1]["gt_boxes"]) == 0
-    np.testing.assert_allclose(images[0]["gt_boxes"], [[0, 0, 10, 10]])
+    np.testing.assert_allclose(images[0]["gt_boxes"], [[0, 0, 20, 20]])
+    np.testing.assert_array_equal(images[0]["gt_masks"], gt[0, 0])
     ap = metrics.coco_ap(images)
     assert ap == pytest.approx({"box_ap": 0.15, "box_ap50": 0.5, "mask_ap": 0.25, "mask_ap50": 0.5})
     assert set(ap) == set(metrics.COCO_AP)

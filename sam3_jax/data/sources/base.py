@@ -33,8 +33,8 @@ class FrameAnnotation(abc.ABC):
     def masks(self, ids: Sequence[int]) -> np.ndarray:
         """bool [len(ids), H, W]; all False for an id absent from this frame."""
 
-    def label_map(self) -> Image.Image | None:
-        """The frame's masks as one 8-bit image of object ids (0: background), when they are
+    def label_map(self) -> np.ndarray | None:
+        """The frame's masks as one uint8 [H, W] map of object ids (0: background), when they are
         stored that way and hence disjoint; None otherwise. With it, the clip builder warps all
         objects of a frame in a single nearest-neighbour pass and never builds bit planes."""
         return None

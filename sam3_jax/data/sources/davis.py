@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from sam3_jax.data.errors import DataError
+from sam3_jax.data.transforms import pixels
 from sam3_jax.data.sources.base import ClassAgnosticSource, FrameAnnotation, Video, frame_number
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -64,11 +65,11 @@ class LabelMapAnnotation(FrameAnnotation):
         return [i for i, c in enumerate(counts) if c and i not in (0, VOID_ID)]
 
     def masks(self, ids: Sequence[int]) -> np.ndarray:
-        label = np.asarray(self.label)
+        label = pixels(self.label)
         return label[None] == np.asarray(ids, np.uint8).reshape(-1, 1, 1)
 
-    def label_map(self) -> Image.Image:
-        return self.label
+    def label_map(self) -> np.ndarray:
+        return pixels(self.label)
 
     def bit_planes(self, ids: Sequence[int]) -> np.ndarray:
         """Fast path: one lookup table per 8 objects, applied by PIL."""
