@@ -112,7 +112,8 @@ def coco_images(detections: Mapping[str, np.ndarray], batch: Mapping[str, np.nda
     for b, t, p in zip(*np.nonzero(asked)):
         objects = np.flatnonzero(batch["query_positives"][b, t, p] & batch["object_valid"][b, t])
         images.append({"gt_boxes": _cxcywh_to_xyxy(batch["boxes"][b, t, objects]) * m,
-                       "gt_masks": schema.unpack_masks(batch["masks"][b, t, objects]), "scores": detections["scores"][b, t, p],
+                       "gt_masks": schema.unpack_masks(batch["masks"][b, t, objects]),
+                       "scores": detections["scores"][b, t, p],
                        "boxes": detections["boxes"][b, t, p] * m, "masks": detections["masks"][b, t, p]})
     return images
 

@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 
 from sam3_jax.data.errors import DataError
-from sam3_jax.data.transforms import pixels
 from sam3_jax.data.sources.base import ClassAgnosticSource, FrameAnnotation, Video, frame_number
+from sam3_jax.data.transforms import pixels
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 VOID_ID = 255  # palette index that DAVIS-style datasets use for "ignore", never an object
