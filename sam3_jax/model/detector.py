@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sam3_jax.model import init
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.decoder import TransformerDecoder
 from sam3_jax.model.encoder import TransformerEncoderFusion
@@ -138,4 +139,8 @@ def abstract_params(cfg: ModelConfig):
 
 
 def init_params(cfg: ModelConfig, rng):
-    return jax.jit(lambda r: Sam3Detector(cfg).init(r, *example_inputs(cfg)))(rng)["params"]
+    """Random parameters initialised as the reference's modules are (`init.reference_init`)."""
+    def fresh(r):
+        return init.reference_init(Sam3Detector(cfg).init(r, *example_inputs(cfg))["params"], r)
+
+    return jax.jit(fresh)(rng)

@@ -172,9 +172,10 @@ def build_image_model(cfg, *, joint_box_scores: bool = False):
     return model.eval()
 
 
-def build_tracker(cfg, seed: int = 7):
+def build_tracker(cfg, seed: int = 7, *, randomize: bool = True):
     """The reference's ``Sam3TrackerBase`` at a ``TrackerConfig``'s sizes, built as
-    ``model_builder.build_tracker`` builds it (same classes and switches), with seeded random weights."""
+    ``model_builder.build_tracker`` builds it (same classes and switches), with seeded random weights
+    (``randomize=False``: the reference's own initialisation)."""
     ref = load()
     from sam3.model.decoder import TransformerDecoderLayerv2, TransformerEncoderCrossAttention
     from sam3.model.memory import CXBlock, SimpleFuser, SimpleMaskDownSampler, SimpleMaskEncoder
@@ -218,7 +219,8 @@ def build_tracker(cfg, seed: int = 7):
                                      "dynamic_multimask_stability_delta": cfg.stability_delta,
                                      "dynamic_multimask_stability_thresh": cfg.stability_thresh},
         use_memory_selection=cfg.use_memory_selection, mf_threshold=cfg.mf_threshold).eval()
-    randomize_(trk, seed=seed)
+    if randomize:
+        randomize_(trk, seed=seed)
     return trk
 
 

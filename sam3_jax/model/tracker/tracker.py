@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from sam3_jax.model import init
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.model.tracker.mask_decoder import MaskDecoder, best_multimask_index
 from sam3_jax.model.tracker.memory_attention import MemoryTransformer
@@ -264,8 +265,9 @@ class Tracker(nn.Module):
 
 
 def init_params(cfg: TrackerConfig, rng, dtype=None):
-    """Every parameter of the tracker (``Tracker.all_paths`` reaches them all)."""
-    return Tracker(cfg, dtype=dtype).init(rng, method=Tracker.all_paths)["params"]
+    """Every parameter of the tracker (``Tracker.all_paths`` reaches them all), initialised as the
+    reference's modules are (`init.reference_init`)."""
+    return init.reference_init(Tracker(cfg, dtype=dtype).init(rng, method=Tracker.all_paths)["params"], rng)
 
 
 def abstract_params(cfg: TrackerConfig):
