@@ -81,17 +81,21 @@ def base_config(model: ModelConfig, data: ml_collections.ConfigDict,
 def demo_config() -> ml_collections.ConfigDict:
     """The tiny model on 4-frame clips of the generated videos, float32 on CPU."""
     c = base_config(ModelConfig.tiny(), data_config.get_config("demo"), TrackerConfig.tiny())
-    c.total_steps, c.log_every, c.checkpoint_every = 150, 10, 50
+    # The tiny model's activations are a few MB: recomputing them (remat) would only cost ~30% of
+    # each step, steps the demo spends better on learning.
+    for part in ("vit", "text", "encoder", "decoder"):
+        c.model[part].remat = False
+    c.total_steps, c.log_every, c.checkpoint_every = 300, 10, 100
     c.mesh.frame = 1
     c.optim.update(dict(lr=dict(vision=1e-3, text=1e-3, rest=1e-3), layer_decay=1.0, weight_decay=0.01,
                         schedule="cosine", warmup_steps=10, clip_norm=1.0))
     c.loss.pad_n_queries = None  # the tiny decoder has 16 queries, not the reference's 200
-    c.eval.update(dict(every=50, num_batches=3))
+    c.eval.update(dict(every=100, num_batches=3))
     train = c.data.sources.demo
     c.eval.sources.demo = data_config.source_config(
         "ytvis", train.get_ref("image_dir"), train.get_ref("annotations"),
         file_list=c.data.synthetic.get_ref("output_dir") + "/davis/ImageSets/val.txt", exhaustive=True)
-    c.overlay_every = 50
+    c.overlay_every = 100
     return c
 
 
