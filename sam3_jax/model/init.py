@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from sam3_jax.convert import keymap
+
 # (pattern on the "/"-joined path, rule); the first match wins. timm's trunc_normal_(std=0.02) cuts
 # at +-2, i.e. 100 standard deviations: a plain normal. Blocks are ``blocks_i`` or, with
 # ``scan_blocks``, one stacked ``blocks``.
@@ -42,9 +44,6 @@ _EXPLICIT: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), r) for p, 
     (r"language_backbone/encoder/positional_embedding$", "normal_0.01"),
     (r"(maskmem_tpos_enc|no_mem_embed|no_mem_pos_enc|no_obj_ptr|no_obj_embed_spatial)$", "normal_0.02"),
 ))
-# Transposed convolutions (keymap.CONV_TRANSPOSE, as Flax paths), whose torch weight is
-# (in, out, kh, kw): torch's fan_in is out x kh x kw.
-_CONV_TRANSPOSE = re.compile(r"(dconv_2x2(_[01])?|output_upscaling_[03])/kernel$")
 
 
 def reference_init(params, rng: jax.Array):
@@ -102,8 +101,9 @@ def rule_for(path: tuple[str, ...], flat: dict) -> tuple | None:
 def _fan_in(path, shape) -> int:
     if len(shape) == 2:  # Linear (in, out)
         return shape[0]
-    kh, kw, cin, cout = shape  # Conv (kh, kw, in, out)
-    return kh * kw * (cout if _CONV_TRANSPOSE.search("/".join(path)) else cin)
+    kh, kw, cin, cout = shape  # Conv (kh, kw, in, out); a transposed conv's torch weight is
+    # (in, out, kh, kw), and torch takes its fan_in from dim 1: out x kh x kw.
+    return kh * kw * (cout if keymap.CONV_TRANSPOSE_FLAX.search("/".join(path)) else cin)
 
 
 def _xavier_bound(shape) -> float:
