@@ -286,3 +286,34 @@ def test_point_sampled_mask_loss_matches_reference(tref, monkeypatch):
                            torch.tensor(t["masks"].reshape(6, 24, 24)[keep]).float(), 5.0)
     for k in ("loss_mask", "loss_dice"):
         np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=RTOL)
+
+
+@pytest.mark.parametrize("focal", [True, False])
+def test_semantic_loss_matches_reference_criterion(tref, focal):
+    """``SemanticSegCriterion`` as its commented-out config builds it (presence_head=True,
+    presence_loss=False, downsample=False): values and the gradient of the logits; the third query
+    has no target, so it adds nothing and is not counted."""
+    torch = tref.torch
+    rng = np.random.default_rng(7)
+    t = make_targets(rng, [2, 1, 0], 3, (20, 20))
+    logits = rng.normal(0, 2, (3, 8, 8, 1)).astype(np.float32)
+    criterion = tref.loss_fns.SemanticSegCriterion(
+        {"loss_semantic_seg": 20.0, "loss_semantic_dice": 30.0, "loss_semantic_presence": 1.0}, focal=focal,
+        focal_alpha=0.6, focal_gamma=2.0, downsample=False, presence_head=True, presence_loss=False)
+    seg = torch.tensor(logits.transpose(0, 3, 1, 2), requires_grad=True)
+    targets = {"masks": torch.tensor(t["masks"][t["valid"]]), "num_boxes": torch.tensor(t["valid"].sum(1))}
+    want = criterion.get_loss({"semantic_seg": seg, "presence_logit": None}, targets)
+    (20 * want["loss_semantic_seg"] + 30 * want["loss_semantic_dice"]).backward()
+
+    cfg = losses.DetectorLossConfig(semantic_focal=focal)
+
+    def weighted(x):
+        got = losses.semantic_loss(x, jnp.asarray(t["masks"]), jnp.asarray(t["valid"]), cfg)
+        return 20 * got["loss_semantic_seg"] + 30 * got["loss_semantic_dice"], got
+
+    (_, got), grad = jax.jit(jax.value_and_grad(weighted, has_aux=True))(logits)
+    for k in ("loss_semantic_seg", "loss_semantic_dice"):
+        np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=RTOL, err_msg=k)
+    ref_grad = seg.grad.numpy().transpose(0, 2, 3, 1)
+    assert np.abs(ref_grad[2]).max() == 0 and np.abs(ref_grad[:2]).max() > 0
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6 * np.abs(ref_grad).max())

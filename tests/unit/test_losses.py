@@ -159,3 +159,31 @@ def test_chunked_mask_loss_is_identical():
     results = [f(pred, DetectorLossConfig(mask_chunk=chunk)) for chunk in (None, 2)]
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def test_semantic_terms_are_added_to_the_final_layer_only_when_weighted():
+    """Weights 0 (the default) leave the terms out; non-zero weights add weight x term (times the
+    sqrt(batch) scale) and change nothing else. A query with a valid target whose mask is unknown
+    drops out of the semantic terms."""
+    rng = np.random.default_rng(2)
+    out = layer(rng, 3, 8, (6, 6))
+    out["semantic_seg"] = rng.normal(0, 2, (3, 6, 6, 1)).astype(np.float32)
+    out["aux_outputs"] = [layer(rng, 3, 8)]
+    t = targets(rng, [[True, True, False], [False, True, False], [True, False, False]])
+    base_total, base_terms = jax.jit(detector_loss)(out, t)
+    assert not any("semantic" in k for k in base_terms)
+    cfg = DetectorLossConfig(loss_semantic_seg=20.0, loss_semantic_dice=30.0)
+    loss = jax.jit(lambda o, t: detector_loss(o, t, cfg))
+    total, terms = loss(out, t)
+    assert set(terms) - set(base_terms) == {"loss_semantic_seg", "loss_semantic_dice"}
+    for k in base_terms:
+        np.testing.assert_allclose(terms[k], base_terms[k], rtol=1e-6, err_msg=k)
+    extra = 20 * terms["loss_semantic_seg"] + 30 * terms["loss_semantic_dice"]
+    np.testing.assert_allclose(total, base_total + np.sqrt(3) * extra, rtol=1e-5)
+
+    partial = dict(t, mask_valid=np.array([[True, True, False], [True, False, True], [True, False, True]]))
+    _, dropped = loss(out, partial)  # the second query's only mask is unknown: as if it had no target
+    emptied = dict(t, valid=t["valid"] & np.array([[True], [False], [True]]))
+    _, want = loss(out, emptied)
+    for k in ("loss_semantic_seg", "loss_semantic_dice"):
+        np.testing.assert_allclose(dropped[k], want[k], rtol=1e-6, err_msg=k)
