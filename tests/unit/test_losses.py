@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sam3_jax.train.losses import DetectorLossConfig, detector_loss
-from sam3_jax.train.losses.detector import mask_loss
+from sam3_jax.train.losses.detector import mask_loss, semantic_loss
 
 
 def np_bce(x, t):
@@ -187,3 +187,18 @@ def test_semantic_terms_are_added_to_the_final_layer_only_when_weighted():
     _, want = loss(out, emptied)
     for k in ("loss_semantic_seg", "loss_semantic_dice"):
         np.testing.assert_allclose(dropped[k], want[k], rtol=1e-6, err_msg=k)
+
+
+def test_semantic_loss_of_shards_adds_up_to_the_whole_batch():
+    """With the count of non-empty queries summed over shards (``global_sum``), the shards' terms add
+    up to the whole batch's, as the frame-sharded step needs."""
+    rng = np.random.default_rng(3)
+    seg = rng.normal(0, 2, (4, 5, 5, 1)).astype(np.float32)
+    t = targets(rng, [[True, False], [False, False], [True, True], [False, True]])
+    cfg = DetectorLossConfig(loss_semantic_seg=1.0, loss_semantic_dice=1.0)
+    whole = semantic_loss(seg, t["masks"], t["valid"], cfg)
+    present = int((t["masks"] & t["valid"][..., None, None]).any((1, 2, 3)).sum())
+    parts = [semantic_loss(seg[s], t["masks"][s], t["valid"][s], cfg, global_sum=lambda _: jnp.asarray(present))
+             for s in (slice(0, 2), slice(2, 4))]
+    for k in whole:
+        np.testing.assert_allclose(parts[0][k] + parts[1][k], whole[k], rtol=1e-6, err_msg=k)
