@@ -50,8 +50,7 @@ class DetectorLossConfig:
     loss_mask: float = 200.0
     loss_dice: float = 10.0
     # SemanticSegCriterion on the image-level ``semantic_seg`` logits; the released configs leave it
-    # commented out (there: 20 and 30), so 0 = off. A dense text-to-pixel signal that speeds up
-    # training from scratch.
+    # commented out (there: 20 and 30), so 0 = off.
     loss_semantic_seg: float = 0.0
     loss_semantic_dice: float = 0.0
     # IABCEMdetr.
@@ -222,13 +221,13 @@ def semantic_loss(semantic_seg, tgt_masks, usable, config: DetectorLossConfig, g
     union = (tgt_masks.astype(bool) & usable[..., None, None]).any(1).reshape(b, hg * wg).astype(jnp.float32)
     logits = resize_bilinear(semantic_seg.astype(jnp.float32), (hg, wg)).reshape(b, hg * wg)
     if config.semantic_focal:
-        per_pixel = sigmoid.focal(logits, union, config.semantic_alpha, config.semantic_gamma)
+        seg, dice = _mask_terms(logits, union, config.semantic_alpha, config.semantic_gamma)
     else:
-        per_pixel = sigmoid.bce(logits, union)
+        seg, dice = sigmoid.bce(logits, union).mean(-1), sigmoid.dice(logits, union)
     present = union.any(-1)
     count = global_sum(present.sum()).astype(jnp.float32) + 1e-6
-    return {"loss_semantic_seg": jnp.where(present, per_pixel.mean(-1), 0.0).sum() / count,
-            "loss_semantic_dice": jnp.where(present, sigmoid.dice(logits, union), 0.0).sum() / count}
+    return {"loss_semantic_seg": jnp.where(present, seg, 0.0).sum() / count,
+            "loss_semantic_dice": jnp.where(present, dice, 0.0).sum() / count}
 
 
 def _o2m_view(out: Mapping[str, Any]) -> dict:
@@ -333,15 +332,13 @@ def detector_loss(outputs: Mapping[str, Any], targets: Mapping[str, Any],
             terms[name + suffix] = value * scale
             if config.weight(name) != 0:
                 total = total + config.weight(name) * scale * value
-    semantic_weights = (config.loss_semantic_seg, config.loss_semantic_dice)
-    if any(semantic_weights) and "semantic_seg" in outputs and masks is not None:
+    if (config.loss_semantic_seg or config.loss_semantic_dice) and "semantic_seg" in outputs and masks is not None:
         # Final layer only (the criterion has no aux outputs and the o2m queries no semantic map).
         # Queries whose targets' masks are not all known leave the union undefined: left out.
         complete = ~(valid & ~mask_valid).any(-1, keepdims=True)
         got = semantic_loss(outputs["semantic_seg"], masks, mask_valid & complete, config, global_sum)
         terms.update(got)
-        total = total + sum(w * got[k] for k, w in zip(("loss_semantic_seg", "loss_semantic_dice"),
-                                                       semantic_weights))
+        total = total + sum(config.weight(name) * value for name, value in got.items())
     if config.scale_by_find_batch_size:
         total = total * jnp.sqrt(global_sum(query_valid.sum()).astype(jnp.float32))
     return total, terms
