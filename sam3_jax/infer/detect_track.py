@@ -24,8 +24,9 @@ objects were last occluded with the reference's reversed comparison. Per frame:
    does not depend on the tracking state, so it runs ahead of the loop a block of frames at a time
    (``detection_block``), the frames sharded over the local devices as the reference's multi-GPU
    predictor shards its frames; the loop then takes the block's frames one by one;
-2. propagate: one ``track_step`` for every live object over its memory bank (no memory encoding
-   yet); small holes and sprinkles of the low-res masks filled (``fill_holes``);
+2. propagate: one ``track_step`` for every live object over its memory bank (only the spatial
+   memories some object uses, ``compact_memory``; no memory encoding yet); small holes and
+   sprinkles of the low-res masks filled (``fill_holes``);
 3. plan (host-side numpy): associate detections to tracks by mask IoU, pick new objects, hot-start
    removal (unmatched / duplicated young objects), periodic reconditioning of matched tracks from
    their detection, suppression of overlapping tracks by recent occlusion; then memory encoding of the
@@ -92,7 +93,7 @@ from sam3_jax.infer.video_predictor import (
 from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
-from sam3_jax.model.tracker.memory_bank import MemoryBank, select_memory
+from sam3_jax.model.tracker.memory_bank import MemoryBank, compact_memory, select_memory, slots_in_use
 from sam3_jax.model.tracker.tracker import NO_OBJ_SCORE, Tracker
 
 NEVER_OCCLUDED = -1
@@ -431,7 +432,7 @@ class DetectTrackPredictor:
                                              out_specs=P("frame")),
                                compiler_options=compiler.encoder_options(model_cfg))
         self._frame = jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i][None], tree))
-        self._track = jax.jit(self._track_fn, static_argnames=("reverse",))
+        self._track = jax.jit(self._track_fn, static_argnames=("slots", "reverse"))
         self._mask_prompt = jax.jit(self._mask_prompt_fn)
         self._new_objects = jax.jit(self._new_objects_fn, static_argnums=5)
         self._update_memory = jax.jit(self._update_memory_fn)
@@ -473,13 +474,15 @@ class DetectTrackPredictor:
     def _objects(pix, high_res, n):
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]), (pix, high_res))
 
-    def _track_fn(self, params, pix, high_res, bank, valid, group, frame_idx, num_frames, *, reverse: bool):
+    def _track_fn(self, params, pix, high_res, bank, valid, group, frame_idx, num_frames, *, slots: int,
+                  reverse: bool):
         """Propagation without memory encoding: hole-filled low-res logits, score logits, pointers and the
         memory-selection score (mean over each group, as the reference's per-state batch). ``reverse``:
-        the memories of the frames after this one (tracking backward in time)."""
+        the memories of the frames after this one (tracking backward in time). ``slots``: the spatial
+        memories attended to (``slots_in_use``)."""
         n = valid.shape[0]
         pix, high_res = self._objects(pix, high_res, n)
-        memory = select_memory(bank, frame_idx, num_frames, self.tcfg, reverse=reverse)
+        memory = compact_memory(select_memory(bank, frame_idx, num_frames, self.tcfg, reverse=reverse), slots)
         out = self._trk(params, pix, high_res, memory, jnp.zeros((n,), bool), jnp.zeros((n, 1, 2)),
                         jnp.zeros((n, 1), jnp.int32), jnp.zeros((n, 1), bool), run_mem_encoder=False,
                         method=Tracker.track_step)
@@ -668,9 +671,10 @@ class DetectTrackPredictor:
             valid = np.arange(self.capacity) < n
             trk_low = np.zeros((0,) + det_all.shape[1:], np.float32)
             if n:
+                slots = slots_in_use(st.bank, f, num_frames, self.tcfg, reverse=reverse)
                 low, trk_score, ptr, eff = self._track(self.params, pix, high_res, st.bank, jnp.asarray(valid),
                                                        jnp.asarray(self._pad(group, -1)), f, num_frames,
-                                                       reverse=reverse)
+                                                       slots=slots, reverse=reverse)
                 trk_low, trk_score = np.array(low[:n]), np.asarray(trk_score[:n])
             if trk_low.shape[1:] != det_logits.shape[1:]:
                 raise ValueError(f"detector masks {det_logits.shape[1:]} and tracker masks {trk_low.shape[1:]} differ")

@@ -33,7 +33,9 @@ replaces, in this order, an empty slot, a frame the memory selection can never p
 exactly the frames the reference's rules can still reach. For ``direction="both"`` a second bank of
 the same size keeps, during the forward pass, the forward frames nearest the prompt frame by the same
 rule: they are what the reference's backward pass reaches of the forward pass (it attends across the
-prompt frame to frames already tracked forward).
+prompt frame to frames already tracked forward). A tracked frame attends only to the spatial memories
+some object uses (``compact_memory``; one compilation per power of two up to the bank's selection), so
+early frames, and frames whose memory selection drops low-scoring frames, cost less, as in the reference.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ from sam3_jax.infer import image_io
 from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
-from sam3_jax.model.tracker.memory_bank import MemoryBank, select_memory
+from sam3_jax.model.tracker.memory_bank import MemoryBank, compact_memory, select_memory, slots_in_use
 from sam3_jax.model.tracker.tracker import Tracker
 from sam3_jax.nn import ops
 
@@ -262,7 +264,7 @@ class VideoPredictor:
         self._encode = jax.jit(self._encode_fn, compiler_options=compiler.encoder_options(model_cfg))
         self._prompt = jax.jit(self._prompt_fn)
         self._prompt_memory = jax.jit(self._prompt_memory_fn)
-        self._track = jax.jit(self._track_fn, static_argnames=("reverse",))
+        self._track = jax.jit(self._track_fn, static_argnames=("slots", "reverse"))
         self._to_video = jax.jit(self._to_video_fn, static_argnums=1)
 
     @classmethod
@@ -305,12 +307,15 @@ class VideoPredictor:
         mem = self._apply(params["tracker"], high, jnp.ones((n,), bool), method=Tracker.mask_for_memory)
         return self._apply(params["tracker"], pix, mem, score[:, None], method=Tracker.encode_memory)
 
-    def _track_fn(self, params, feats, bank, seed, frame_idx, num_frames, prompt_frame, *, reverse: bool):
-        """One tracked frame for every object; returns (bank, seed, low-res logits, scores). The seed bank
-        (kept in forward passes for a backward pass to follow) is a few small writes: always kept."""
+    def _track_fn(self, params, feats, bank, seed, frame_idx, num_frames, prompt_frame, *, slots: int,
+                  reverse: bool):
+        """One tracked frame for every object, attending over ``slots`` spatial memories; returns (bank,
+        seed, low-res logits, scores). The seed bank (kept in forward passes for a backward pass to
+        follow) is a few small writes: always kept."""
         n = bank.frame.shape[0]
         pix, high_res = self._objects(feats, n)
-        memory = select_memory(bank, frame_idx, num_frames, self._select_cfg, reverse=reverse)
+        memory = compact_memory(select_memory(bank, frame_idx, num_frames, self._select_cfg, reverse=reverse),
+                                slots)
         none = jnp.zeros((n, 1), bool)
         out = self._apply(params["tracker"], pix, high_res, memory, jnp.zeros((n,), bool), jnp.zeros((n, 1, 2)),
                           jnp.zeros((n, 1), jnp.int32), none, method=Tracker.track_step)
@@ -459,8 +464,9 @@ class VideoPredictor:
 
     def _step(self, frames, f, bank, seed, num_frames, prompt_frame, size, reverse):
         feats = self.encode_frame(self._frame(frames, f, size))
+        slots = slots_in_use(bank, f, num_frames, self._select_cfg, reverse=reverse)
         bank, seed, low_res, score = self._track(self.params, feats, bank, seed, f, num_frames, prompt_frame,
-                                                 reverse=reverse)
+                                                 slots=slots, reverse=reverse)
         return bank, seed, self._result(f, self._to_video(low_res, size), score)
 
     @staticmethod

@@ -12,7 +12,7 @@ import pytest
 
 from sam3_jax.model.tracker import tracker as tracker_lib
 from sam3_jax.model.tracker.config import TrackerConfig
-from sam3_jax.model.tracker.memory_bank import MemoryBank, select_memory
+from sam3_jax.model.tracker.memory_bank import MemoryBank, compact_memory, select_memory, spatial_slots
 from sam3_jax.model.tracker.tracker import Tracker
 from sam3_jax.train import tracker_clip
 from sam3_jax.train.losses.tracker import TrackerLossConfig
@@ -95,6 +95,36 @@ def test_scan_equals_track_step_loop(setup, cond_frames):
     assert want[:, [f for f in range(T) if f not in cond_frames]].any()  # something was tracked
     mismatch = np.mean(masks != want)
     assert mismatch < 1e-4, mismatch
+
+
+def test_compacted_memory_gives_the_same_step(setup):
+    """Attending over just the valid spatial slots (what the predictors compile for) equals the full,
+    masked bank: at frame 3 the valid slots (the conditioning frame 0, the previous frames 2 and 1) are
+    not contiguous in the selection."""
+    tracker, params, feats, gt = setup
+    bank = MemoryBank.empty(CFG, OBJECTS, T)
+    for f in range(3):
+        bank, _ = _frame(params, feats, gt, bank, f, f == 0)
+    memory = select_memory(bank, 3, T, CFG)
+    valid = np.asarray(memory.valid)
+    used = int(valid.sum(1).max())
+    assert used == 3 and not valid[:, :used].all()  # the compaction has work to do
+    slots = spatial_slots(used, valid.shape[1])
+    compact = compact_memory(memory, slots)
+    assert compact.feats.shape[1] == slots == 4 and np.asarray(compact.valid)[:, :used].all()
+
+    @jax.jit
+    def step(memory):
+        pix = jnp.broadcast_to(feats.pix[0, 3], (OBJECTS,) + feats.pix.shape[2:])
+        high_res = tuple(jnp.broadcast_to(h[0, 3], (OBJECTS,) + h.shape[2:]) for h in feats.high_res)
+        return tracker.apply({"params": params}, pix, high_res, memory, jnp.zeros((OBJECTS,), bool),
+                             jnp.zeros((OBJECTS, 1, 2)), jnp.zeros((OBJECTS, 1), jnp.int32),
+                             jnp.zeros((OBJECTS, 1), bool), method=Tracker.track_step)
+
+    full, small = step(memory), step(compact)
+    for key in ("pred_masks", "object_score_logits", "iou_score", "obj_ptr", "maskmem_features"):
+        np.testing.assert_allclose(np.asarray(small[key]), np.asarray(full[key]), atol=1e-4, rtol=1e-5,
+                                   err_msg=key)
 
 
 @pytest.mark.slow

@@ -27,8 +27,11 @@ in both directions.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from sam3_jax.model.tracker.config import TrackerConfig
@@ -139,3 +142,33 @@ def select_memory(bank: MemoryBank, frame_idx, num_frames, cfg: TrackerConfig, *
         ptrs=jnp.concatenate([_gather(bank.ptrs, order), _gather(bank.ptrs, ptr_idx)], axis=1),
         ptr_tpos=ptr_dist.astype(jnp.float32) / norm,
         ptr_valid=jnp.concatenate([cond_ptr_valid, ptr_found], axis=1))
+
+
+def compact_memory(memory: SelectedMemory, slots: int) -> SelectedMemory:
+    """The same memory with its valid spatial slots first (in their order) and only ``slots`` kept.
+
+    Memory attention costs in proportion to its keys, and a masked slot costs as much as a used one,
+    so a predictor that knows how many slots its objects use (``slots_in_use``, on the host) can
+    attend over just those: the result is the same, as masked keys get zero weight. Training keeps
+    the full static bank (a step cannot ask the host)."""
+    order = jnp.argsort(~memory.valid, axis=1, stable=True)[:, :slots]
+    return memory.replace(feats=_gather(memory.feats, order), tpos=_gather(memory.tpos, order),
+                          valid=_gather(memory.valid, order))
+
+
+def spatial_slots(used: int, capacity: int) -> int:
+    """Slots to compile for when at most ``used`` spatial memories are valid: the next power of two, at
+    most ``capacity`` (at least 1), so a video costs a handful of compilations, not one per count."""
+    return min(capacity, 1 << max(used - 1, 0).bit_length())
+
+
+@partial(jax.jit, static_argnames=("cfg", "reverse"))
+def _selected_valid(bank, frame_idx, num_frames, cfg, reverse):
+    return select_memory(bank, frame_idx, num_frames, cfg, reverse=reverse).valid
+
+
+def slots_in_use(bank: MemoryBank, frame_idx, num_frames, cfg: TrackerConfig, *, reverse: bool = False) -> int:
+    """Host side (waits for the device): the ``spatial_slots`` that frame ``frame_idx``'s selection
+    needs for every object, the static size to ``compact_memory`` to."""
+    valid = np.asarray(_selected_valid(bank, frame_idx, num_frames, cfg, reverse))
+    return spatial_slots(int(valid.sum(1).max()), valid.shape[1])
