@@ -266,7 +266,7 @@ def main():
           f"{'torch objs mean/max':>21}{'JAX peak GiB':>14}{'torch peak GiB':>16}{'JAX RSS GiB':>13}"
           f"{'torch RSS GiB':>15}")
     for objects, j, t in rows:
-        print(f"{objects:8d}{j['fps']:10.2f}{t['fps']:13.2f}{j['fps'] / t['fps']:13.2f}"
+        print(f"{objects:8d}{j['fps']:10.3g}{t['fps']:13.3g}{j['fps'] / t['fps']:13.2f}"
               f"{j['objects_mean']:14.1f}/{j['objects_max']:<4d}{t['objects_mean']:16.1f}/{t['objects_max']:<4d}"
               f"{j['device_peak_gib']:14.2f}{t['device_peak_gib']:16.2f}{j['peak_rss_gib']:13.2f}"
               f"{t['peak_rss_gib']:15.2f}")

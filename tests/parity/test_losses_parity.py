@@ -313,7 +313,11 @@ def test_semantic_loss_matches_reference_criterion(tref, focal):
 
     (_, got), grad = jax.jit(jax.value_and_grad(weighted, has_aux=True))(logits)
     for k in ("loss_semantic_seg", "loss_semantic_dice"):
+        print(f"{k} (focal={focal}): {float(got[k]):.6f} vs {float(want[k]):.6f}, "
+              f"rel err {abs(float(got[k]) / float(want[k]) - 1):.1e}")
         np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=RTOL, err_msg=k)
     ref_grad = seg.grad.numpy().transpose(0, 2, 3, 1)
+    print(f"gradient: max abs err {np.abs(np.asarray(grad) - ref_grad).max() / np.abs(ref_grad).max():.1e} "
+          "of the largest")
     assert np.abs(ref_grad[2]).max() == 0 and np.abs(ref_grad[:2]).max() > 0
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6 * np.abs(ref_grad).max())
