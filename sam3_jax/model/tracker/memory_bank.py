@@ -164,6 +164,8 @@ def spatial_slots(used: int, capacity: int) -> int:
 
 @partial(jax.jit, static_argnames=("cfg", "reverse"))
 def _selected_valid(bank, frame_idx, num_frames, cfg, reverse):
+    """Only the selection's index arithmetic runs here (XLA drops the unused gathers of memories); the
+    step redoes it under its own jit rather than take a materialised copy of the selected memories."""
     return select_memory(bank, frame_idx, num_frames, cfg, reverse=reverse).valid
 
 
