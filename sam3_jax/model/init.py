@@ -33,10 +33,10 @@ from sam3_jax.convert import keymap
 
 # (pattern on the "/"-joined path, rule); the first match wins. timm's trunc_normal_(std=0.02) cuts
 # at +-2, i.e. 100 standard deviations: a plain normal. Blocks are ``blocks_i`` or, with
-# ``scan_blocks``, one stacked ``blocks``.
+# ``scan_blocks``, ``block_groups/blocks_i`` stacked over the groups.
 _EXPLICIT: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), r) for p, r in (
-    (r"vision_backbone/trunk/blocks(_\d+)?/.*/kernel$", "normal_0.02"),
-    (r"vision_backbone/trunk/blocks(_\d+)?/.*/bias$", "zeros"),
+    (r"vision_backbone/trunk/(block_groups/)?blocks(_\d+)?/.*/kernel$", "normal_0.02"),
+    (r"vision_backbone/trunk/(block_groups/)?blocks(_\d+)?/.*/bias$", "zeros"),
     (r"vision_backbone/trunk/(pos_embed|.*rel_pos_[hw])$", "normal_0.02"),
     (r"^transformer/.*box_embed/layers_\d+/(kernel|bias)$", "box_head"),
     (r"^transformer/.*(query_embed|reference_points)/embedding$", "normal_1"),
@@ -49,12 +49,35 @@ _EXPLICIT: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), r) for p, 
 def reference_init(params, rng: jax.Array):
     """A module tree's freshly initialised ``params`` re-initialised as the reference initialises the
     same modules; raw parameters without a torch counterpart rule (e.g. a layer scale's ``gamma``)
-    keep their module's initialiser. Jittable."""
+    keep their module's initialiser. ``params`` may be abstract (``jax.eval_shape``'s shapes and
+    dtypes) where every leaf has a rule: then no module ``init`` (a traced forward pass) is needed.
+    Jittable.
+
+    All random leaves come out of two draws (standard normal, uniform on [-1, 1)), sliced and
+    scaled: XLA takes about 0.25 s to compile each threefry draw on a 2-core CPU, so one draw per
+    leaf made the official detector's init take 80 s to compile."""
     flat = traverse_util.flatten_dict(params)
-    out = {}
-    for i, path in enumerate(sorted(flat)):
+    out, random = {}, {"normal": [], "uniform": []}
+    for path in sorted(flat):
         leaf, rule = flat[path], rule_for(path, flat)
-        out[path] = leaf if rule is None else _sample(rule, leaf.shape, leaf.dtype, jax.random.fold_in(rng, i))
+        if rule is None and isinstance(leaf, jax.ShapeDtypeStruct):
+            raise ValueError(f"{'/'.join(path)}: no reference rule, so its value needs the module's own init")
+        if rule is None:
+            out[path] = leaf
+        elif rule[0] == "constant":
+            out[path] = jnp.full(leaf.shape, rule[1], leaf.dtype)
+        else:
+            random[rule[0]].append((path, rule[1], leaf))
+    for kind, key in zip(random, jax.random.split(rng)):
+        leaves = random[kind]
+        total = sum(int(np.prod(leaf.shape)) for _, _, leaf in leaves)
+        draw = (jax.random.normal(key, (total,)) if kind == "normal"
+                else jax.random.uniform(key, (total,), minval=-1.0, maxval=1.0))
+        offset = 0
+        for path, scale, leaf in leaves:
+            size = int(np.prod(leaf.shape))
+            out[path] = (scale * draw[offset:offset + size].reshape(leaf.shape)).astype(leaf.dtype)
+            offset += size
     return traverse_util.unflatten_dict(out)
 
 
@@ -114,12 +137,3 @@ def _xavier_bound(shape) -> float:
         area = shape[0] * shape[1]
         fan_a, fan_b = shape[2] * area, shape[3] * area
     return float(np.sqrt(6.0 / (fan_a + fan_b)))
-
-
-def _sample(rule: tuple, shape, dtype, rng: jax.Array) -> jax.Array:
-    kind, arg = rule
-    if kind == "constant":
-        return jnp.full(shape, arg, dtype)
-    if kind == "normal":
-        return (arg * jax.random.normal(rng, shape, jnp.float32)).astype(dtype)
-    return jax.random.uniform(rng, shape, jnp.float32, -arg, arg).astype(dtype)

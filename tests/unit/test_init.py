@@ -1,0 +1,37 @@
+"""The reference initialisation drawn from parameter shapes alone (`model.init.reference_init`)."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from sam3_jax.model import detector, init
+from sam3_jax.model.config import ModelConfig
+
+
+def test_scanned_vit_blocks_get_the_reference_rules():
+    """With ``vit.scan_blocks`` the blocks are stacked under ``block_groups``: their kernels are
+    N(0, 0.02) and their biases zero, as the unrolled blocks'."""
+    cfg = ModelConfig.tiny()
+    cfg = cfg.replace(vit=dataclasses.replace(cfg.vit, scan_blocks=True))
+    trunk = detector.init_params(cfg, jax.random.key(0))["backbone"]["vision_backbone"]["trunk"]
+    fc1 = trunk["block_groups"]["blocks_0"]["mlp"]["fc1"]
+    assert fc1["kernel"].ndim == 3
+    assert abs(float(np.std(fc1["kernel"])) - 0.02) < 0.002
+    assert not np.any(np.asarray(fc1["bias"]))
+
+
+def test_draws_are_independent_across_leaves_and_deterministic():
+    cfg = ModelConfig.tiny()
+    a = detector.init_params(cfg, jax.random.key(0))
+    b = detector.init_params(cfg, jax.random.key(0))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    blocks = a["backbone"]["vision_backbone"]["trunk"]
+    k0, k1 = blocks["blocks_0"]["mlp"]["fc1"]["kernel"], blocks["blocks_1"]["mlp"]["fc1"]["kernel"]
+    assert abs(float(np.corrcoef(np.ravel(k0), np.ravel(k1))[0, 1])) < 0.05
+
+
+def test_abstract_leaf_without_a_rule_is_named():
+    abstract = {"layer": {"gamma": jax.ShapeDtypeStruct((4,), np.float32)}}
+    with pytest.raises(ValueError, match="layer/gamma"):
+        init.reference_init(abstract, jax.random.key(0))
