@@ -66,7 +66,8 @@ throughput:
 * HFU = the compiled step's ``cost_analysis()["flops"]`` / step time / peak. That count is of the
   optimised HLO of the real step, so it includes the remat recomputation (and the optimiser).
 
-Caveats of XLA's FLOP counts: custom calls (e.g. cuDNN flash attention) count 0, and a while
+Caveats of XLA's FLOP counts: custom calls (e.g. cuDNN flash attention) count 0 (the model count
+is therefore taken with attention traced as XLA's einsums; HFU's is not), and a while
 loop's body (the Hungarian matcher, ``vit.scan_blocks=True``, the tracker's scan over the frames) is
 counted once, not per trip; and the model count takes gradients of every parameter, frozen or not.
 In tracker and joint modes MFU and HFU are therefore not meaningful.
@@ -74,6 +75,7 @@ In tracker and joint modes MFU and HFU are therefore not meaningful.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import os
@@ -115,6 +117,21 @@ def without_remat(cfg):
         d[part]["remat"] = False
     d["vit"]["scan_blocks"] = False  # XLA counts a loop body once: unrolled for the count
     return ModelConfig.from_dict(d)
+
+
+@contextlib.contextmanager
+def xla_attention():
+    """Traces attention as XLA's einsum-softmax-einsum, not cuDNN's fused kernel: a custom call
+    that XLA's cost analysis counts as 0 FLOPs. For the model-FLOP count only (nothing runs)."""
+    old = os.environ.get("SAM3_JAX_CUDNN_ATTENTION")
+    os.environ["SAM3_JAX_CUDNN_ATTENTION"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SAM3_JAX_CUDNN_ATTENTION"]
+        else:
+            os.environ["SAM3_JAX_CUDNN_ATTENTION"] = old
 
 
 def tracker_config(size: str):
@@ -211,8 +228,9 @@ def run_jax(args, batch_path: str) -> dict:
         plain_cfg = without_remat(cfg)
         plain_loss = step_lib.make_loss_fn(plain_cfg, loss_cfg, mesh, clip_stage=stage, detect=detect)
         plain_params = dict(abstract, detector=abstract_params(plain_cfg))  # unrolled ViT layout
-        model_cost = jax.jit(jax.value_and_grad(plain_loss, has_aux=True)).lower(
-            plain_params, batch, jax.random.key(1)).cost_analysis() or {}
+        with xla_attention():
+            model_cost = jax.jit(jax.value_and_grad(plain_loss, has_aux=True)).lower(
+                plain_params, batch, jax.random.key(1)).cost_analysis() or {}
         step = jax.jit(step_lib.make_train_step(loss_fn, tx, frozen=frozen), donate_argnums=(0,))
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()
@@ -310,6 +328,13 @@ def detector_reference(args, torch, device: str):
     model.transformer.decoder.use_act_checkpoint = True
     model.segmentation_head.act_ckpt = True
     model.geometry_encoder.use_act_ckpt = True
+    if device == "cuda":
+        # Checkpointed, its text encoder fails the backward pass on CUDA (torch 2.11: CheckpointError,
+        # nn.MultiheadAttention recomputes with another attention-mask shape); its 24 layers over 32
+        # tokens hold little memory, so there it runs without.
+        for module in model.backbone.language_backbone.modules():
+            if hasattr(module, "grad_checkpointing"):
+                module.grad_checkpointing = False
     hungarian = tmatcher.BinaryHungarianMatcherV2(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, focal=True,
                                                   alpha=0.25, gamma=2, stable=False)
     model.matcher = hungarian

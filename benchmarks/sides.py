@@ -19,12 +19,13 @@ def emit(result: dict) -> None:
 
 def run(script: str, flags: list[str], what: str) -> dict:
     """Runs ``script`` with ``flags`` (the repository importable) and returns what it emitted; exits
-    with its stderr's tail, naming ``what``, when it fails."""
+    naming ``what`` when it fails. The side's stderr goes straight to ours, so its progress (e.g.
+    ``JAX_LOG_COMPILES=1`` during a long GPU compile) and its errors show as they happen."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, os.path.abspath(script), *flags], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, os.path.abspath(script), *flags], stdout=subprocess.PIPE, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(PREFIX)]
     if proc.returncode or not lines:
-        sys.exit(f"{what} failed:\n{proc.stderr[-4000:]}")
+        sys.exit(f"{what} failed (exit status {proc.returncode}; its stderr is above)")
     return json.loads(lines[-1][len(PREFIX):])
 
 
