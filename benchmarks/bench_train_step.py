@@ -75,13 +75,13 @@ In tracker and joint modes MFU and HFU are therefore not meaningful.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import glob
 import os
 import resource
 import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 
@@ -119,19 +119,10 @@ def without_remat(cfg):
     return ModelConfig.from_dict(d)
 
 
-@contextlib.contextmanager
 def xla_attention():
     """Traces attention as XLA's einsum-softmax-einsum, not cuDNN's fused kernel: a custom call
     that XLA's cost analysis counts as 0 FLOPs. For the model-FLOP count only (nothing runs)."""
-    old = os.environ.get("SAM3_JAX_CUDNN_ATTENTION")
-    os.environ["SAM3_JAX_CUDNN_ATTENTION"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["SAM3_JAX_CUDNN_ATTENTION"]
-        else:
-            os.environ["SAM3_JAX_CUDNN_ATTENTION"] = old
+    return mock.patch.dict(os.environ, {"SAM3_JAX_CUDNN_ATTENTION": "0"})
 
 
 def tracker_config(size: str):

@@ -140,7 +140,8 @@ def abstract_params(cfg: ModelConfig):
 
 def init_params(cfg: ModelConfig, rng):
     """Random parameters initialised as the reference's modules are (`init.reference_init`), drawn
-    from the parameter shapes alone: the module's own ``init`` would trace a forward pass at full
-    resolution that XLA then compiles (over two minutes for the official model on an H200)."""
+    from the parameter shapes alone, so no module ``init`` (a traced forward pass) is compiled.
+    That, with one random draw per leaf, had not compiled after 130 s for the official model on an
+    H200; this compiled in 18.3 s there."""
     abstract = abstract_params(cfg)
     return jax.jit(lambda r: init.reference_init(abstract, r))(rng)
