@@ -86,6 +86,7 @@ from sam3_jax.infer.video_predictor import (
     _resize,
     _slot_priority,
     bank_capacity,
+    in_object_chunks,
     preprocess,
     read_video_checkpoint,
     weakest_slot,
@@ -127,6 +128,7 @@ class DetectTrackConfig:
     shrink_thresh: float = 0.3  # memory masks keeping less than this share after non-overlap are suppressed
     max_num_objects: int = -1  # (<= 0: no limit, the reference's 10000)
     capacity: int = 16  # initial padded object count (doubles when exceeded)
+    objects_per_step: int = 4  # objects a tracker call at most (``video_predictor.in_object_chunks``)
     # Frames encoded and detected per call, sharded over gcd(detection_block, local devices) devices. The
     # default (<= 0) is one frame per local device: every device busy, each at the activation memory of a
     # one-frame call (what fits today fits), and one frame at a time on a single device. 1: one frame at a
@@ -480,12 +482,15 @@ class DetectTrackPredictor:
         memory-selection score (mean over each group, as the reference's per-state batch). ``reverse``:
         the memories of the frames after this one (tracking backward in time). ``slots``: the spatial
         memories attended to (``slots_in_use``)."""
-        n = valid.shape[0]
-        pix, high_res = self._objects(pix, high_res, n)
         memory = compact_memory(select_memory(bank, frame_idx, num_frames, self.tcfg, reverse=reverse), slots)
-        out = self._trk(params, pix, high_res, memory, jnp.zeros((n,), bool), jnp.zeros((n, 1, 2)),
-                        jnp.zeros((n, 1), jnp.int32), jnp.zeros((n, 1), bool), run_mem_encoder=False,
-                        method=Tracker.track_step)
+
+        def track(memory):
+            b = memory.valid.shape[0]
+            return self._trk(params, *self._objects(pix, high_res, b), memory, jnp.zeros((b,), bool),
+                             jnp.zeros((b, 1, 2)), jnp.zeros((b, 1), jnp.int32), jnp.zeros((b, 1), bool),
+                             run_mem_encoder=False, method=Tracker.track_step)
+
+        out = in_object_chunks(track, memory, self.cfg.objects_per_step)
         score = out["object_score_logits"][:, 0]
         present = jnp.where(score > 0, 2.0 * jax.nn.sigmoid(score) - 1.0, 0.0)
         eff = group_mean(present, group, valid) * group_mean(out["iou_score"], group, valid)

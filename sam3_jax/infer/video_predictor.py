@@ -219,6 +219,24 @@ def store(bank: MemoryBank, cfg: TrackerConfig, frame_idx, feats, ptr, score, an
                       pick(jnp.zeros((b,), bool), bank.is_cond[rows, slot]), pick(score, bank.score[rows, slot]))
 
 
+def in_object_chunks(fn, per_object, chunk: int):
+    """``fn(per_object)`` for a pytree of arrays with a leading object axis, at most ``chunk`` objects a
+    call (a ``lax.map`` over whole chunks, then the remainder): a tracked frame's activations (each
+    object's memory projected to keys and values in every memory-attention layer, about 0.5 GB an
+    object at 1008 in float32) then stop growing with the number of objects. ``fn`` must treat objects
+    independently and return arrays with the same leading axis."""
+    n = jax.tree.leaves(per_object)[0].shape[0]
+    if n <= chunk:
+        return fn(per_object)
+    full = n - n % chunk
+    stacked = jax.tree.map(lambda x: x[:full].reshape((full // chunk, chunk) + x.shape[1:]), per_object)
+    out = jax.tree.map(lambda x: x.reshape((full,) + x.shape[2:]), jax.lax.map(fn, stacked))
+    if full == n:
+        return out
+    rest = fn(jax.tree.map(lambda x: x[full:], per_object))
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
+
+
 def _resize(x, size, antialias: bool):
     """(B, h, w) -> (B, *size) float32, bilinear (``F.interpolate(align_corners=False)``)."""
     if tuple(x.shape[1:]) == tuple(size):
@@ -242,10 +260,11 @@ def read_video_checkpoint(checkpoint_dir: str, task: str) -> tuple[dict, ModelCo
 class VideoPredictor:
     """Tracks objects prompted on one frame through a video (see the module docstring).
 
-    params: a converted checkpoint's ``{"detector": ..., "tracker": ...}``.
+    params: a converted checkpoint's ``{"detector": ..., "tracker": ...}``. ``objects_per_step``: objects
+    tracked together in one call at most (``in_object_chunks``); more objects are tracked chunk by chunk.
     """
 
-    def __init__(self, params, model_cfg: ModelConfig, tracker_cfg: TrackerConfig | None):
+    def __init__(self, params, model_cfg: ModelConfig, tracker_cfg: TrackerConfig | None, objects_per_step: int = 4):
         if tracker_cfg is None or "tracker" not in params:
             raise ValueError("this checkpoint has no tracker (an image-model checkpoint?): video tracking needs "
                              "the video model's sam3.pt converted with its tracker.* weights")
@@ -254,8 +273,10 @@ class VideoPredictor:
         if model_cfg.image_size != tracker_cfg.image_size:
             raise ValueError(f"detector image size {model_cfg.image_size} != tracker image size "
                              f"{tracker_cfg.image_size}")
+        if objects_per_step < 1:
+            raise ValueError(f"objects_per_step must be >= 1, got {objects_per_step}")
         self.model_cfg, self.cfg = model_cfg, tracker_cfg
-        self.params = params
+        self.params, self.objects_per_step = params, objects_per_step
         dtype = None if model_cfg.compute_dtype == "float32" else jnp.dtype(model_cfg.compute_dtype)
         self.detector = detector.Sam3Detector(model_cfg)
         self.tracker = Tracker(tracker_cfg, dtype=dtype)
@@ -268,8 +289,8 @@ class VideoPredictor:
         self._to_video = jax.jit(self._to_video_fn, static_argnums=1)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str) -> VideoPredictor:
-        return cls(*read_video_checkpoint(checkpoint_dir, "video tracking"))
+    def from_checkpoint(cls, checkpoint_dir: str, objects_per_step: int = 4) -> VideoPredictor:
+        return cls(*read_video_checkpoint(checkpoint_dir, "video tracking"), objects_per_step=objects_per_step)
 
     # ----------------------------------------------------------------------------------- jitted parts
     def _apply(self, params, *args, method, **kwargs):
@@ -313,12 +334,16 @@ class VideoPredictor:
         seed, low-res logits, scores). The seed bank (kept in forward passes for a backward pass to
         follow) is a few small writes: always kept."""
         n = bank.frame.shape[0]
-        pix, high_res = self._objects(feats, n)
         memory = compact_memory(select_memory(bank, frame_idx, num_frames, self._select_cfg, reverse=reverse),
                                 slots)
-        none = jnp.zeros((n, 1), bool)
-        out = self._apply(params["tracker"], pix, high_res, memory, jnp.zeros((n,), bool), jnp.zeros((n, 1, 2)),
-                          jnp.zeros((n, 1), jnp.int32), none, method=Tracker.track_step)
+
+        def track(memory):
+            b = memory.valid.shape[0]
+            pix, high_res = self._objects(feats, b)
+            return self._apply(params["tracker"], pix, high_res, memory, jnp.zeros((b,), bool), jnp.zeros((b, 1, 2)),
+                               jnp.zeros((b, 1), jnp.int32), jnp.zeros((b, 1), bool), method=Tracker.track_step)
+
+        out = in_object_chunks(track, memory, self.objects_per_step)
         score = out["object_score_logits"][:, 0]
         # cal_mem_score on the objects tracked together: (B, 1) * (B,) broadcasts, so the reference's
         # mean is mean(object score) * mean(IoU), the same for every object.

@@ -130,6 +130,26 @@ def _cli(*args):
                           cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7, 10])
+def test_objects_in_chunks_equal_all_at_once(chunk):
+    """The tracker's object chunks (``in_object_chunks``): whole chunks through a ``lax.map``, then the
+    remainder; per-object results as one call over all objects, and no call sees more than ``chunk``."""
+    rng = np.random.default_rng(0)
+    tree = {"a": jnp.asarray(rng.normal(size=(7, 3, 2)), jnp.float32), "b": jnp.arange(7)}
+    seen = []
+
+    def fn(t):
+        seen.append(t["b"].shape[0])
+        return {"y": jnp.tanh(t["a"]).sum(-1) * t["b"][:, None], "z": t["b"] + 1}
+
+    want = jax.tree.map(np.asarray, fn(tree))
+    seen.clear()
+    got = jax.jit(lambda t: video_predictor.in_object_chunks(fn, t, chunk))(tree)
+    for key in want:
+        np.testing.assert_allclose(np.asarray(got[key]), want[key], rtol=1e-6)
+    assert max(seen) == min(chunk, 7) and sum(seen) == (7 if chunk >= 7 else chunk + 7 % chunk), seen
+
+
 @pytest.mark.slow
 def test_cli_writes_davis_masks(tiny_checkpoint, davis_video):
     root, init_label = davis_video
