@@ -86,6 +86,7 @@ from sam3_jax.infer.video_predictor import (
     _resize,
     _slot_priority,
     bank_capacity,
+    encode_memories,
     in_object_chunks,
     preprocess,
     read_video_checkpoint,
@@ -415,6 +416,8 @@ class DetectTrackPredictor:
             raise ValueError(f"detector image size {model_cfg.image_size} != tracker {tracker_cfg.image_size}")
         self.model_cfg, self.tcfg = model_cfg, tracker_cfg
         self.cfg = cfg or DetectTrackConfig()
+        if self.cfg.objects_per_step < 1:
+            raise ValueError(f"DetectTrackConfig.objects_per_step must be >= 1, got {self.cfg.objects_per_step}")
         self.tokenizer = tokenizer or SimpleTokenizer()
         devices = jax.local_devices()
         self.block = self.cfg.detection_block if self.cfg.detection_block > 0 else len(devices)
@@ -500,12 +503,16 @@ class DetectTrackPredictor:
     def _mask_prompt_fn(self, params, pix, high_res, det_logits):
         """``add_new_mask`` with a detection: its low-res logits, upsampled to the mask-input size and
         binarised, used as the output; -> low-res logits, pointer, score (+-10)."""
-        n, m = det_logits.shape[0], self.tcfg.input_mask_size
-        pix, high_res = self._objects(pix, high_res, n)
-        mask = (_resize(det_logits, (m, m), antialias=False) > 0).astype(jnp.float32)
-        out = self._trk(params, pix, high_res, None, jnp.ones((n,), bool), jnp.zeros((n, 1, 2)),
-                        jnp.zeros((n, 1), jnp.int32), jnp.zeros((n, 1), bool), mask, jnp.ones((n,), bool),
-                        run_mem_encoder=False, method=Tracker.track_step)
+        m = self.tcfg.input_mask_size
+
+        def prompt(mask):
+            b = mask.shape[0]
+            return self._trk(params, *self._objects(pix, high_res, b), None, jnp.ones((b,), bool),
+                             jnp.zeros((b, 1, 2)), jnp.zeros((b, 1), jnp.int32), jnp.zeros((b, 1), bool), mask,
+                             jnp.ones((b,), bool), run_mem_encoder=False, method=Tracker.track_step)
+
+        out = in_object_chunks(prompt, (_resize(det_logits, (m, m), antialias=False) > 0).astype(jnp.float32),
+                               self.cfg.objects_per_step)
         return out["pred_masks"], out["obj_ptr"], out["object_score_logits"][:, 0]
 
     def _new_objects_fn(self, params, pix, high_res, det_logits, fresh, size):
@@ -523,23 +530,20 @@ class DetectTrackPredictor:
         r, s = cfg.low_res_mask_size, cfg.image_size
         low = _resize(jnp.where(video, -NO_OBJ_SCORE, NO_OBJ_SCORE), (r, r), antialias=True)
         high = non_overlap(_resize(low, (s, s), antialias=False), fresh)
-        mem = self._trk(params, high, jnp.ones((n,), bool), method=Tracker.mask_for_memory)
-        pix_b, _ = self._objects(pix, (), n)
-        return ptr, self._trk(params, pix_b, mem, score[:, None], method=Tracker.encode_memory)
+        return ptr, encode_memories(self._trk, params, pix, high, jnp.ones((n,), bool), score,
+                                    self.cfg.objects_per_step)
 
     def _update_memory_fn(self, params, pix, low_res, valid):
         """``_tracker_update_memories``: tracked masks at the memory encoder's size; a mask that loses more
         than ``1 - shrink_thresh`` of its area to pixel-wise non-overlap is suppressed; score +-10 by area."""
         n, s = low_res.shape[0], self.tcfg.mask_interpol_size
-        pix, _ = self._objects(pix, (), n)
         high = _resize(low_res, (s, s), antialias=False)
         before = jnp.sum(high > 0, axis=(1, 2))
         after = jnp.sum(non_overlap(high, valid) > 0, axis=(1, 2))
         keep = after / jnp.maximum(before, 1) >= self.cfg.shrink_thresh
         high = jnp.where(keep[:, None, None], high, jnp.minimum(high, NO_OBJ_LOGIT))
         score = jnp.where(jnp.any(high > 0, axis=(1, 2)), 10.0, -10.0)
-        mem = self._trk(params, high, jnp.zeros((n,), bool), method=Tracker.mask_for_memory)
-        return self._trk(params, pix, mem, score[:, None], method=Tracker.encode_memory)
+        return encode_memories(self._trk, params, pix, high, jnp.zeros((n,), bool), score, self.cfg.objects_per_step)
 
     def _commit_fn(self, bank, feats, ptr, eff, frame_idx, is_cond, write, reset, anchor=None, *,
                    nearer_only: bool = False):

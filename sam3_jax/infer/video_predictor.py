@@ -237,6 +237,20 @@ def in_object_chunks(fn, per_object, chunk: int):
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
 
 
+def encode_memories(apply, params, pix, masks, binarize, score, chunk: int):
+    """The spatial memories of n objects from their masks at the memory encoder's input size
+    (``mask_for_memory``, then ``encode_memory``; the mask down-sampler's activations at that size are
+    the large part), ``chunk`` objects a call. apply(params, *args, method=...) runs the tracker; pix
+    (1, h, w, C) is the frame's raw features; masks (n, S, S), binarize (n,), score (n,) logits."""
+    def encode(x):
+        m, binarize, score = x
+        mem = apply(params, m, binarize, method=Tracker.mask_for_memory)
+        return apply(params, jnp.broadcast_to(pix, (m.shape[0],) + pix.shape[1:]), mem, score[:, None],
+                     method=Tracker.encode_memory)
+
+    return in_object_chunks(encode, (masks, binarize, score), chunk)
+
+
 def _resize(x, size, antialias: bool):
     """(B, h, w) -> (B, *size) float32, bilinear (``F.interpolate(align_corners=False)``)."""
     if tuple(x.shape[1:]) == tuple(size):
@@ -309,24 +323,26 @@ class VideoPredictor:
 
     def _prompt_fn(self, params, feats, coords, labels, valid, mask_inputs, has_mask):
         """The prompt frame without memory encoding (``add_new_*``): low-res logits, pointer, score."""
-        n = coords.shape[0]
-        pix, high_res = self._objects(feats, n)
-        out = self._apply(params["tracker"], pix, high_res, None, jnp.ones((n,), bool), coords, labels, valid,
-                          mask_inputs, has_mask, run_mem_encoder=False, method=Tracker.track_step)
+        def prompt(x):
+            coords, labels, valid, mask_inputs, has_mask = x
+            b = coords.shape[0]
+            return self._apply(params["tracker"], *self._objects(feats, b), None, jnp.ones((b,), bool), coords,
+                               labels, valid, mask_inputs, has_mask, run_mem_encoder=False, method=Tracker.track_step)
+
+        out = in_object_chunks(prompt, (coords, labels, valid, mask_inputs, has_mask), self.objects_per_step)
         return out["pred_masks"], out["obj_ptr"], out["object_score_logits"][:, 0]
 
     def _prompt_memory_fn(self, params, feats, low_res, video_logits, has_mask, score):
         """``_consolidate_temp_output_across_obj(run_mem_encoder=True)``: the prompt frame's memory."""
         cfg, n = self.cfg, low_res.shape[0]
-        pix, _ = self._objects(feats, n)
         from_mask = _resize(video_logits, low_res.shape[1:], antialias=True)
         low_res = jnp.where(has_mask[:, None, None], from_mask, low_res)
         high = _resize(low_res, (cfg.image_size, cfg.image_size), antialias=False)
         if n > 1:  # _apply_non_overlapping_constraints
             keep = jnp.argmax(high, axis=0)[None] == jnp.arange(n)[:, None, None]
             high = jnp.where(keep, high, jnp.minimum(high, -10.0))
-        mem = self._apply(params["tracker"], high, jnp.ones((n,), bool), method=Tracker.mask_for_memory)
-        return self._apply(params["tracker"], pix, mem, score[:, None], method=Tracker.encode_memory)
+        return encode_memories(self._apply, params["tracker"], feats[0], high, jnp.ones((n,), bool), score,
+                               self.objects_per_step)
 
     def _track_fn(self, params, feats, bank, seed, frame_idx, num_frames, prompt_frame, *, slots: int,
                   reverse: bool):
