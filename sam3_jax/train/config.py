@@ -101,11 +101,16 @@ def demo_config() -> ml_collections.ConfigDict:
 
 def tracker_demo_config() -> ml_collections.ConfigDict:
     """The demo's tiny model and videos, training the tracker (and the backbone it reads) alone;
-    evaluated by J&F on the held-out videos. From scratch the IoU head that picks among the
-    multimask outputs learns slower than the masks, so this needs a few hundred steps."""
+    evaluated by J&F on the held-out videos. On frames without clicks the tracker outputs the
+    multimask output its IoU head rates best. From scratch that head learns slower than the masks:
+    at the recipe's IoU weight (1) it still picked a whole-frame mask for every object after 300
+    steps (held-out J 0.005), while the best of the three overlapped the object at IoU 0.41 on
+    average (one held-out batch, 5 objects x 3 frames). The demo weights the IoU term 10x so that
+    the choice is learnt within its steps (J 0.24 after 300)."""
     c = demo_config()
     c.mode = "tracker"
     c.optim.freeze = DETECTOR_HEADS
+    c.tracker.loss.weight_iou = 10.0
     c.total_steps, c.checkpoint_every = 300, 100
     c.eval.update(dict(every=100, num_batches=6))  # 12 clips: J&F of a few objects is noisy
     return c
