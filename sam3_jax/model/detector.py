@@ -142,6 +142,7 @@ def init_params(cfg: ModelConfig, rng):
     """Random parameters initialised as the reference's modules are (`init.reference_init`), drawn
     from the parameter shapes alone, so no module ``init`` (a traced forward pass) is compiled.
     That, with one random draw per leaf, had not compiled after 130 s for the official model on an
-    H200; this compiled in 18.3 s there."""
+    H200; two whole draws compiled in 18.3 s there (block-wise draws, ``init._draw``, not yet timed
+    on a GPU)."""
     abstract = abstract_params(cfg)
     return jax.jit(lambda r: init.reference_init(abstract, r))(rng)

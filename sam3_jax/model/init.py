@@ -53,8 +53,8 @@ def reference_init(params, rng: jax.Array):
     dtypes) where every leaf has a rule: then no module ``init`` (a traced forward pass) is needed.
     Jittable.
 
-    All random leaves come out of two draws (standard normal, uniform on [-1, 1)), sliced and
-    scaled: XLA takes about 0.25 s to compile each threefry draw on a 2-core CPU, so one draw per
+    All random leaves come out of two draws (standard normal, uniform on [-1, 1); ``_draw``), sliced
+    and scaled: XLA takes about 0.25 s to compile each threefry draw on a 2-core CPU, so one draw per
     leaf made the official detector's init take 80 s to compile."""
     flat = traverse_util.flatten_dict(params)
     out, random = {}, {"normal": [], "uniform": []}
@@ -70,15 +70,30 @@ def reference_init(params, rng: jax.Array):
             random[rule[0]].append((path, rule[1], leaf))
     for kind, key in zip(random, jax.random.split(rng)):
         leaves = random[kind]
-        total = sum(int(np.prod(leaf.shape)) for _, _, leaf in leaves)
-        draw = (jax.random.normal(key, (total,)) if kind == "normal"
-                else jax.random.uniform(key, (total,), minval=-1.0, maxval=1.0))
+        draw = _draw(kind, key, sum(int(np.prod(leaf.shape)) for _, _, leaf in leaves))
         offset = 0
         for path, scale, leaf in leaves:
             size = int(np.prod(leaf.shape))
             out[path] = (scale * draw[offset:offset + size].reshape(leaf.shape)).astype(leaf.dtype)
             offset += size
     return traverse_util.unflatten_dict(out)
+
+
+DRAW_BLOCK = 1 << 24  # values a random draw makes at once
+
+
+def _draw(kind: str, key, total: int):
+    """``total`` values of N(0, 1) ("normal") or U[-1, 1) ("uniform"). Past ``DRAW_BLOCK`` values they
+    are drawn a block at a time (``lax.map``, a key a block): threefry's intermediates are several
+    times its output, so the official detector's init in one draw peaked at 13.9 GiB of host memory
+    on a CPU. Up to one block (the tiny models) the values are those of a single draw."""
+    def sample(k, n):
+        return jax.random.normal(k, (n,)) if kind == "normal" else jax.random.uniform(k, (n,), minval=-1.0, maxval=1.0)
+
+    if total <= DRAW_BLOCK:
+        return sample(key, total)
+    blocks = jax.lax.map(lambda k: sample(k, DRAW_BLOCK), jax.random.split(key, -(-total // DRAW_BLOCK)))
+    return blocks.reshape(-1)[:total]
 
 
 def rule_for(path: tuple[str, ...], flat: dict) -> tuple | None:

@@ -35,3 +35,22 @@ def test_abstract_leaf_without_a_rule_is_named():
     abstract = {"layer": {"gamma": jax.ShapeDtypeStruct((4,), np.float32)}}
     with pytest.raises(ValueError, match="layer/gamma"):
         init.reference_init(abstract, jax.random.key(0))
+
+
+@pytest.mark.parametrize("kind", ["normal", "uniform"])
+def test_large_draws_go_block_by_block(kind, monkeypatch):
+    """Past ``DRAW_BLOCK`` values a draw is made a block at a time: exactly ``total`` values, each block
+    its own (not a repeat), the distribution unchanged, deterministic; up to one block it is the
+    single draw it always was (the tiny models' values do not change)."""
+    key = jax.random.key(3)
+    single = np.asarray(init._draw(kind, key, 900))
+    monkeypatch.setattr(init, "DRAW_BLOCK", 1000)
+    np.testing.assert_array_equal(np.asarray(init._draw(kind, key, 900)), single)
+    x = np.asarray(init._draw(kind, key, 25_500))
+    assert x.shape == (25_500,)
+    np.testing.assert_array_equal(x, np.asarray(init._draw(kind, key, 25_500)))
+    assert not np.array_equal(x[:1000], x[1000:2000])
+    mean, std = (0.0, 1.0) if kind == "normal" else (0.0, 1 / np.sqrt(3))
+    assert abs(x.mean() - mean) < 0.03 and abs(x.std() - std) < 0.03
+    if kind == "uniform":
+        assert x.min() >= -1.0 and x.max() < 1.0
