@@ -221,10 +221,10 @@ def store(bank: MemoryBank, cfg: TrackerConfig, frame_idx, feats, ptr, score, an
 
 def in_object_chunks(fn, per_object, chunk: int):
     """``fn(per_object)`` for a pytree of arrays with a leading object axis, at most ``chunk`` objects a
-    call (a ``lax.map`` over whole chunks, then the remainder): a tracked frame's activations (each
-    object's memory projected to keys and values in every memory-attention layer, about 0.5 GB an
-    object at 1008 in float32) then stop growing with the number of objects. ``fn`` must treat objects
-    independently and return arrays with the same leading axis."""
+    call (a ``lax.map`` over whole chunks, then the remainder), so that the tracker's activations stop
+    growing with the number of objects (a tracked frame's are about 0.5 GiB an object at 1008 in
+    float32: each object's memory projected to keys and values in every memory-attention layer).
+    ``fn`` must treat objects independently and return arrays with the same leading axis."""
     n = jax.tree.leaves(per_object)[0].shape[0]
     if n <= chunk:
         return fn(per_object)
@@ -239,8 +239,7 @@ def in_object_chunks(fn, per_object, chunk: int):
 
 def encode_memories(apply, params, pix, masks, binarize, score, chunk: int):
     """The spatial memories of n objects from their masks at the memory encoder's input size
-    (``mask_for_memory``, then ``encode_memory``; the mask down-sampler's activations at that size are
-    the large part), ``chunk`` objects a call. apply(params, *args, method=...) runs the tracker; pix
+    (``mask_for_memory``, then ``encode_memory``), ``chunk`` objects a call. apply(params, *args, method=...) runs the tracker; pix
     (1, h, w, C) is the frame's raw features; masks (n, S, S), binarize (n,), score (n,) logits."""
     def encode(x):
         m, binarize, score = x
