@@ -7,13 +7,17 @@ Softmax runs in float32 whatever the compute dtype.
 On a GPU, attention in bf16/fp16 without bias, padding mask or dropout (the ViT's window and global
 blocks) goes to cuDNN's fused flash attention, which never materialises the (Lq, Lk) logits; set
 ``SAM3_JAX_CUDNN_ATTENTION=0`` to keep XLA's einsum-softmax-einsum everywhere (e.g. to compare).
-On a CPU, attention without dropout over more than a few thousand (query, key) pairs (the ViT's
-windowed and global blocks, the fusion encoder, the tracker's memory attention) runs as a loop over
-tiles: one (batch, head) pair and a chunk of its queries at a time. Each row's softmax is its own,
-so the result is the same function; what changes is that a tile's logits (at most ``TILE_LOGITS``)
-stay in the caches between the two matmuls and the softmax, where the whole (B, H, Lq, Lk) array
-would go out to memory and back several times: on a 2-core machine this halves the time of the
-ViT's windowed attention and of its global attention (5184 tokens).
+Long attention that cuDNN does not take (dropout, a bias or padding mask, float32) goes as a loop
+over tiles (``lax.map``): a chunk of the queries at a time, each tile rematerialised in the backward
+pass (``jax.checkpoint``), so neither pass ever holds all (Lq, Lk) logits, the dropout bits or the
+weights, only one tile's, as flash attention does. Each row's softmax is its own, so the result is
+the same function (dropout aside: a tile draws its own mask from the key folded with its index).
+Without that, the fusion encoder's self-attention with dropout at 1008 px (8 heads, 5184 tokens)
+held several (B, 8, 5184, 5184) float32 arrays at once in the train step's backward pass, 6.4 GiB
+each for an 8-frame clip. On a CPU a tile is one (batch, head) pair and at most ``TILE_LOGITS_CPU``
+logits, which then stay in the caches between the two matmuls and the softmax (on a 2-core machine
+this halved the time of the ViT's windowed and global attention); elsewhere a tile covers every
+(batch, head) pair and at most ``TILE_LOGITS`` logits.
 """
 from __future__ import annotations
 
@@ -26,20 +30,24 @@ import jax.numpy as jnp
 
 MASKED = -1e30
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-TILE_FROM = 1 << 16  # on a CPU, attention with more (query, key) pairs than this goes by tiles
-TILE_LOGITS = 1 << 23  # at most this many logits a tile (32 MiB in float32)
+TILE_FROM = 1 << 16  # on a CPU, attention with more (query, key) pairs a head than this goes by tiles
+TILE_LOGITS_CPU = 1 << 23  # at most this many logits a CPU tile (32 MiB in float32)
+TILE_LOGITS = 1 << 27  # elsewhere: attention with more logits than this goes by tiles of at most as many
 
 
-def _tiles(q, k, bias, dropout: bool) -> tuple[int, int] | None:
-    """(chunk, count): queries a tile and tiles per (batch, head) where tiling applies (see the
-    module docstring), else None."""
-    lq, lk = q.shape[1], k.shape[1]
-    if dropout or jax.default_backend() != "cpu" or lq * lk <= TILE_FROM:
-        return None
-    if bias is not None and jnp.ndim(bias) >= 2 and jnp.shape(bias)[-2] != 1:
-        return None  # a per-query bias (boxRPB) would have to be tiled too; those are short
-    count = -(-lq * lk // TILE_LOGITS)
-    return -(-lq // count), count
+def _tiles(batch_heads: int, lq: int, lk: int, backend: str | None = None) -> tuple[int, int, int] | None:
+    """(heads, chunk, count): (batch, head) pairs a tile, queries a tile and query chunks, where
+    tiling applies (see the module docstring), else None."""
+    if (backend or jax.default_backend()) == "cpu":
+        if lq * lk <= TILE_FROM:
+            return None
+        heads, limit = 1, TILE_LOGITS_CPU
+    else:
+        if batch_heads * lq * lk <= TILE_LOGITS:
+            return None
+        heads, limit = batch_heads, TILE_LOGITS
+    chunk = max(1, -(-lq // -(-heads * lq * lk // limit)))
+    return heads, chunk, -(-lq // chunk)
 
 
 def _use_cudnn(q, k, v, bias, key_padding_mask, dropout: bool, implementation: str | None) -> bool:
@@ -74,40 +82,60 @@ def attend(q, k, v, bias=None, key_padding_mask=None, *, dropout_rate: float = 0
     dropout = not deterministic and dropout_rate > 0.0
     if _use_cudnn(q, k, v, bias, key_padding_mask, dropout, implementation):
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-    tiles = _tiles(q, k, bias, dropout)
+    tiles = _tiles(q.shape[0] * q.shape[2], q.shape[1], k.shape[1])
     if tiles is not None:
-        return _tiled_attention(q, k, v, bias, key_padding_mask, scale, *tiles)
+        return _tiled_attention(q, k, v, bias, key_padding_mask, scale, *tiles,
+                                dropout_rate=dropout_rate if dropout else 0.0, dropout_rng=dropout_rng)
     return _softmax_attention(q, k, v, bias, key_padding_mask, scale, dropout_rate if dropout else 0.0,
                               dropout_rng)
 
 
-def _tiled_attention(q, k, v, bias, key_padding_mask, scale, chunk: int, count: int):
-    """``_softmax_attention`` one (batch, head, query chunk) tile at a time (``lax.map``); the last
-    chunk is padded with zero queries, whose rows are dropped. Within a tile the weights are
-    normalised after the second matmul, as flash attention does: one pass fewer over the logits,
-    and the (chunk, Lk) weights stay in the layout the matmul reads."""
+def _tiled_attention(q, k, v, bias, key_padding_mask, scale, heads: int, chunk: int, count: int, *,
+                     dropout_rate: float = 0.0, dropout_rng=None):
+    """``_softmax_attention`` one tile at a time: ``heads`` (batch, head) pairs x ``chunk`` queries.
+    The last chunk is padded with zero queries, whose rows are dropped. Within a tile the weights
+    are normalised after the second matmul, as flash attention does: one pass fewer over the
+    logits, and the weights stay in the layout the matmul reads. ``bias`` may be per query."""
     b, lq, h, d = q.shape
-    lk = k.shape[1]
-    q = jnp.pad(q, ((0, 0), (0, chunk * count - lq), (0, 0), (0, 0)))
-    q_tiles = q.transpose(0, 2, 1, 3).reshape(b * h * count, chunk, d)
-    k_heads, v_heads = (x.transpose(0, 2, 1, 3).reshape(b * h, lk, x.shape[-1]) for x in (k, v))
+    lk, bh = k.shape[1], b * h
+    pad, groups = chunk * count - lq, bh // heads
+
+    def by_head(x):  # (b, l, h, ...) -> (b * h, l, ...)
+        return x.transpose(0, 2, 1, 3).reshape(bh, x.shape[1], x.shape[-1])
+
+    q_tiles = jnp.pad(by_head(q), ((0, 0), (0, pad), (0, 0))).reshape(groups, heads, count, chunk, d)
+    q_tiles = q_tiles.transpose(0, 2, 1, 3, 4).reshape(groups * count, heads, chunk, d)
+    k_heads, v_heads = by_head(k), by_head(v)
     if bias is not None:
-        bias = jnp.broadcast_to(bias, (b, h, 1, lk)).reshape(b * h, lk).astype(jnp.float32)
+        rows = lq if jnp.ndim(bias) >= 2 and jnp.shape(bias)[-2] != 1 else 1
+        bias = jnp.broadcast_to(bias, (b, h, rows, lk)).reshape(bh, rows, lk).astype(jnp.float32)
+        if rows > 1:
+            bias = jnp.pad(bias, ((0, 0), (0, pad), (0, 0)))
 
-    def tile(args):
-        i, q_tile = args
-        head = i // count
-        logits = (q_tile @ k_heads[head].T).astype(jnp.float32) * scale
+    def tile(i, q_tile):
+        first = (i // count) * heads  # the tile's first (batch, head) pair
+        logits = jnp.einsum("gqd,gkd->gqk", q_tile, jax.lax.dynamic_slice_in_dim(k_heads, first, heads))
+        logits = logits.astype(jnp.float32) * scale
         if bias is not None:
-            logits = logits + bias[head]
+            tile_bias = jax.lax.dynamic_slice_in_dim(bias, first, heads)
+            if tile_bias.shape[1] > 1:
+                tile_bias = jax.lax.dynamic_slice_in_dim(tile_bias, (i % count) * chunk, chunk, axis=1)
+            logits = logits + tile_bias
         if key_padding_mask is not None:
-            logits = jnp.where(key_padding_mask[head // h], MASKED, logits)
+            ignore = jnp.take(key_padding_mask, (first + jnp.arange(heads)) // h, axis=0)
+            logits = jnp.where(ignore[:, None, :], MASKED, logits)
         e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-        return ((e.astype(v.dtype) @ v_heads[head]) / e.sum(-1, keepdims=True)).astype(v.dtype)
+        total = e.sum(-1, keepdims=True)
+        if dropout_rate > 0.0:
+            keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, i), 1.0 - dropout_rate, e.shape)
+            e = jnp.where(keep, e / (1.0 - dropout_rate), 0.0)
+        out = jnp.einsum("gqk,gkd->gqd", e.astype(v.dtype), jax.lax.dynamic_slice_in_dim(v_heads, first, heads))
+        return (out / total).astype(v.dtype)
 
-    out = jax.lax.map(tile, (jnp.arange(b * h * count), q_tiles))  # (b * h * count, chunk, dv)
-    out = out.reshape(b, h, count * chunk, -1)[:, :, :lq]
-    return out.transpose(0, 2, 1, 3)
+    tile = jax.checkpoint(tile)
+    out = jax.lax.map(lambda args: tile(*args), (jnp.arange(groups * count), q_tiles))  # (tiles, heads, chunk, dv)
+    out = out.reshape(groups, count, heads, chunk, -1).transpose(0, 2, 1, 3, 4).reshape(b, h, count * chunk, -1)
+    return out[:, :, :lq].transpose(0, 2, 1, 3)
 
 
 def _softmax_attention(q, k, v, bias, key_padding_mask, scale, dropout_rate: float = 0.0, dropout_rng=None):
