@@ -50,6 +50,8 @@ Each side runs in its own subprocess so peak memory is measured separately. Run:
                 python benchmarks/bench_train_step.py --size=official --dtype=bfloat16 --frames=8
 
 Tracker mode on the CPU (tiny): ``--mode=tracker --size=tiny --frames=8 --objects=3 --torch-threads=1``.
+Does a clip fit a device: ``--compile-only`` compiles the JAX step from shapes alone and prints XLA's
+memory figures (e.g. ``--mode=tracker --size=official --frames=16 --compile-only`` on a GPU).
 
 ``--dtype=bfloat16`` means JAX compute in bf16 and PyTorch under bf16 autocast (the reference's
 training mode). ``--side=jax`` skips the reference (e.g. where it is not installed).
@@ -206,6 +208,9 @@ def run_jax(args, batch_path: str) -> dict:
     frozen = jax.tree.map(lambda label: label == optim.FROZEN, optim.param_labels(abstract, optim_cfg))
     replicated = mesh_lib.replicated(mesh)
 
+    if args.compile_only:
+        return compile_only(args, mesh, loss_fn_args=(cfg, loss_cfg, stage), tx=tx, frozen=frozen, abstract=abstract,
+                            batch_np=batch_np)
     with jax.set_mesh(mesh):
         params = {"detector": jax.jit(init_params, static_argnums=0, out_shardings=replicated)(cfg, jax.random.key(0))}
         if stage is not None:
@@ -248,6 +253,51 @@ def run_jax(args, batch_path: str) -> dict:
             "device_kind": dev.device_kind, "platform": dev.platform, "losses": losses,
             "step_flops": float(step_cost.get("flops", 0.0)),
             "model_flops": float(model_cost.get("flops", 0.0))}
+
+
+def compile_only(args, mesh, loss_fn_args, tx, frozen, abstract, batch_np) -> dict:
+    """Compiles the same step from shapes alone (no parameters are made, nothing runs) and returns
+    XLA's account of its memory: whether a clip fits a device, asked without the device time of a run."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    from sam3_jax.train import mesh as mesh_lib
+    from sam3_jax.train import step as step_lib
+
+    cfg, loss_cfg, stage = loss_fn_args
+    replicated = mesh_lib.replicated(mesh)
+    with jax.set_mesh(mesh):
+        state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0), abstract)
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+        batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, mesh_lib.batch_spec(k)))
+                 for k, x in batch_np.items()}
+        loss_fn = step_lib.make_loss_fn(cfg, loss_cfg, mesh, clip_stage=stage, detect=args.mode != "tracker")
+        step = jax.jit(step_lib.make_train_step(loss_fn, tx, frozen=frozen), donate_argnums=(0,))
+        t0 = time.perf_counter()
+        lowered = step.lower(state, batch)
+        lower_s = time.perf_counter() - t0
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - t0 - lower_s
+    mem = compiled.memory_analysis()
+    gib = {name: getattr(mem, f"{name}_size_in_bytes") / 2**30 for name in ("argument", "output", "alias", "temp")}
+    dev = jax.devices()[0]
+    return {"compile_only": True, "lower_s": lower_s, "compile_s": compile_s, "memory_gib": gib,
+            "peak_rss_gib": peak_rss_gib(), "devices": jax.device_count(), "device_kind": dev.device_kind,
+            "platform": dev.platform}
+
+
+def report_compile_only(args, j: dict) -> None:
+    m = j["memory_gib"]
+    total = m["argument"] + m["output"] - m["alias"] + m["temp"]
+    print(f"{args.mode} train step, {args.size} size, 1 clip x {args.frames} frames at "
+          f"{model_config(args.size, 'float32').image_size}px, {args.dtype}"
+          f"{', ViT blocks scanned' if args.scan_blocks else ''}: compiled, not run")
+    print(f"JAX: lowered in {j['lower_s']:.1f} s, compiled in {j['compile_s']:.1f} s on {j['devices']} x "
+          f"{j['device_kind']} ({j['platform']}); peak host RSS {j['peak_rss_gib']:.2f} GiB")
+    print(f"XLA memory per device (GiB): arguments {m['argument']:.2f} (state + batch), outputs {m['output']:.2f}, "
+          f"donated {m['alias']:.2f}, temporaries {m['temp']:.2f}; arguments + outputs - donated + temporaries "
+          f"= {total:.2f}")
+    print(f"machine: {j['device_kind']}, {os.cpu_count()} CPUs")
 
 
 # ---------------------------------------------------------------------------------------- PyTorch
@@ -524,6 +574,9 @@ def main():
     parser.add_argument("--scan-blocks", action="store_true",
                         help="JAX: scan over the ViT's block groups (vit.scan_blocks): a much shorter compile")
     parser.add_argument("--side", default="both", choices=["jax", "torch", "both"])
+    parser.add_argument("--compile-only", action="store_true",
+                        help="JAX only: compile the step from shapes (nothing is initialised or run) and print "
+                             "XLA's memory figures (does the clip fit?) and the compile time")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch.set_num_threads for the reference (default 0: torch's own default)")
     parser.add_argument("--batch", help=argparse.SUPPRESS)  # internal: the saved clip, for a --side run
@@ -533,6 +586,8 @@ def main():
 
     if args.mode != "detector" and args.prompts == "recipe" and args.side != "jax":
         print("--prompts=recipe: SAM 2's sampled prompts and corrective clicks run on the JAX side only")
+        args.side = "jax"
+    if args.compile_only:
         args.side = "jax"
     if args.batch:  # one side, in a subprocess
         fn = run_jax if args.side == "jax" else run_torch
@@ -551,8 +606,12 @@ def main():
                      f"--dtype={args.dtype}", f"--torch-threads={args.torch_threads}", f"--batch={batch_path}",
                      f"--prompts={args.prompts}"]
             flags += ["--scan-blocks"] if args.scan_blocks else []
+            flags += ["--compile-only"] if args.compile_only else []
             results[name] = sides.run(__file__, flags, f"{name} run")
-    report(args, results["jax"], results["torch"])
+    if args.compile_only:
+        report_compile_only(args, results["jax"])
+    else:
+        report(args, results["jax"], results["torch"])
 
 
 if __name__ == "__main__":
