@@ -85,6 +85,7 @@ def demo_config() -> ml_collections.ConfigDict:
     # each step, steps the demo spends better on learning.
     for part in ("vit", "text", "encoder", "decoder"):
         c.model[part].remat = False
+    c.tracker.model.remat = False
     c.total_steps, c.log_every, c.checkpoint_every = 300, 10, 100
     c.mesh.frame = 1
     c.optim.update(dict(lr=dict(vision=1e-3, text=1e-3, rest=1e-3), layer_decay=1.0, weight_decay=0.01,

@@ -207,6 +207,8 @@ def track_clip(tracker: Tracker, params, feats: ClipFeatures, obj_clip, gt_masks
         masks = _resize_masks(out["pred_masks_high_res"][:, None], m)[:, 0] > 0 if record_masks else None
         return bank, (terms, masks)
 
+    if cfg.remat and not deterministic:
+        process = jax.checkpoint(process, policy=jax.checkpoint_policies.nothing_saveable)
     bank = MemoryBank.empty(cfg, b_obj, t, dtype=tracker.dtype or jnp.float32, like=gt_masks)
     _, (terms, masks) = jax.lax.scan(process, bank, jnp.arange(t))
     terms = {k: jnp.sum(v) for k, v in terms.items()}

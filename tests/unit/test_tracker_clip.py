@@ -153,3 +153,32 @@ def test_training_losses_with_clicks_and_corrections(setup):
     (second, _), _ = grad_fn(params, jnp.array([False, True]))
     np.testing.assert_allclose(float(both), float(total) + float(second), rtol=1e-5)
     assert all(float(v) > 0 for v in both_terms.values())
+
+
+@pytest.mark.slow
+def test_frame_remat_gives_the_same_loss_and_gradients_with_less_memory(setup):
+    """``TrackerConfig.remat`` recomputes each frame's step in the backward pass (dropout included):
+    the same loss and gradients, and the compiled step no longer holds every frame's activations."""
+    _, params, feats, gt = setup
+    plan = _mask_plan((0,))
+
+    def grad_fn(remat: bool):
+        tracker = Tracker(CFG.replace(remat=remat))
+
+        def loss(params):
+            terms, _ = tracker_clip.track_clip(
+                tracker, params, feats, jnp.zeros((OBJECTS,), jnp.int32), gt, jnp.ones((OBJECTS,), bool),
+                jnp.ones((1, T), bool), plan, jax.random.split(jax.random.key(1), OBJECTS), jax.random.key(2),
+                PromptConfig(), TrackerLossConfig())
+            return sum(terms.values())
+
+        return jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+
+    kept_fn, remat_fn = grad_fn(False), grad_fn(True)
+    (kept, kept_grads), (remat, remat_grads) = kept_fn(params), remat_fn(params)
+    np.testing.assert_allclose(float(remat), float(kept), rtol=1e-6)
+    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(kept_grads))  # summation order moves some
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(kept_grads)):  # near-zero leaves a little
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * scale)
+    with_remat, without = (fn.memory_analysis().temp_size_in_bytes for fn in (remat_fn, kept_fn))
+    assert with_remat < 0.7 * without, (with_remat, without)

@@ -62,6 +62,11 @@ class TrackerConfig:
     use_memory_selection: bool = True  # SAM2Long-style frame filter (apply_temporal_disambiguation)
     mf_threshold: float = 0.01
 
+    # Training memory: recompute each frame's tracker step in the backward pass (``jax.checkpoint``
+    # over the body of `train.tracker_clip`'s scan), so the scan keeps its carry (the memory bank)
+    # per frame, not every activation of every frame.
+    remat: bool = True
+
     @property
     def grid(self) -> int:
         """Side of the tracker's feature map (72 official)."""
