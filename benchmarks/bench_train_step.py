@@ -204,12 +204,14 @@ def run_jax(args, batch_path: str) -> dict:
         abstract["tracker"] = tracker_lib.abstract_params(tracker_cfg)
         stage = tracker_stage.make_tracker_stage(tracker_cfg, prompt_config(args.prompts), TrackerLossConfig(),
                                                  dtype=cfg.compute_dtype)
-    tx = step_lib.wrap_nonfinite(optim.make_optimizer(optim_cfg, abstract, 1000))
+    tx = optim.make_optimizer(optim_cfg, abstract, 1000)
+    grad_norm = optim.Packing(abstract, optim_cfg).norm
     frozen = jax.tree.map(lambda label: label == optim.FROZEN, optim.param_labels(abstract, optim_cfg))
     replicated = mesh_lib.replicated(mesh)
 
     if args.compile_only:
-        return compile_only(args, mesh, loss_fn_args=(cfg, loss_cfg, stage), tx=tx, frozen=frozen, abstract=abstract,
+        return compile_only(args, mesh, loss_fn_args=(cfg, loss_cfg, stage), tx=tx,
+                            step_args=dict(frozen=frozen, grad_norm=grad_norm), abstract=abstract,
                             batch_np=batch_np)
     with jax.set_mesh(mesh):
         params = {"detector": jax.jit(init_params, static_argnums=0, out_shardings=replicated)(cfg, jax.random.key(0))}
@@ -227,7 +229,7 @@ def run_jax(args, batch_path: str) -> dict:
         with xla_attention():
             model_cost = jax.jit(jax.value_and_grad(plain_loss, has_aux=True)).lower(
                 plain_params, batch, jax.random.key(1)).cost_analysis() or {}
-        step = jax.jit(step_lib.make_train_step(loss_fn, tx, frozen=frozen), donate_argnums=(0,))
+        step = jax.jit(step_lib.make_train_step(loss_fn, tx, frozen=frozen, grad_norm=grad_norm), donate_argnums=(0,))
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
@@ -255,7 +257,7 @@ def run_jax(args, batch_path: str) -> dict:
             "model_flops": float(model_cost.get("flops", 0.0))}
 
 
-def compile_only(args, mesh, loss_fn_args, tx, frozen, abstract, batch_np) -> dict:
+def compile_only(args, mesh, loss_fn_args, tx, step_args, abstract, batch_np) -> dict:
     """Compiles the same step from shapes alone (no parameters are made, nothing runs) and returns
     XLA's account of its memory: whether a clip fits a device, asked without the device time of a run."""
     import jax
@@ -272,7 +274,7 @@ def compile_only(args, mesh, loss_fn_args, tx, frozen, abstract, batch_np) -> di
         batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, mesh_lib.batch_spec(k)))
                  for k, x in batch_np.items()}
         loss_fn = step_lib.make_loss_fn(cfg, loss_cfg, mesh, clip_stage=stage, detect=args.mode != "tracker")
-        step = jax.jit(step_lib.make_train_step(loss_fn, tx, frozen=frozen), donate_argnums=(0,))
+        step = jax.jit(step_lib.make_train_step(loss_fn, tx, **step_args), donate_argnums=(0,))
         t0 = time.perf_counter()
         lowered = step.lower(state, batch)
         lower_s = time.perf_counter() - t0
@@ -280,8 +282,10 @@ def compile_only(args, mesh, loss_fn_args, tx, frozen, abstract, batch_np) -> di
         compile_s = time.perf_counter() - t0 - lower_s
     mem = compiled.memory_analysis()
     gib = {name: getattr(mem, f"{name}_size_in_bytes") / 2**30 for name in ("argument", "output", "alias", "temp")}
+    hlo = compiled.as_text()  # what XLA built: its size is what the compile time scales with
     dev = jax.devices()[0]
     return {"compile_only": True, "lower_s": lower_s, "compile_s": compile_s, "memory_gib": gib,
+            "fusions": hlo.count(" fusion("), "whiles": hlo.count(" while("),
             "peak_rss_gib": peak_rss_gib(), "devices": jax.device_count(), "device_kind": dev.device_kind,
             "platform": dev.platform}
 
@@ -294,6 +298,7 @@ def report_compile_only(args, j: dict) -> None:
           f"{', ViT blocks scanned' if args.scan_blocks else ''}: compiled, not run")
     print(f"JAX: lowered in {j['lower_s']:.1f} s, compiled in {j['compile_s']:.1f} s on {j['devices']} x "
           f"{j['device_kind']} ({j['platform']}); peak host RSS {j['peak_rss_gib']:.2f} GiB")
+    print(f"optimised HLO: {j['fusions']} fusions, {j['whiles']} while loops")
     print(f"XLA memory per device (GiB): arguments {m['argument']:.2f} (state + batch), outputs {m['output']:.2f}, "
           f"donated {m['alias']:.2f}, temporaries {m['temp']:.2f}; arguments + outputs - donated + temporaries "
           f"= {total:.2f}")

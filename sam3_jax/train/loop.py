@@ -146,7 +146,8 @@ class Trainer:
         if self.tracks:
             self.tracker_cfg = tracker_config(config, self.model_cfg)
             abstract["tracker"] = tracker_lib.abstract_params(self.tracker_cfg)
-        self.tx = step_lib.wrap_nonfinite(optim.make_optimizer(config.optim, abstract, config.total_steps))
+        self.tx = optim.make_optimizer(config.optim, abstract, config.total_steps)
+        self.grad_norm = optim.Packing(abstract, config.optim).norm
         labels = optim.param_labels(abstract, config.optim)
         frozen = jax.tree.map(lambda label: label == optim.FROZEN, labels)
         replicated = mesh_lib.replicated(self.mesh)
@@ -181,7 +182,7 @@ class Trainer:
             loss_fn = step_lib.make_loss_fn(self.model_cfg, self.loss_cfg, self.mesh, clip_stage=stage,
                                             detect=self.detects)
             self.train_step = jax.jit(step_lib.make_train_step(
-                loss_fn, self.tx, frozen=frozen,
+                loss_fn, self.tx, frozen=frozen, grad_norm=self.grad_norm,
                 learning_rates=lambda s: optim.learning_rates(config.optim, config.total_steps, s)),
                 donate_argnums=(0,))
             if self.detects:
@@ -277,7 +278,7 @@ class Trainer:
         return last
 
     def _nonfinite_total(self) -> int:
-        return int(self.state["opt_state"].total_notfinite)
+        return int(optim.skipped_updates(self.state["opt_state"]))
 
     # ------------------------------------------------------------------------------------- evaluate
     def evaluate(self, step: int, writer) -> dict[str, float]:

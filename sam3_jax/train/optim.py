@@ -12,7 +12,15 @@ parameter's '/'-joined path:
     ``torch.nn.LayerNorm`` modules only (GroupNorm, LayerNorm2d, embeddings and position embeddings
     are decayed there, so they are here);
   * global-norm clipping over the trainable gradients, gradient accumulation (``optax.MultiSteps``),
-    and freezing by regex: frozen leaves get zero updates and hold no optimiser state.
+    and freezing by regex: frozen leaves get zero updates and hold no optimiser state;
+  * updates whose gradients are not finite are skipped and counted (``skipped_updates``).
+
+The trainable leaves are packed into a few flat vectors (`Packing`) before clipping, Adam and the
+finite check, so XLA makes a handful of large fusions of that work instead of several per leaf.
+The official detector's train step (823 leaves, ViT scanned, bf16, 8 frames; XLA on a 2-core CPU)
+went from 25,819 fusions to 16,075 and from 112 s of compile to 78 s, with the same temporary memory
+(44.8 -> 44.9 GiB). The layer factors, which differ per leaf (and per stacked block), are applied
+after unpacking, where XLA fuses them into each leaf's parameter update.
 
 Steps: ``total_steps`` and ``step`` below count train steps (calls of ``update``); with gradient
 accumulation over k of them the schedules advance once per k, on the optimiser update count.
@@ -219,12 +227,83 @@ def learning_rates(cfg, total_steps: int, step) -> dict[str, jax.Array]:
 
 
 # ------------------------------------------------------------------------------------------ optimiser
+class Packing:
+    """The trainable leaves of a parameter tree as one flat vector per (group, weight decay, dtype),
+    keyed ``"<group>/decay|no_decay/<dtype>"``, each the concatenation of its leaves, raveled, in
+    tree order. Built from shapes alone (arrays or ShapeDtypeStructs); frozen leaves are left out."""
+
+    def __init__(self, params, cfg):
+        leaves, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+        labels = by_path(param_labels(params, cfg))
+        self.shapes = [tuple(np.shape(x)) for _, x in leaves]
+        self.dtypes = [jnp.dtype(x.dtype) for _, x in leaves]
+        self.members: dict[str, list[int]] = {}
+        self.group, self.decays = {}, {}
+        for i, (path, _) in enumerate(leaves):
+            path = path_str(path)
+            if labels[path] == FROZEN:
+                continue
+            key = f"{labels[path]}/{'decay' if decays(path) else 'no_decay'}/{self.dtypes[i].name}"
+            self.members.setdefault(key, []).append(i)
+            self.group[key], self.decays[key] = labels[path], decays(path)
+
+    def pack(self, tree, keys=None) -> dict[str, jax.Array]:
+        """The vectors of ``keys`` (default: all) from a tree like the params."""
+        leaves = self.treedef.flatten_up_to(tree)
+        return {key: jnp.concatenate([jnp.ravel(leaves[i]) for i in self.members[key]])
+                for key in (self.members if keys is None else keys)}
+
+    def unpack(self, flat: dict[str, jax.Array]):
+        """The tree again; frozen leaves are zeros."""
+        leaves = [jnp.zeros(shape, dtype) for shape, dtype in zip(self.shapes, self.dtypes)]
+        for key, idx in self.members.items():
+            ends = np.cumsum([math.prod(self.shapes[i]) for i in idx])
+            for i, piece in zip(idx, jnp.split(flat[key], ends[:-1])):
+                leaves[i] = piece.reshape(self.shapes[i])
+        return self.treedef.unflatten(leaves)
+
+    def norm(self, tree) -> jax.Array:
+        """Global L2 norm of the trainable leaves of ``tree``."""
+        return optax.tree.norm(self.pack(tree))
+
+
+def packed(inner: optax.GradientTransformation, packing: Packing) -> optax.GradientTransformation:
+    """``inner`` run on the packed gradients (its state holds vectors); updates come back as a tree.
+    ``inner`` gets the parameters as the tree itself: see `decay_packed` for why."""
+
+    def init_fn(params):
+        return inner.init(packing.pack(params))
+
+    def update_fn(updates, state, params=None):
+        flat, state = inner.update(packing.pack(updates), state, params)
+        return packing.unpack(flat), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def decay_packed(rate: float, packing: Packing) -> optax.GradientTransformation:
+    """Decoupled weight decay inside `packed`: packed updates + rate * packed params, for the
+    vectors that decay. The parameters are packed here, inside the update, so under `skip_nonfinite`
+    (a ``lax.cond``) the copy is made once the gradients are known. Packed before the step, as a
+    value that depends on nothing computed, XLA scheduled it at the start and held the copy through
+    the backward pass's peak (official detector: 3.3 GiB more compiled temporary memory)."""
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("weight decay needs the parameters: pass them to update")
+        keys = [key for key in updates if packing.decays[key]] if rate else []
+        flat = packing.pack(params, keys)
+        return {key: u + rate * flat[key] if key in flat else u for key, u in updates.items()}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 class GroupLrState(NamedTuple):
     count: jax.Array  # optimiser updates so far
 
 
-def scale_by_group_lr(scheds: dict[str, Callable], labels, scales) -> optax.GradientTransformation:
-    """updates * -lr_group(count) * layer factor; ``labels`` and ``scales`` are path -> value maps."""
+def scale_by_group_lr(scheds: dict[str, Callable], groups: dict[str, str]) -> optax.GradientTransformation:
+    """updates * -lr_group(count) over a dict of updates; ``groups`` maps its keys to lr groups."""
 
     def init_fn(params):
         del params
@@ -233,29 +312,47 @@ def scale_by_group_lr(scheds: dict[str, Callable], labels, scales) -> optax.Grad
     def update_fn(updates, state, params=None):
         del params
         lrs = {group: fn(state.count) for group, fn in scheds.items()}
-        new = _map(lambda p, u: (u * (-lrs[labels[p]] * scales[p])).astype(u.dtype), updates)
+        new = {key: (u * -lrs[groups[key]]).astype(u.dtype) for key, u in updates.items()}
         return new, GroupLrState(optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def scale_by_layer(scales) -> optax.GradientTransformation:
+    """updates * layer factor, leaf by leaf (``scales``: path -> float or stacked-block array)."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        return _map(lambda p, u: u if np.all(scales[p] == 1.0) else (u * scales[p]).astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def skip_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Skip (zero) updates whose gradients are not finite, and count them; the loop decides whether to stop."""
+    return optax.apply_if_finite(tx, max_consecutive_errors=2**30)
+
+
+def skipped_updates(opt_state) -> jax.Array:
+    """How many updates `skip_nonfinite` has skipped so far."""
+    return optax.tree_utils.tree_get(opt_state, "total_notfinite")
+
+
 def make_optimizer(cfg, params, total_steps: int) -> optax.GradientTransformation:
     """The whole transformation for ``params`` (arrays or ShapeDtypeStructs): frozen leaves ->
-    zeros; the others -> [accumulate k] clip -> Adam -> decoupled weight decay -> -lr * layer factor."""
-    label_tree = param_labels(params, cfg)
-    labels, scales = by_path(label_tree), by_path(layer_scales(params, cfg))
+    zeros; the others, packed -> skip if not finite -> [accumulate k] clip -> Adam -> decoupled
+    weight decay -> -lr, then unpacked -> * layer factor."""
+    packing = Packing(params, cfg)
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
     parts += [
         optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps),
-        optax.add_decayed_weights(cfg.weight_decay, mask=lambda p: _map(lambda path, _: decays(path), p)),
-        scale_by_group_lr(schedules(cfg, total_steps), labels, scales),
+        decay_packed(cfg.weight_decay, packing),
+        scale_by_group_lr(schedules(cfg, total_steps), packing.group),
     ]
     trainable = optax.chain(*parts)
     if cfg.accumulate_steps > 1:
         trainable = optax.MultiSteps(trainable, every_k_schedule=cfg.accumulate_steps).gradient_transformation()
-    return optax.multi_transform(
-        {FROZEN: optax.set_to_zero(), "trainable": trainable},
-        jax.tree.map(lambda label: FROZEN if label == FROZEN else "trainable", label_tree))
+    return optax.chain(packed(skip_nonfinite(trainable), packing), scale_by_layer(by_path(layer_scales(params, cfg))))
 
 
 # ------------------------------------------------------------------------------------------ summaries

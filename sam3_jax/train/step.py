@@ -239,13 +239,15 @@ def init_state(params, tx: optax.GradientTransformation, seed: int) -> dict:
 
 
 def make_train_step(loss_fn, tx: optax.GradientTransformation, *, frozen=None,
-                    learning_rates: Callable[[jax.Array], dict] | None = None):
+                    learning_rates: Callable[[jax.Array], dict] | None = None,
+                    grad_norm: Callable[[Any], jax.Array] = optax.tree.norm):
     """``step(state, batch) -> (state, metrics)``, to be jitted.
 
-    ``tx`` should be wrapped in ``optax.apply_if_finite`` (see `wrap_nonfinite`): a non-finite
-    gradient then leaves the parameters untouched. ``frozen`` (a bool tree like the params) stops
-    gradients at frozen leaves, so e.g. a frozen backbone costs no backward pass.
-    ``learning_rates(step)`` -> {group: lr} for the metrics.
+    ``tx`` should skip non-finite gradients (`optim.skip_nonfinite`; the trainer's optimiser does):
+    the parameters then stay untouched. ``frozen`` (a bool tree like the params) stops gradients at
+    frozen leaves, so e.g. a frozen backbone costs no backward pass. ``learning_rates(step)`` ->
+    {group: lr} for the metrics. ``grad_norm(grads)`` for the metrics (`optim.Packing.norm` computes
+    it over the optimiser's packed vectors, which XLA then shares with the clipping).
     """
     def step(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
@@ -258,9 +260,9 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, *, frozen=None,
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        grad_norm = optax.tree.norm(grads)
-        metrics = {"loss": loss, **aux["terms"], "grad_norm": grad_norm,
-                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        norm = grad_norm(grads)
+        metrics = {"loss": loss, **aux["terms"], "grad_norm": norm,
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(norm),
                    "num_boxes": aux["num_boxes"], "num_queries": aux["num_queries"],
                    "skipped_samples": batch["skipped"].sum()}
         if learning_rates is not None:
@@ -269,9 +271,3 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, *, frozen=None,
         return new_state, metrics
 
     return step
-
-
-def wrap_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """Skip updates whose gradients are not finite (the loop decides whether to stop)."""
-    return optax.apply_if_finite(tx, max_consecutive_errors=2**30)
-

@@ -239,9 +239,11 @@ def test_clipping_bounds_the_trainable_gradient_norm():
     grads = mini_tree(1, scale=100.0)
     cfg = constant_lr(freeze="^backbone/language_backbone/")
     _, state = run(cfg, params, [grads])
-    mu = optax.tree_utils.tree_get(state, "mu")
+    packing = optim.Packing(params, cfg)
+    mu = packing.unpack(optax.tree_utils.tree_get(state, "mu"))  # frozen leaves: zeros
     labels = optim.by_path(optim.param_labels(params, cfg))
-    clipped = {p: np.asarray(m) / (1 - cfg.b1) for p, m in optim.by_path(mu).items()}  # mu = (1 - b1) * first gradient
+    clipped = {p: np.asarray(m) / (1 - cfg.b1) for p, m in optim.by_path(mu).items()  # mu = (1 - b1) * first gradient
+               if labels[p] != "frozen"}
     assert set(clipped) == {p for p, label in labels.items() if label != "frozen"}
     norm = np.sqrt(sum(np.sum(g ** 2) for g in clipped.values()))
     assert norm == pytest.approx(cfg.clip_norm, rel=1e-5)
@@ -252,8 +254,51 @@ def test_clipping_bounds_the_trainable_gradient_norm():
     # Small gradients pass unclipped.
     _, state = run(cfg, params, [mini_tree(1, scale=1e-4)])
     key = "transformer/decoder/layers_0/linear1/kernel"
-    small = optim.by_path(optax.tree_utils.tree_get(state, "mu"))[key] / (1 - cfg.b1)
+    small = optim.by_path(packing.unpack(optax.tree_utils.tree_get(state, "mu")))[key] / (1 - cfg.b1)
     np.testing.assert_allclose(small, optim.by_path(mini_tree(1, scale=1e-4))[key], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- packing
+def test_packing_groups_trainable_leaves_by_group_decay_and_dtype():
+    params = mini_tree(0)
+    params["transformer"]["decoder"]["layers_0"]["linear1"]["bias"] = jnp.arange(4, dtype=jnp.bfloat16)
+    cfg = constant_lr(freeze="^backbone/language_backbone/")
+    packing = optim.Packing(params, cfg)
+    labels = optim.by_path(optim.param_labels(params, cfg))
+    flat = packing.pack(params)
+    assert set(flat) == {"vision/decay/float32", "vision/no_decay/float32", "rest/decay/float32",
+                         "rest/no_decay/float32", "rest/no_decay/bfloat16"}
+    assert flat["rest/no_decay/bfloat16"].dtype == jnp.bfloat16
+    assert sum(v.size for v in flat.values()) == sum(x.size for p, x in optim.by_path(params).items()
+                                                     if labels[p] != "frozen")
+    back = optim.by_path(packing.unpack(flat))
+    for path, x in optim.by_path(params).items():
+        want = np.zeros_like(x) if labels[path] == "frozen" else x
+        assert back[path].dtype == x.dtype and np.array_equal(back[path], want), path
+    assert set(packing.pack(params, ["rest/decay/float32"])) == {"rest/decay/float32"}
+    norm = np.sqrt(sum(float(jnp.sum(jnp.asarray(x, jnp.float32) ** 2)) for p, x in optim.by_path(params).items()
+                       if labels[p] != "frozen"))
+    assert float(packing.norm(params)) == pytest.approx(norm, rel=1e-5)
+
+
+def test_non_finite_gradients_leave_params_and_moments_untouched():
+    params = mini_tree(0)
+    cfg = constant_lr(accumulate_steps=2)
+    bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan) if g.size == 16 else g, mini_tree(1))
+    tx = optim.make_optimizer(cfg, params, 100)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    updates, skipped = update(bad, state, params)
+    assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+    jax.tree.map(np.testing.assert_array_equal, skipped, (state[0]._replace(
+        notfinite_count=1, last_finite=False, total_notfinite=1), *state[1:]))  # the moments unchanged
+    assert int(optim.skipped_updates(skipped)) == 1
+    # Two finite steps complete an accumulation: the skipped one counted for nothing.
+    for _ in range(2):
+        updates, skipped = update(mini_tree(1), skipped, params)
+    want, _ = run(cfg, params, [mini_tree(1)] * 2)
+    got = optax.apply_updates(params, updates)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
 
 
 def test_summary_lists_groups(tiny_tree):
