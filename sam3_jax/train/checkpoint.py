@@ -59,7 +59,16 @@ class Checkpointer:
         items = {STATE: ocp.args.StandardRestore(_restore_target(abstract_state))}
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as e:
+            if "tree structures do not match" not in str(e):
+                raise
+            raise ValueError(
+                f"checkpoint {self._manager.directory / str(step)} holds a train state of another layout "
+                f"than this run's (another model, optimiser or version): it cannot be resumed. Its "
+                f"parameters can start a new run: --config.init_from={self._manager.directory} with "
+                f"another --workdir. Orbax: {e}") from e
         return _data_to_keys(restored[STATE], abstract_state)
 
     def wait(self) -> None:

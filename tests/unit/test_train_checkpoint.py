@@ -69,6 +69,17 @@ def test_state_roundtrip_and_latest_step(tmp_path):
     ckpt.close()
 
 
+def test_resuming_a_state_of_another_layout_says_how_to_reuse_its_params(tmp_path):
+    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(3, _state())
+    abstract = jax.eval_shape(lambda: _state())
+    abstract["opt_state"] = {"mu": {"rest/decay/float32": jax.ShapeDtypeStruct((12,), jnp.float32)}}
+    with pytest.raises(ValueError, match=rf"checkpoint {tmp_path}/3 holds a train state of another layout.*"
+                                         rf"--config.init_from={tmp_path} "):
+        ckpt.restore_latest(abstract)
+    ckpt.close()
+
+
 def test_restore_onto_abstract_shardings(tmp_path):
     mesh = jax.make_mesh((len(jax.devices()),), ("data",))
     state = _state()
