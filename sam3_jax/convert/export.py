@@ -33,7 +33,7 @@ def export_params(params: dict, manifest: dict, dead: dict[str, np.ndarray]) -> 
     if cfg.vit.scan_blocks:
         det = params["detector"]
         vision = det["backbone"]["vision_backbone"]
-        trunk = vit.unstack_blocks(vision["trunk"], cfg.vit)
+        trunk = vit.unstack_blocks(vision["trunk"])
         params["detector"] = {**det, "backbone": {**det["backbone"], "vision_backbone": {**vision, "trunk": trunk}}}
     flat = traverse_util.flatten_dict(params)
     used, problems, out = set(), [], {}

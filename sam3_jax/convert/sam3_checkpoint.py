@@ -148,7 +148,7 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
     }
     if cfg.vit.scan_blocks:
         vision = params["detector"]["backbone"]["vision_backbone"]
-        vision["trunk"] = vit.stack_blocks(vision["trunk"], cfg.vit)
+        vision["trunk"] = vit.stack_blocks(vision["trunk"], vit.block_group_size(cfg.vit))
     checkpoint.write(output_dir, params, manifest=manifest, dead=dead, vocab_path=vocab, overwrite=overwrite)
     return manifest
 

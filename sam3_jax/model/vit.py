@@ -226,23 +226,24 @@ class ViT(nn.Module):
         return jnp.tile(pos, (-(-h // g), -(-w // g), 1))[:h, :w]
 
 
-def stack_blocks(params, config: ViTConfig):
-    """Unrolled trunk params (``blocks_{i}``, the converter's layout) -> the ``scan_blocks`` layout."""
-    n = block_group_size(config)
+def stack_blocks(params, group_size: int):
+    """Unrolled trunk params (``blocks_{i}``, the converter's layout) -> the ``scan_blocks`` layout:
+    ``block_groups/blocks_{j}``[g] = ``blocks_{g * group_size + j}`` (``block_group_size``)."""
+    depth = sum(k.startswith("blocks_") for k in params)
     out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
     out["block_groups"] = {}
-    for j in range(n):
-        blocks = [params[f"blocks_{g * n + j}"] for g in range(config.depth // n)]
+    for j in range(group_size):
+        blocks = [params[f"blocks_{g * group_size + j}"] for g in range(depth // group_size)]
         out["block_groups"][f"blocks_{j}"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
     return out
 
 
-def unstack_blocks(params, config: ViTConfig):
-    """Inverse of ``stack_blocks``: ``block_groups/blocks_{j}``[g] -> ``blocks_{g * n + j}``."""
-    n = block_group_size(config)
+def unstack_blocks(params):
+    """Inverse of ``stack_blocks``."""
+    n = len(params["block_groups"])
     out = {k: v for k, v in params.items() if k != "block_groups"}
     for j, stacked in params["block_groups"].items():
         j = int(j.removeprefix("blocks_"))
-        for g in range(config.depth // n):
+        for g in range(jax.tree.leaves(stacked)[0].shape[0]):
             out[f"blocks_{g * n + j}"] = jax.tree.map(lambda x: x[g], stacked)
     return out

@@ -151,7 +151,7 @@ def test_stacked_trunk_updates_equal_unrolled():
     def stack(tree):
         tree = jax.tree.map(lambda x: x, tree)
         vb = tree["backbone"]["vision_backbone"]
-        vb["trunk"] = vit.stack_blocks(vb["trunk"], TINY.vit)
+        vb["trunk"] = vit.stack_blocks(vb["trunk"], vit.block_group_size(TINY.vit))
         return tree
 
     unrolled, _ = run(cfg, params, grads)
