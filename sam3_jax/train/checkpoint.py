@@ -15,6 +15,7 @@ regular manager's keep-newest retention and resume never see it.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -25,9 +26,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from sam3_jax.convert import checkpoint as converted
+from sam3_jax.model import vit
 
 STATE, DATA, CHECKPOINTS, BEST_CHECKPOINTS = "state", "data", "checkpoints", "checkpoints_best"
 BEST_MODES = ("max", "min")
+TRUNK = ("detector", "backbone", "vision_backbone", "trunk")  # the ViT, unrolled or scanned
 
 
 class Checkpointer:
@@ -111,7 +114,8 @@ class BestCheckpointer(Checkpointer):
 def load_params(directory: str, abstract_params: dict) -> dict:
     """Parameters shaped like ``abstract_params`` (e.g. ``{"detector": ...}``) from ``directory``: a
     converted checkpoint (``directory/params``; only the requested subtrees are read), a training
-    run's ``checkpoints`` directory or the run's workdir (the newest step's ``state["params"]``)."""
+    run's ``checkpoints`` directory or the run's workdir (the newest step's ``state["params"]``).
+    The ViT's blocks come stacked or unrolled as ``abstract_params`` has them, whichever was stored."""
     return _restore_params(_params_item(directory), abstract_params)
 
 
@@ -144,14 +148,49 @@ def _latest_step_dir(directory: str) -> str | None:
 
 def _restore_params(path: str, abstract_params: dict) -> dict:
     """Restores ``{"params": abstract_params}`` from the pytree item at ``path``, which may hold more
-    (the other model's parameters, the optimiser state): Orbax's partial restore reads only these."""
-    target = {"params": _restore_target(abstract_params)}
+    (the other model's parameters, the optimiser state): Orbax's partial restore reads only these.
+    The ViT trunk is read in the layout stored (unrolled ``blocks_{i}`` as converted, or scanned
+    ``block_groups``) and given in the one asked for."""
     handler = ocp.PyTreeCheckpointHandler()
-    _check_shapes(handler.metadata(epath.Path(path)).tree.get("params", {}), target["params"])
+    saved = handler.metadata(epath.Path(path)).tree.get("params", {})
+    stored_abstract, to_target = _trunk_layout(saved, abstract_params)
+    target = {"params": _restore_target(stored_abstract)}
+    _check_shapes(saved, target["params"])
     with ocp.Checkpointer(handler) as checkpointer:
-        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True))["params"]
+    return to_target(params)
+
+
+def _trunk_layout(saved, abstract_params: dict):
+    """(the abstract params with the trunk in the saved layout, params -> the layout asked for)."""
+    try:
+        saved_trunk, trunk = _get(saved, TRUNK), _get(abstract_params, TRUNK)
+    except (KeyError, TypeError):
+        return abstract_params, lambda params: params
+    if ("block_groups" in saved_trunk) == ("block_groups" in trunk):
+        return abstract_params, lambda params: params
+    if "block_groups" in trunk:
+        size = len(trunk["block_groups"])
+        to_saved, back = vit.unstack_blocks, lambda t: vit.stack_blocks(t, size)
+    else:
+        size = len(saved_trunk["block_groups"])
+        to_saved, back = lambda t: vit.stack_blocks(t, size), vit.unstack_blocks
+    shardings = {getattr(x, "sharding", None) for x in jax.tree.leaves(trunk)}
+    sharding = shardings.pop() if len(shardings) == 1 else None  # replicated params share one
+    stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          jax.eval_shape(to_saved, trunk))
+    return _put(abstract_params, TRUNK, stored), lambda params: _put(params, TRUNK, back(_get(params, TRUNK)))
+
+
+def _get(tree, path):
+    return functools.reduce(lambda t, k: t[k], path, tree)
+
+
+def _put(tree, path, value):
+    """A copy of the nested dict ``tree`` with ``value`` at ``path``."""
+    return value if not path else {**tree, path[0]: _put(tree[path[0]], path[1:], value)}
 
 
 def _check_shapes(saved, target) -> None:

@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sam3_jax.convert import checkpoint as converted
+from sam3_jax.model import vit
 from sam3_jax.train import checkpoint
 
 
@@ -186,6 +187,29 @@ def test_load_params_from_converted_checkpoint(tmp_path):
     _assert_same(detector, {"detector": params["detector"]})
     both = checkpoint.load_params(str(tmp_path / "converted"), _abstract(params))
     _assert_same(both, params)
+
+
+def test_load_params_converts_the_vit_trunk_layout(tmp_path):
+    """A converted checkpoint stores the ViT unrolled (``blocks_{i}``); a run with ``scan_blocks``
+    asks for ``block_groups``, and the reverse for a scanned run's checkpoint read unrolled."""
+    vocab = tmp_path / "vocab.txt.gz"
+    vocab.write_bytes(b"")
+    rng = np.random.default_rng(0)
+    trunk = {"ln_pre": {"scale": rng.normal(size=3).astype(np.float32)},
+             **{f"blocks_{i}": {"attn": {"qkv": {"kernel": rng.normal(size=(3, 9)).astype(np.float32)}},
+                                "norm1": {"bias": rng.normal(size=3).astype(np.float32)}} for i in range(6)}}
+    unrolled = {"detector": {"backbone": {"vision_backbone": {"trunk": trunk}}, "head": {"w": np.ones(2, np.float32)}}}
+    scanned = jax.tree.map(np.asarray, {"detector": {**unrolled["detector"], "backbone": {"vision_backbone": {
+        "trunk": vit.stack_blocks(trunk, 3)}}}})
+    assert scanned["detector"]["backbone"]["vision_backbone"]["trunk"]["block_groups"]["blocks_2"]["norm1"][
+        "bias"].shape == (2, 3)
+    converted.write(str(tmp_path / "converted"), unrolled, manifest={}, dead={}, vocab_path=str(vocab))
+    _assert_same(checkpoint.load_params(str(tmp_path / "converted"), _abstract(scanned)), scanned)
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), async_save=False)
+    ckpt.save(1, {"params": scanned, "step": jnp.int32(1)})
+    ckpt.close()
+    _assert_same(checkpoint.load_params(str(tmp_path / "run"), _abstract(unrolled)), unrolled)
+    _assert_same(checkpoint.load_params(str(tmp_path / "run"), _abstract(scanned)), scanned)
 
 
 def test_load_params_from_training_checkpoint(tmp_path):
