@@ -29,6 +29,14 @@ def as_config(dataclass_value) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dataclasses.asdict(dataclass_value))
 
 
+def official_model() -> ModelConfig:
+    """The official size as the trainer runs it: bf16 compute, and the ViT scanned over its groups
+    of blocks, which XLA compiles far faster than 32 unrolled blocks (converted checkpoints store
+    the blocks unrolled; ``init_from`` stacks them)."""
+    model = ModelConfig.official()
+    return model.replace(compute_dtype="bfloat16", vit=dataclasses.replace(model.vit, scan_blocks=True))
+
+
 def base_config(model: ModelConfig, data: ml_collections.ConfigDict,
                 tracker: TrackerConfig | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -122,7 +130,7 @@ def tracker_config(mode: str) -> ml_collections.ConfigDict:
     at official size on 8-frame DAVIS/MOSE-style clips with up to 3 objects; the tracker's optimiser
     is SAM 2's MOSE fine-tune (SAM3_SPEC §5.4). Longer clips: ``--config.data.num_frames=16`` and
     ``--config.optim.lr.rest=5e-7`` (the paper's 0.1x). ``mesh.frame`` must divide ``data.max_objects``."""
-    c = base_config(ModelConfig.official().replace(compute_dtype="bfloat16"), data_config.get_config("davis"))
+    c = base_config(official_model(), data_config.get_config("davis"))
     c.mode = mode
     if mode == "tracker":
         c.optim.update(dict(lr=dict(vision=3e-6, text=3e-6, rest=5e-6), weight_decay=0.1, layer_decay=0.9,
@@ -140,7 +148,7 @@ def video_config(variant: str = "default") -> ml_collections.ConfigDict:
         return tracker_config(variant)
     if variant not in VIDEO_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VIDEO_VARIANTS)}")
-    model = ModelConfig.official().replace(compute_dtype="bfloat16")
+    model = official_model()
     data = data_config.get_config("davis" if variant == "default" else variant)
     return base_config(model, data)
 

@@ -213,5 +213,6 @@ def test_configs_load_and_agree_with_the_model(spec):
         assert config.data.max_objects % config.mesh.frame == 0
     if spec.endswith("demo"):
         assert cfg.image_size <= 224 and config.total_steps <= 1000 and tracker.image_size == cfg.image_size
-    else:
+    else:  # the ViT scanned: a much shorter compile; init_from stacks converted (unrolled) blocks
         assert cfg.vit.depth == 32 and cfg.compute_dtype == "bfloat16" and tracker == TrackerConfig.official()
+        assert cfg.vit.scan_blocks
