@@ -576,8 +576,9 @@ def main():
                              "recipe (JAX only); see prompt_config")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--scan-blocks", action="store_true",
-                        help="JAX: scan over the ViT's block groups (vit.scan_blocks): a much shorter compile")
+    parser.add_argument("--scan-blocks", action=argparse.BooleanOptionalAction, default=None,
+                        help="JAX: scan over the ViT's block groups (vit.scan_blocks); default: as the trainer's "
+                             "configs, on at official size, off for tiny")
     parser.add_argument("--side", default="both", choices=["jax", "torch", "both"])
     parser.add_argument("--compile-only", action="store_true",
                         help="JAX only: compile the step from shapes (nothing is initialised or run) and print "
@@ -588,6 +589,8 @@ def main():
     args = parser.parse_args()
     if args.size is None:  # not via jax.devices(): this process must not claim the GPU's memory
         args.size = "official" if glob.glob("/dev/nvidia[0-9]*") else "tiny"
+    if args.scan_blocks is None:
+        args.scan_blocks = args.size == "official"
 
     if args.mode != "detector" and args.prompts == "recipe" and args.side != "jax":
         print("--prompts=recipe: SAM 2's sampled prompts and corrective clicks run on the JAX side only")
@@ -610,7 +613,7 @@ def main():
                      f"--repeats={args.repeats}", f"--mode={args.mode}", f"--objects={args.objects}",
                      f"--dtype={args.dtype}", f"--torch-threads={args.torch_threads}", f"--batch={batch_path}",
                      f"--prompts={args.prompts}"]
-            flags += ["--scan-blocks"] if args.scan_blocks else []
+            flags += ["--scan-blocks" if args.scan_blocks else "--no-scan-blocks"]
             flags += ["--compile-only"] if args.compile_only else []
             results[name] = sides.run(__file__, flags, f"{name} run")
     if args.compile_only:
