@@ -18,8 +18,8 @@ parameter's '/'-joined path:
 The trainable leaves are packed into a few flat vectors (`Packing`) before clipping, Adam and the
 finite check, so XLA makes a handful of large fusions of that work instead of several per leaf.
 The official detector's train step (823 leaves, ViT scanned, bf16, 8 frames; XLA on a 2-core CPU)
-went from 25,819 fusions to 16,075 and from 112 s of compile to 78 s, with the same temporary memory
-(44.8 -> 44.9 GiB). The layer factors, which differ per leaf (and per stacked block), are applied
+went from 25,819 fusions to 16,075 and from 112 s of compile to 91 s (78 s in another run), with
+the same temporary memory (44.8 -> 44.9 GiB; benchmarks/README.md). The layer factors, which differ per leaf (and per stacked block), are applied
 after unpacking, where XLA fuses them into each leaf's parameter update.
 
 Steps: ``total_steps`` and ``step`` below count train steps (calls of ``update``); with gradient

@@ -246,8 +246,8 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, *, frozen=None,
     ``tx`` should skip non-finite gradients (`optim.skip_nonfinite`; the trainer's optimiser does):
     the parameters then stay untouched. ``frozen`` (a bool tree like the params) stops gradients at
     frozen leaves, so e.g. a frozen backbone costs no backward pass. ``learning_rates(step)`` ->
-    {group: lr} for the metrics. ``grad_norm(grads)`` for the metrics (`optim.Packing.norm` computes
-    it over the optimiser's packed vectors, which XLA then shares with the clipping).
+    {group: lr} for the metrics. ``grad_norm(grads)`` for the metrics (the trainer's is
+    `optim.Packing.norm`: over the same packed vectors as its optimiser).
     """
     def step(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
