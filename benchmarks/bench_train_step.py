@@ -70,7 +70,7 @@ throughput:
 
 Caveats of XLA's FLOP counts: custom calls (e.g. cuDNN flash attention) count 0 (the model count
 is therefore taken with attention traced as XLA's einsums; HFU's is not), and a while
-loop's body (the Hungarian matcher, ``vit.scan_blocks=True``, the tracker's scan over the frames) is
+loop's body (the Hungarian matcher, the scanned layer stacks, the tracker's scan over the frames) is
 counted once, not per trip; and the model count takes gradients of every parameter, frozen or not.
 In tracker and joint modes MFU and HFU are therefore not meaningful.
 """
@@ -102,23 +102,23 @@ def peak_flops(device_kind: str) -> float | None:
     return next((f for name, f in PEAK_BF16_FLOPS if name in device_kind), None)
 
 
-def model_config(size: str, dtype: str, scan_blocks: bool = False):
+def model_config(size: str, dtype: str, scan: bool = False):
+    from sam3_jax.model import stacking
     from sam3_jax.model.config import ModelConfig
 
     cfg = ModelConfig.official() if size == "official" else ModelConfig.tiny()
-    cfg = cfg.replace(compute_dtype=dtype)
-    return cfg.replace(vit=dataclasses.replace(cfg.vit, scan_blocks=True)) if scan_blocks else cfg
+    return stacking.set_scans(cfg.replace(compute_dtype=dtype), scan)
 
 
 def without_remat(cfg):
     """The same model with every remat switch off (for counting model FLOPs)."""
+    from sam3_jax.model import stacking
     from sam3_jax.model.config import ModelConfig
 
     d = dataclasses.asdict(cfg)
     for part in ("vit", "text", "encoder", "decoder"):
         d[part]["remat"] = False
-    d["vit"]["scan_blocks"] = False  # XLA counts a loop body once: unrolled for the count
-    return ModelConfig.from_dict(d)
+    return stacking.set_scans(ModelConfig.from_dict(d), False)  # XLA counts a loop body once: unrolled
 
 
 def xla_attention():
@@ -190,7 +190,7 @@ def run_jax(args, batch_path: str) -> dict:
 
     batch_np = load_batch(batch_path)
     batch_np.pop("phrase_text")
-    cfg = model_config(args.size, args.dtype, args.scan_blocks)
+    cfg = model_config(args.size, args.dtype, args.scan)
     n_dev = jax.device_count()
     mesh = mesh_lib.make_mesh(1, n_dev)  # the clip's frames over every device
     mesh_lib.check_divisible(mesh, 1, args.frames)
@@ -295,7 +295,7 @@ def report_compile_only(args, j: dict) -> None:
     total = m["argument"] + m["output"] - m["alias"] + m["temp"]
     print(f"{args.mode} train step, {args.size} size, 1 clip x {args.frames} frames at "
           f"{model_config(args.size, 'float32').image_size}px, {args.dtype}"
-          f"{', ViT blocks scanned' if args.scan_blocks else ''}: compiled, not run")
+          f"{', layer stacks scanned' if args.scan else ''}: compiled, not run")
     print(f"JAX: lowered in {j['lower_s']:.1f} s, compiled in {j['compile_s']:.1f} s on {j['devices']} x "
           f"{j['device_kind']} ({j['platform']}); peak host RSS {j['peak_rss_gib']:.2f} GiB")
     print(f"optimised HLO: {j['fusions']} fusions, {j['whiles']} while loops")
@@ -576,8 +576,9 @@ def main():
                              "recipe (JAX only); see prompt_config")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--scan-blocks", action=argparse.BooleanOptionalAction, default=None,
-                        help="JAX: scan over the ViT's block groups (vit.scan_blocks); default: as the trainer's "
+    parser.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None,
+                        help="JAX: scan the layer stacks (ViT block groups, text blocks, fusion-encoder layers; "
+                             "model.stacking) instead of unrolling them; default: as the trainer's "
                              "configs, on at official size, off for tiny")
     parser.add_argument("--side", default="both", choices=["jax", "torch", "both"])
     parser.add_argument("--compile-only", action="store_true",
@@ -589,8 +590,8 @@ def main():
     args = parser.parse_args()
     if args.size is None:  # not via jax.devices(): this process must not claim the GPU's memory
         args.size = "official" if glob.glob("/dev/nvidia[0-9]*") else "tiny"
-    if args.scan_blocks is None:
-        args.scan_blocks = args.size == "official"
+    if args.scan is None:
+        args.scan = args.size == "official"
 
     if args.mode != "detector" and args.prompts == "recipe" and args.side != "jax":
         print("--prompts=recipe: SAM 2's sampled prompts and corrective clicks run on the JAX side only")
@@ -613,7 +614,7 @@ def main():
                      f"--repeats={args.repeats}", f"--mode={args.mode}", f"--objects={args.objects}",
                      f"--dtype={args.dtype}", f"--torch-threads={args.torch_threads}", f"--batch={batch_path}",
                      f"--prompts={args.prompts}"]
-            flags += ["--scan-blocks" if args.scan_blocks else "--no-scan-blocks"]
+            flags += ["--scan" if args.scan else "--no-scan"]
             flags += ["--compile-only"] if args.compile_only else []
             results[name] = sides.run(__file__, flags, f"{name} run")
     if args.compile_only:

@@ -17,6 +17,7 @@ import numpy as np
 from flax import traverse_util
 
 from sam3_jax.convert import checkpoint, keymap, sam3_checkpoint, torch_io
+from sam3_jax.model import stacking
 from sam3_jax.nn import rope
 
 MAPPED = "mapped to "
@@ -26,15 +27,8 @@ def export_params(params: dict, manifest: dict, dead: dict[str, np.ndarray]) -> 
     """``params`` ({"detector": ..., ["tracker": ...]}) -> torch state_dict of the manifest's keys.
 
     Raises ConversionError listing every key it cannot fill and every parameter no key reads."""
-    from sam3_jax.model import vit
-
     cfg, _ = sam3_checkpoint.configs(manifest)
-    params = dict(params)
-    if cfg.vit.scan_blocks:
-        det = params["detector"]
-        vision = det["backbone"]["vision_backbone"]
-        trunk = vit.unstack_blocks(vision["trunk"])
-        params["detector"] = {**det, "backbone": {**det["backbone"], "vision_backbone": {**vision, "trunk": trunk}}}
+    params = {**params, "detector": stacking.relayout(params["detector"], {})}  # the torch layout
     flat = traverse_util.flatten_dict(params)
     used, problems, out = set(), [], {}
     for key, fate in manifest["keys"].items():

@@ -100,7 +100,7 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
                  overwrite: bool = False) -> dict:
     """Converts ``torch_ckpt`` and writes ``output_dir`` atomically; returns the manifest.
     ``cfg`` / ``tracker_cfg`` give the sizes the file holds (default: official)."""
-    from sam3_jax.model import detector, tokenizer, vit
+    from sam3_jax.model import detector, stacking, tokenizer
 
     cfg = cfg or ModelConfig.official()
     tracker_cfg = tracker_cfg or TrackerConfig.official()
@@ -113,8 +113,8 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
     video_layout = any(k.startswith(DETECTOR) for k in state_dict)
     if not video_layout and not any(k.startswith("backbone.vision_backbone.sam2_convs.") for k in det_sd):
         cfg = cfg.replace(neck=dataclasses.replace(cfg.neck, add_sam2_neck=False))  # image-model file
-    # The key map targets the torch layout (unrolled ViT blocks); a scanned trunk is stacked after.
-    unrolled = cfg.replace(vit=dataclasses.replace(cfg.vit, scan_blocks=False))
+    # The key map targets the torch layout (every stack unrolled); scanned stacks are stacked after.
+    unrolled = stacking.set_scans(cfg, False)
     del state_dict  # det_sd / trk_sd now own the tensors; convert frees each one as it goes
     conversion = keymap.convert(det_sd, detector.abstract_params(unrolled), source=f"{torch_ckpt} (detector.*)",
                                 consume=True)
@@ -146,9 +146,7 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
         "summary": _summary(fate),
         "source_dtypes": source_dtypes,  # keys stored in another float type than float32
     }
-    if cfg.vit.scan_blocks:
-        vision = params["detector"]["backbone"]["vision_backbone"]
-        vision["trunk"] = vit.stack_blocks(vision["trunk"], vit.block_group_size(cfg.vit))
+    params["detector"] = stacking.relayout(params["detector"], stacking.group_sizes(cfg))
     checkpoint.write(output_dir, params, manifest=manifest, dead=dead, vocab_path=vocab, overwrite=overwrite)
     return manifest
 

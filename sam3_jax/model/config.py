@@ -32,7 +32,7 @@ class ViTConfig:
     # bf16/fp16 and XLA elsewhere; "xla" or "cudnn" forces one.
     attention_impl: str | None = None
     # Compile time: scan over the repeating [windowed..., global] groups of blocks (params stacked
-    # per position in the group, see ``vit.stack_blocks``) instead of unrolling every block.
+    # per position in the group, see ``stacking``) instead of unrolling every block.
     scan_blocks: bool = False
 
     @property
@@ -63,6 +63,8 @@ class TextConfig:
     # the policy is a name in jax.checkpoint_policies.
     remat: bool = True
     remat_policy: str = "nothing_saveable"
+    # Compile time: one ``nn.scan`` over the blocks (params stacked, see ``stacking``), not unrolled.
+    scan_blocks: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class EncoderConfig:
     dim_feedforward: int = 2048
     dropout: float = 0.1
     remat: bool = True  # rematerialise each layer in the backward pass, as the reference checkpoints
+    scan_layers: bool = False  # compile time: one ``nn.scan`` over the layers (see ``stacking``)
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,17 @@ The prompt is only read, never updated. Batch-first: tokens (B, HW, C), prompt (
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 
+from sam3_jax.model import stacking
 from sam3_jax.model.config import EncoderConfig
 from sam3_jax.nn.attention import MultiheadAttention
 from sam3_jax.nn.layers import LayerNorm
+from sam3_jax.nn.repeat import repeat
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -63,7 +66,8 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerEncoderFusion(nn.Module):
-    """Stack of ``layers_{i}``; returns the encoded image tokens ("memory")."""
+    """Stack of ``layers_{i}`` (with ``config.scan_layers`` scanned: ``layers_scan/layers_0``, stacked);
+    returns the encoded image tokens ("memory")."""
 
     config: EncoderConfig = EncoderConfig()
     d_model: int = 256
@@ -74,11 +78,10 @@ class TransformerEncoderFusion(nn.Module):
         """src, src_pos (B, HW, C); prompt (B, Lp, C); prompt_mask (B, Lp) True = padding."""
         cfg = self.config
         layer_cls = TransformerEncoderLayer
-        if cfg.remat:
-            layer_cls = nn.remat(TransformerEncoderLayer, static_argnums=(7,))  # (self, ..., deterministic)
-        out = src
-        for i in range(cfg.num_layers):
-            layer = layer_cls(self.d_model, cfg.num_heads, cfg.dim_feedforward, cfg.dropout, pos_enc_at_attn=True,
-                              pos_enc_at_cross_attn_keys=False, dtype=self.dtype, name=f"layers_{i}")
-            out = layer(out, prompt, None, prompt_mask, None, src_pos, deterministic)
-        return out
+        if cfg.remat:  # static: (self, ..., deterministic)
+            layer_cls = nn.remat(TransformerEncoderLayer, static_argnums=(7,), prevent_cse=not cfg.scan_layers)
+        make = functools.partial(layer_cls, self.d_model, cfg.num_heads, cfg.dim_feedforward, cfg.dropout,
+                                 pos_enc_at_attn=True, pos_enc_at_cross_attn_keys=False, dtype=self.dtype)
+        stacked = stacking.FUSION_ENCODER.stacked if cfg.scan_layers else None
+        return repeat(make, cfg.num_layers, stacking.FUSION_ENCODER.prefix, stacked,
+                      src, prompt, None, prompt_mask, None, src_pos, deterministic)

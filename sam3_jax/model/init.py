@@ -30,10 +30,11 @@ import numpy as np
 from flax import traverse_util
 
 from sam3_jax.convert import keymap
+from sam3_jax.model import stacking
 
 # (pattern on the "/"-joined path, rule); the first match wins. timm's trunc_normal_(std=0.02) cuts
-# at +-2, i.e. 100 standard deviations: a plain normal. Blocks are ``blocks_i`` or, with
-# ``scan_blocks``, ``block_groups/blocks_i`` stacked over the groups.
+# at +-2, i.e. 100 standard deviations: a plain normal. Blocks are ``blocks_i`` or, scanned,
+# ``block_groups/blocks_i`` stacked over the groups (``stacking``).
 _EXPLICIT: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), r) for p, r in (
     (r"vision_backbone/trunk/(block_groups/)?blocks(_\d+)?/.*/kernel$", "normal_0.02"),
     (r"vision_backbone/trunk/(block_groups/)?blocks(_\d+)?/.*/bias$", "zeros"),
@@ -57,9 +58,10 @@ def reference_init(params, rng: jax.Array):
     and scaled: XLA takes about 0.25 s to compile each threefry draw on a 2-core CPU, so one draw per
     leaf made the official detector's init take 80 s to compile."""
     flat = traverse_util.flatten_dict(params)
+    shapes = {path: stacking.layer_shape(path, leaf.shape) for path, leaf in flat.items()}
     out, random = {}, {"normal": [], "uniform": []}
     for path in sorted(flat):
-        leaf, rule = flat[path], rule_for(path, flat)
+        leaf, rule = flat[path], rule_for(path, shapes)
         if rule is None and isinstance(leaf, jax.ShapeDtypeStruct):
             raise ValueError(f"{'/'.join(path)}: no reference rule, so its value needs the module's own init")
         if rule is None:
@@ -96,8 +98,9 @@ def _draw(kind: str, key, total: int):
     return blocks.reshape(-1)[:total]
 
 
-def rule_for(path: tuple[str, ...], flat: dict) -> tuple | None:
-    """The reference's initialiser for the leaf at ``path`` of the flattened tree ``flat``:
+def rule_for(path: tuple[str, ...], shapes: dict) -> tuple | None:
+    """The reference's initialiser for the leaf at ``path``, given every leaf's shape in one layer
+    (``shapes``: path -> shape; a scanned stack's leaves without their stacking axis):
     ("normal", std) | ("uniform", bound) | ("constant", c), or None for a raw parameter whose
     module initialises it as the reference does."""
     name = "/".join(path)
@@ -110,29 +113,29 @@ def rule_for(path: tuple[str, ...], flat: dict) -> tuple | None:
         if rule == "zeros":
             return ("constant", 0.0)
         if rule == "xavier":
-            return ("uniform", _xavier_bound(flat[path].shape))
+            return ("uniform", _xavier_bound(shapes[path]))
         if rule == "box_head":  # the last layer predicts zero offsets; the others are torch Linear
-            layers = {p[-2] for p in flat if p[:-2] == parent[:-1]}
+            layers = {p[-2] for p in shapes if p[:-2] == parent[:-1]}
             if path[-2] == max(layers, key=lambda s: int(s.rsplit("_", 1)[1])):
                 return ("constant", 0.0)
             break
-    siblings = {p[-1] for p in flat if p[:-1] == parent}
+    siblings = {p[-1] for p in shapes if p[:-1] == parent}
     if leaf == "scale":
         return ("constant", 1.0)
     if leaf == "embedding":
         return ("normal", 1.0)
     if leaf == "in_proj_kernel":
-        return ("uniform", _xavier_bound(flat[path].shape))
+        return ("uniform", _xavier_bound(shapes[path]))
     if leaf == "in_proj_bias":
         return ("constant", 0.0)
     if leaf == "bias":
         if "scale" in siblings or "kernel" not in siblings:  # a norm's shift
             return ("constant", 0.0)
-        if parent[-1] == "out_proj" and parent[:-1] + ("in_proj_kernel",) in flat:  # MultiheadAttention
+        if parent[-1] == "out_proj" and parent[:-1] + ("in_proj_kernel",) in shapes:  # MultiheadAttention
             return ("constant", 0.0)
-        return ("uniform", 1.0 / np.sqrt(_fan_in(parent + ("kernel",), flat[parent + ("kernel",)].shape)))
+        return ("uniform", 1.0 / np.sqrt(_fan_in(parent + ("kernel",), shapes[parent + ("kernel",)])))
     if leaf == "kernel":
-        return ("uniform", 1.0 / np.sqrt(_fan_in(path, flat[path].shape)))
+        return ("uniform", 1.0 / np.sqrt(_fan_in(path, shapes[path])))
     return None
 
 

@@ -5,6 +5,7 @@ Parameter tree (mirrors the reference's ``VETextEncoder``, SAM3_SPEC §2.6)::
     encoder/token_embedding/embedding              (vocab, width)
     encoder/positional_embedding                   (context_length, width)
     encoder/transformer/resblocks_{i}/ln_1, attn, ln_2, mlp/{c_fc, c_proj}
+                       (scanned: resblocks_scan/resblocks_0/..., stacked over the blocks)
     encoder/ln_final
     resizer                                        width -> d_model
 
@@ -15,13 +16,17 @@ consumers by the returned mask.
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sam3_jax.model import stacking
 from sam3_jax.model.config import TextConfig
 from sam3_jax.nn.attention import MultiheadAttention
 from sam3_jax.nn.layers import LayerNorm, gelu
+from sam3_jax.nn.repeat import repeat
 
 PAD_ID = 0
 
@@ -56,7 +61,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``transformer``: the stack of blocks ``resblocks_{i}``, each optionally rematerialised."""
+    """``transformer``: the stack of blocks ``resblocks_{i}``, each optionally rematerialised,
+    unrolled or (``config.scan_blocks``) scanned."""
 
     config: TextConfig
     dtype: jnp.dtype | None = None
@@ -66,11 +72,11 @@ class Transformer(nn.Module):
         cfg = self.config
         block = ResidualAttentionBlock
         if cfg.remat:
-            block = nn.remat(block, static_argnums=(3,), policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
-        for i in range(cfg.layers):
-            x = block(cfg.width, cfg.heads, cfg.mlp_ratio, dtype=self.dtype, name=f"resblocks_{i}")(
-                x, attn_bias, deterministic)
-        return x
+            block = nn.remat(block, static_argnums=(3,), policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
+                             prevent_cse=not cfg.scan_blocks)
+        make = functools.partial(block, cfg.width, cfg.heads, cfg.mlp_ratio, dtype=self.dtype)
+        stacked = stacking.TEXT.stacked if cfg.scan_blocks else None
+        return repeat(make, cfg.layers, stacking.TEXT.prefix, stacked, x, attn_bias, deterministic)
 
 
 def causal_bias(length: int):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam3_jax.model import stacking
 from sam3_jax.model.config import ViTConfig
 from sam3_jax.nn import attention, layers, rope
 
@@ -144,16 +145,6 @@ class Block(nn.Module):
         return layers.drop_path(y, rate, self.make_rng("dropout"), deterministic)
 
 
-def block_group_size(config: ViTConfig) -> int:
-    """Length of the repeating [windowed * (n - 1), global] block pattern that ``scan_blocks``
-    scans over: 8 for the official model (global blocks 7, 15, 23, 31)."""
-    n = config.global_att_blocks[0] + 1
-    if tuple(config.global_att_blocks) != tuple(range(n - 1, config.depth, n)) or config.depth % n:
-        raise ValueError(f"scan_blocks needs global blocks every n-th block up to the last, "
-                         f"got {config.global_att_blocks} for depth {config.depth}")
-    return n
-
-
 def _block_class(config: ViTConfig):
     if not config.remat:
         return Block
@@ -186,7 +177,7 @@ class ViT(nn.Module):
     unused cls position), ``ln_pre``, and per block ``{norm1, attn/qkv, attn/proj, norm2, mlp/fc1,
     mlp/fc2}``: unrolled as ``blocks_{i}`` (the torch layout), or with ``config.scan_blocks`` as
     ``block_groups/blocks_{j}`` whose leaves are stacked over groups: torch block i = g * n + j sits
-    at index g (``stack_blocks`` / ``unstack_blocks`` convert). With ``config.remat`` each block is
+    at index g (``stacking.relayout`` converts). With ``config.remat`` each block is
     rematerialised in the backward pass (the reference checkpoints every block in training) under
     the ``jax.checkpoint_policies`` named by ``config.remat_policy``.
     """
@@ -204,10 +195,10 @@ class ViT(nn.Module):
         x = layers.LayerNorm(cfg.ln_eps, name="ln_pre", dtype=self.dtype)(x)
         rates = drop_path_rates(cfg)
         if cfg.scan_blocks:
-            n = block_group_size(cfg)
+            n = stacking.vit_group_size(cfg)
             groups = nn.scan(BlockGroup, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                              in_axes=(0, nn.broadcast), length=cfg.depth // n)
-            x, _ = groups(cfg, name="block_groups", dtype=self.dtype)(x, jnp.asarray(rates.reshape(-1, n)),
+            x, _ = groups(cfg, name=stacking.VIT.stacked, dtype=self.dtype)(x, jnp.asarray(rates.reshape(-1, n)),
                                                                       deterministic)
             return x
         block = _block_class(cfg)
@@ -224,26 +215,3 @@ class ViT(nn.Module):
         pos = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, 1 + g * g, cfg.embed_dim))
         pos = pos[0, 1:].reshape(g, g, cfg.embed_dim)
         return jnp.tile(pos, (-(-h // g), -(-w // g), 1))[:h, :w]
-
-
-def stack_blocks(params, group_size: int):
-    """Unrolled trunk params (``blocks_{i}``, the converter's layout) -> the ``scan_blocks`` layout:
-    ``block_groups/blocks_{j}``[g] = ``blocks_{g * group_size + j}`` (``block_group_size``)."""
-    depth = sum(k.startswith("blocks_") for k in params)
-    out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
-    out["block_groups"] = {}
-    for j in range(group_size):
-        blocks = [params[f"blocks_{g * group_size + j}"] for g in range(depth // group_size)]
-        out["block_groups"][f"blocks_{j}"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
-    return out
-
-
-def unstack_blocks(params):
-    """Inverse of ``stack_blocks``."""
-    n = len(params["block_groups"])
-    out = {k: v for k, v in params.items() if k != "block_groups"}
-    for j, stacked in params["block_groups"].items():
-        j = int(j.removeprefix("blocks_"))
-        for g in range(jax.tree.leaves(stacked)[0].shape[0]):
-            out[f"blocks_{g * n + j}"] = jax.tree.map(lambda x: x[g], stacked)
-    return out

@@ -15,7 +15,6 @@ regular manager's keep-newest retention and resume never see it.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -26,11 +25,10 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from sam3_jax.convert import checkpoint as converted
-from sam3_jax.model import vit
+from sam3_jax.model import stacking
 
 STATE, DATA, CHECKPOINTS, BEST_CHECKPOINTS = "state", "data", "checkpoints", "checkpoints_best"
 BEST_MODES = ("max", "min")
-TRUNK = ("detector", "backbone", "vision_backbone", "trunk")  # the ViT, unrolled or scanned
 
 
 class Checkpointer:
@@ -149,11 +147,11 @@ def _latest_step_dir(directory: str) -> str | None:
 def _restore_params(path: str, abstract_params: dict) -> dict:
     """Restores ``{"params": abstract_params}`` from the pytree item at ``path``, which may hold more
     (the other model's parameters, the optimiser state): Orbax's partial restore reads only these.
-    The ViT trunk is read in the layout stored (unrolled ``blocks_{i}`` as converted, or scanned
-    ``block_groups``) and given in the one asked for."""
+    Layer stacks are read in the layout stored (unrolled as converted, or scanned) and given in the
+    one asked for (``stacking``)."""
     handler = ocp.PyTreeCheckpointHandler()
     saved = handler.metadata(epath.Path(path)).tree.get("params", {})
-    stored_abstract, to_target = _trunk_layout(saved, abstract_params)
+    stored_abstract, to_target = _stack_layout(saved, abstract_params)
     target = {"params": _restore_target(stored_abstract)}
     _check_shapes(saved, target["params"])
     with ocp.Checkpointer(handler) as checkpointer:
@@ -163,34 +161,22 @@ def _restore_params(path: str, abstract_params: dict) -> dict:
     return to_target(params)
 
 
-def _trunk_layout(saved, abstract_params: dict):
-    """(the abstract params with the trunk in the saved layout, params -> the layout asked for)."""
-    try:
-        saved_trunk, trunk = _get(saved, TRUNK), _get(abstract_params, TRUNK)
-    except (KeyError, TypeError):
+def _stack_layout(saved, abstract_params: dict):
+    """(the abstract params with the detector's layer stacks in the saved layout, params -> the
+    layout asked for): a converted checkpoint stores every stack unrolled, a training run's
+    checkpoint stores them as its config scanned them."""
+    if "detector" not in saved or "detector" not in abstract_params:
         return abstract_params, lambda params: params
-    if ("block_groups" in saved_trunk) == ("block_groups" in trunk):
+    stored, wanted = stacking.layout(saved["detector"]), stacking.layout(abstract_params["detector"])
+    if stored == wanted:
         return abstract_params, lambda params: params
-    if "block_groups" in trunk:
-        size = len(trunk["block_groups"])
-        to_saved, back = vit.unstack_blocks, lambda t: vit.stack_blocks(t, size)
-    else:
-        size = len(saved_trunk["block_groups"])
-        to_saved, back = lambda t: vit.stack_blocks(t, size), vit.unstack_blocks
-    shardings = {getattr(x, "sharding", None) for x in jax.tree.leaves(trunk)}
+    target = abstract_params["detector"]
+    shardings = {getattr(x, "sharding", None) for x in jax.tree.leaves(target)}
     sharding = shardings.pop() if len(shardings) == 1 else None  # replicated params share one
-    stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          jax.eval_shape(to_saved, trunk))
-    return _put(abstract_params, TRUNK, stored), lambda params: _put(params, TRUNK, back(_get(params, TRUNK)))
-
-
-def _get(tree, path):
-    return functools.reduce(lambda t, k: t[k], path, tree)
-
-
-def _put(tree, path, value):
-    """A copy of the nested dict ``tree`` with ``value`` at ``path``."""
-    return value if not path else {**tree, path[0]: _put(tree[path[0]], path[1:], value)}
+    stored_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                   jax.eval_shape(lambda t: stacking.relayout(t, stored), target))
+    return ({**abstract_params, "detector": stored_abstract},
+            lambda params: {**params, "detector": stacking.relayout(params["detector"], wanted)})
 
 
 def _check_shapes(saved, target) -> None:

@@ -10,6 +10,7 @@ import dataclasses
 import ml_collections
 
 from sam3_jax.data import config as data_config
+from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.train import optim
@@ -30,11 +31,10 @@ def as_config(dataclass_value) -> ml_collections.ConfigDict:
 
 
 def official_model() -> ModelConfig:
-    """The official size as the trainer runs it: bf16 compute, and the ViT scanned over its groups
-    of blocks, which XLA compiles far faster than 32 unrolled blocks (converted checkpoints store
-    the blocks unrolled; ``init_from`` stacks them)."""
-    model = ModelConfig.official()
-    return model.replace(compute_dtype="bfloat16", vit=dataclasses.replace(model.vit, scan_blocks=True))
+    """The official size as the trainer runs it: bf16 compute, and every layer stack (ViT, text
+    encoder, fusion encoder) scanned, which XLA compiles far faster than unrolled layers
+    (converted checkpoints store the layers unrolled; ``init_from`` stacks them)."""
+    return stacking.set_scans(ModelConfig.official().replace(compute_dtype="bfloat16"), True)
 
 
 def base_config(model: ModelConfig, data: ml_collections.ConfigDict,

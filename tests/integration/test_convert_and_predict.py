@@ -223,14 +223,20 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(tiny_state_dict, tmp_pat
     assert leftovers == []
 
 
-def test_scanned_trunk_layout_is_converted(tiny_state_dict, tmp_path):
+def test_scanned_layouts_are_converted(tiny_state_dict, tmp_path):
     from sam3_jax.convert import checkpoint, sam3_checkpoint
+    from sam3_jax.model import stacking
 
-    base = ModelConfig.tiny()
-    cfg = base.replace(vit=dataclasses.replace(base.vit, scan_blocks=True))
+    cfg = stacking.set_scans(ModelConfig.tiny(), True)
     src = write_torch(tiny_state_dict, tmp_path / "in.pt")
     convert_file(src, str(tmp_path / "scan"), cfg=cfg, tracker_cfg=TrackerConfig.tiny())
     params = checkpoint.read_params(str(tmp_path / "scan"), sam3_checkpoint.abstract_params(cfg, TrackerConfig.tiny()))
     stacked = np.asarray(params["detector"]["backbone"]["vision_backbone"]["trunk"]["block_groups"]["blocks_1"]["attn"]["qkv"]["kernel"])
     # torch block 3 = group 1, position 1 of the [windowed, global] pattern.
     np.testing.assert_array_equal(stacked[1], tiny_state_dict["detector.backbone.vision_backbone.trunk.blocks.3.attn.qkv.weight"].T)
+    text = params["detector"]["backbone"]["language_backbone"]["encoder"]["transformer"]["resblocks_scan"]
+    np.testing.assert_array_equal(np.asarray(text["resblocks_0"]["mlp"]["c_fc"]["kernel"][1]), tiny_state_dict[
+        "detector.backbone.language_backbone.encoder.transformer.resblocks.1.mlp.c_fc.weight"].T)
+    fusion = params["detector"]["transformer"]["encoder"]["layers_scan"]["layers_0"]
+    np.testing.assert_array_equal(np.asarray(fusion["linear1"]["kernel"][1]),
+                                  tiny_state_dict["detector.transformer.encoder.layers.1.linear1.weight"].T)

@@ -1,7 +1,6 @@
 """Export back to PyTorch: torch -> flax -> torch reproduces every tensor of the tiny ``sam3.pt`` bit for
 bit (dead weights and RoPE buffers included), the result loads strictly into the reference modules,
 and a checkpoint that cannot be exported fails with the list of keys."""
-import dataclasses
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from conftest import REPO, write_torch
 
 from sam3_jax.convert import checkpoint, export, keymap, sam3_checkpoint
 from sam3_jax.convert.sam3_checkpoint import convert_file
+from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
 
@@ -31,10 +31,10 @@ def _converted(sd, tmp_path, cfg=None):
     return tmp_path / "ckpt"
 
 
-@pytest.mark.parametrize("scan_blocks", [False, True])
-def test_round_trip_is_bit_exact(tiny_state_dict, tmp_path, scan_blocks):
-    base = ModelConfig.tiny()
-    cfg = base.replace(vit=dataclasses.replace(base.vit, scan_blocks=scan_blocks))
+@pytest.mark.parametrize("scan", [False, True])
+def test_round_trip_is_bit_exact(tiny_state_dict, tmp_path, scan):
+    """Unrolled, and with every layer stack scanned (stored stacked, exported unrolled)."""
+    cfg = stacking.set_scans(ModelConfig.tiny(), scan)
     ckpt = _converted(tiny_state_dict, tmp_path, cfg)
     out = export.export_checkpoint(str(ckpt))
     assert any(k.endswith("freqs_cis") for k in out) and "tracker.no_mem_pos_enc" in out

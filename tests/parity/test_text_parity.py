@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.text import VETextEncoder
 from sam3_jax.model.tokenizer import SimpleTokenizer
@@ -57,10 +58,14 @@ def pair(ref, ref_tokenizer):
     return cfg, torch_enc, ids, flax_params(torch_enc, VETextEncoder(t, cfg.d_model), ids)
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_text_encoder(ref, pair, remat):
+@pytest.mark.parametrize("remat,scan", [(False, False), (True, False), (True, True)])
+def test_text_encoder(ref, pair, remat, scan):
+    """Unrolled, and scanned over its blocks (``scan_blocks``) with the converted params stacked."""
     cfg, torch_enc, ids, params = pair
-    ours = VETextEncoder(dataclasses.replace(cfg.text, remat=remat), cfg.d_model)
+    ours = VETextEncoder(dataclasses.replace(cfg.text, remat=remat, scan_blocks=scan), cfg.d_model)
+    if scan:
+        params = stacking.relayout({"backbone": {"language_backbone": params}}, {stacking.TEXT: 1})
+        params = params["backbone"]["language_backbone"]
     with ref.torch.no_grad():
         want_mask, want_feats, _ = torch_enc(CAPTIONS, device="cpu")
 
@@ -93,6 +98,15 @@ def test_text_encoder_grad_and_bf16(pair):
     grads = jax.jit(jax.grad(loss))(params)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     assert float(jnp.abs(grads["encoder"]["transformer"]["resblocks_0"]["attn"]["in_proj_kernel"]).max()) > 0
+    scanned = VETextEncoder(dataclasses.replace(cfg.text, scan_blocks=True), cfg.d_model)
+    transformer = params["encoder"]["transformer"]
+    stacked = {**params, "encoder": {**params["encoder"], "transformer": stacking.stack(transformer, stacking.TEXT, 1)}}
+    scanned_grads = jax.jit(jax.grad(lambda p: jnp.sum(scanned.apply({"params": p}, ids)[0] ** 2)))(stacked)
+    plain_grads = jax.jit(jax.grad(lambda p: jnp.sum(ours.apply({"params": p}, ids)[0] ** 2)))(params)
+    unstacked = stacking.unstack(scanned_grads["encoder"]["transformer"], stacking.TEXT)
+    diffs = jax.tree.map(lambda a, b: max_abs_diff(a, b) / float(jnp.abs(a).max()),
+                         plain_grads["encoder"]["transformer"], unstacked)
+    assert max(jax.tree.leaves(diffs)) < 1e-5  # relative to each leaf's largest gradient
     bf16_enc = VETextEncoder(cfg.text, cfg.d_model, dtype=jnp.bfloat16)
     f32, bf16 = jax.jit(lambda p: (ours.apply({"params": p}, ids)[0], bf16_enc.apply({"params": p}, ids)[0]))(params)
     assert bf16.dtype == jnp.bfloat16

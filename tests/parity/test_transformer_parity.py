@@ -1,9 +1,12 @@
 """Fusion encoder and DETR decoder against the reference (tiny sizes, 8x8 memory grid)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.decoder import TransformerDecoder
 from sam3_jax.model.encoder import TransformerEncoderFusion
@@ -125,6 +128,16 @@ def test_fusion_encoder(ref):
     params = flax_params(t_enc, enc, src, pos, prompt, mask)
     got = jax.jit(lambda p: enc.apply({"params": p}, src, pos, prompt, mask))(params)
     assert max_abs_diff(got, want) < TOL
+    # Scanned over its layers (``scan_layers``), with the converted params stacked: the same output
+    # and, unstacked, the same gradients.
+    scanned = TransformerEncoderFusion(dataclasses.replace(CFG.encoder, scan_layers=True), CFG.d_model)
+    stacked = stacking.stack(params, stacking.FUSION_ENCODER, 1)
+    assert max_abs_diff(jax.jit(lambda p: scanned.apply({"params": p}, src, pos, prompt, mask))(stacked), want) < TOL
+    grads = [jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, src, pos, prompt, mask) ** 2)))(p)
+             for m, p in ((enc, params), (scanned, stacked))]
+    diffs = jax.tree.map(lambda a, b: max_abs_diff(a, b) / float(jnp.abs(a).max()), grads[0],
+                         stacking.unstack(grads[1], stacking.FUSION_ENCODER))
+    assert max(jax.tree.leaves(diffs)) < 1e-5  # relative to each leaf's largest gradient
 
     # Dropout path runs (and changes the output) under jit.
     noisy = jax.jit(lambda p, k: enc.apply({"params": p}, src, pos, prompt, mask, deterministic=False,

@@ -9,7 +9,8 @@ import pytest
 
 from sam3_jax.model.config import ModelConfig, ViTConfig
 from sam3_jax.model.neck import Sam3DualViTDetNeck
-from sam3_jax.model.vit import ViT, block_group_size, rope_angles, stack_blocks, unstack_blocks
+from sam3_jax.model import stacking
+from sam3_jax.model.vit import ViT, rope_angles
 from sam3_jax.testing.parity import flax_params, max_abs_diff, randomize_, t2n
 
 pytestmark = pytest.mark.parity
@@ -87,8 +88,8 @@ def test_scanned_trunk_with_padded_windows(ref):
     with torch.no_grad():
         want = t2n(t_vit(torch.tensor(nchw(x)))[-1]).transpose(0, 2, 3, 1)
     params = flax_params(t_vit, ViT(PADDED_VIT), x)
-    scanned = stack_blocks(params, block_group_size(PADDED_VIT))
-    assert jax.tree.all(jax.tree.map(np.array_equal, unstack_blocks(scanned), params))
+    scanned = stacking.stack(params, stacking.VIT, stacking.vit_group_size(PADDED_VIT))
+    assert jax.tree.all(jax.tree.map(np.array_equal, stacking.unstack(scanned, stacking.VIT), params))
     vit = ViT(dataclasses.replace(PADDED_VIT, scan_blocks=True))
     got = jax.jit(lambda p, x: vit.apply({"params": p}, x))(scanned, x)
     assert max_abs_diff(got, want) <= TOL
@@ -123,12 +124,12 @@ def test_drop_path_training_scan_and_remat(ref):
     params = flax_params(t_vit, unrolled, x)  # cheaper than compiling Flax's initialisers
     eval_out = jax.jit(lambda p: unrolled.apply({"params": p}, x))(params)
     grads = []
-    for vit, p in [(unrolled, params), (scanned, stack_blocks(params, block_group_size(cfg)))]:
+    for vit, p in [(unrolled, params), (scanned, stacking.stack(params, stacking.VIT, stacking.vit_group_size(cfg)))]:
         train = jax.jit(lambda p, rng, vit=vit: vit.apply({"params": p}, x, deterministic=False, rngs={"dropout": rng}))
         a, b = train(p, jax.random.key(1)), train(p, jax.random.key(2))
         assert np.all(np.isfinite(a))
         assert max_abs_diff(a, eval_out) > 1e-3 and max_abs_diff(a, b) > 1e-3
         assert max_abs_diff(train(p, jax.random.key(1)), a) == 0.0
         grads.append(jax.jit(jax.grad(lambda p, vit=vit: jnp.mean(vit.apply({"params": p}, x) ** 2)))(p))
-    diffs = jax.tree.map(max_abs_diff, grads[0], unstack_blocks(grads[1]))
+    diffs = jax.tree.map(max_abs_diff, grads[0], stacking.unstack(grads[1], stacking.VIT))
     assert max(jax.tree.leaves(diffs)) < 1e-6

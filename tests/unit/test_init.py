@@ -1,11 +1,13 @@
 """The reference initialisation drawn from parameter shapes alone (`model.init.reference_init`)."""
 import dataclasses
+import re
 
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
-from sam3_jax.model import detector, init
+from sam3_jax.model import detector, init, stacking
 from sam3_jax.model.config import ModelConfig
 
 
@@ -19,6 +21,32 @@ def test_scanned_vit_blocks_get_the_reference_rules():
     assert fc1["kernel"].ndim == 3
     assert abs(float(np.std(fc1["kernel"])) - 0.02) < 0.002
     assert not np.any(np.asarray(fc1["bias"]))
+
+
+def test_scanned_stacks_get_the_rules_of_one_layer():
+    """Every scanned stack (ViT, text encoder, fusion encoder) initialises each stacked leaf by the
+    rule of the unrolled layer's leaf: bounds from one layer's shape, not the stacked one's."""
+    cfg = ModelConfig.tiny()
+    scanned = stacking.set_scans(cfg, True)
+
+    def rules(c):
+        flat = traverse_util.flatten_dict(detector.abstract_params(c))
+        shapes = {p: stacking.layer_shape(p, x.shape) for p, x in flat.items()}
+        return {"/".join(p): init.rule_for(p, shapes) for p in flat}
+
+    unrolled = rules(cfg)
+    compared = 0
+    for path, rule in rules(scanned).items():
+        for s in stacking.STACKS:  # the first group's layer j is unrolled layer j
+            path = re.sub(rf"{s.stacked}/({s.prefix}_\d+)/", r"\1/", path)
+        assert rule == unrolled[path], path
+        compared += 1
+    assert compared < len(unrolled)  # the stacks hold fewer leaves than the unrolled layers
+    stacked = detector.init_params(scanned, jax.random.key(0))["transformer"]["encoder"]["layers_scan"]["layers_0"]
+    kernel = np.asarray(stacked["self_attn"]["in_proj_kernel"])  # Xavier of one (d, 3d) matrix
+    bound = np.sqrt(6.0 / sum(kernel.shape[1:]))
+    assert kernel.shape[0] == cfg.encoder.num_layers and np.abs(kernel).max() <= bound
+    assert np.abs(kernel).max() > 0.9 * bound and not np.allclose(kernel[0], kernel[1])
 
 
 def test_draws_are_independent_across_leaves_and_deterministic():

@@ -21,7 +21,7 @@ import pytest
 from flax import traverse_util
 
 from sam3_jax.convert import keymap
-from sam3_jax.model import vit
+from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.detector import abstract_params
 from sam3_jax.train import optim
@@ -134,7 +134,7 @@ def test_layer_decay_factors(tiny_tree):
 
     stacked_cfg = TINY.replace(vit=dataclasses.replace(TINY.vit, scan_blocks=True))
     stacked = optim.by_path(optim.layer_scales(abstract_params(stacked_cfg), optim.default_config()))
-    n = vit.block_group_size(TINY.vit)
+    n = stacking.vit_group_size(TINY.vit)
     for j in range(n):
         got = stacked[f"{trunk}block_groups/blocks_{j}/attn/qkv/kernel"]
         want = [scales[f"{trunk}blocks_{g * n + j}/attn/qkv/kernel"] for g in range(DEPTH // n)]
@@ -149,10 +149,7 @@ def test_stacked_trunk_updates_equal_unrolled():
     grads = [mini_tree(1), mini_tree(2)]
 
     def stack(tree):
-        tree = jax.tree.map(lambda x: x, tree)
-        vb = tree["backbone"]["vision_backbone"]
-        vb["trunk"] = vit.stack_blocks(vb["trunk"], vit.block_group_size(TINY.vit))
-        return tree
+        return stacking.relayout(tree, {stacking.VIT: stacking.vit_group_size(TINY.vit)})
 
     unrolled, _ = run(cfg, params, grads)
     stacked, _ = run(cfg, stack(params), [stack(g) for g in grads])

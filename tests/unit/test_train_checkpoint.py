@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sam3_jax.convert import checkpoint as converted
-from sam3_jax.model import vit
+from sam3_jax.model import stacking
 from sam3_jax.train import checkpoint
 
 
@@ -189,27 +189,39 @@ def test_load_params_from_converted_checkpoint(tmp_path):
     _assert_same(both, params)
 
 
-def test_load_params_converts_the_vit_trunk_layout(tmp_path):
-    """A converted checkpoint stores the ViT unrolled (``blocks_{i}``); a run with ``scan_blocks``
-    asks for ``block_groups``, and the reverse for a scanned run's checkpoint read unrolled."""
+def test_load_params_converts_the_stack_layouts(tmp_path):
+    """A converted checkpoint stores every layer stack unrolled (``blocks_{i}``, ``resblocks_{i}``,
+    ``layers_{i}``); a run that scans them asks for the stacked layout, and a scanned run's
+    checkpoint reads back unrolled, or scanned with some stacks unrolled."""
     vocab = tmp_path / "vocab.txt.gz"
     vocab.write_bytes(b"")
     rng = np.random.default_rng(0)
-    trunk = {"ln_pre": {"scale": rng.normal(size=3).astype(np.float32)},
-             **{f"blocks_{i}": {"attn": {"qkv": {"kernel": rng.normal(size=(3, 9)).astype(np.float32)}},
-                                "norm1": {"bias": rng.normal(size=3).astype(np.float32)}} for i in range(6)}}
-    unrolled = {"detector": {"backbone": {"vision_backbone": {"trunk": trunk}}, "head": {"w": np.ones(2, np.float32)}}}
-    scanned = jax.tree.map(np.asarray, {"detector": {**unrolled["detector"], "backbone": {"vision_backbone": {
-        "trunk": vit.stack_blocks(trunk, 3)}}}})
-    assert scanned["detector"]["backbone"]["vision_backbone"]["trunk"]["block_groups"]["blocks_2"]["norm1"][
-        "bias"].shape == (2, 3)
+
+    def layers(prefix, n):
+        return {f"{prefix}_{i}": {"attn": {"qkv": {"kernel": rng.normal(size=(3, 9)).astype(np.float32)}},
+                                  "norm1": {"bias": rng.normal(size=3).astype(np.float32)}} for i in range(n)}
+
+    trunk = {"ln_pre": {"scale": rng.normal(size=3).astype(np.float32)}, **layers("blocks", 6)}
+    text = {"encoder": {"transformer": layers("resblocks", 4), "ln_final": {"scale": np.ones(3, np.float32)}}}
+    unrolled = {"detector": {"backbone": {"vision_backbone": {"trunk": trunk}, "language_backbone": text},
+                             "transformer": {"encoder": layers("layers", 2)}, "head": {"w": np.ones(2, np.float32)}}}
+    every = {stacking.VIT: 3, stacking.TEXT: 1, stacking.FUSION_ENCODER: 1}
+    scanned = {"detector": jax.tree.map(np.asarray, stacking.relayout(unrolled["detector"], every))}
+    vision_only = {"detector": jax.tree.map(np.asarray, stacking.relayout(unrolled["detector"], {stacking.VIT: 3}))}
+    det = scanned["detector"]
+    assert det["backbone"]["vision_backbone"]["trunk"]["block_groups"]["blocks_2"]["norm1"]["bias"].shape == (2, 3)
+    assert det["backbone"]["language_backbone"]["encoder"]["transformer"]["resblocks_scan"]["resblocks_0"][
+        "norm1"]["bias"].shape == (4, 3)
+    np.testing.assert_array_equal(det["transformer"]["encoder"]["layers_scan"]["layers_0"]["attn"]["qkv"]["kernel"][1],
+                                  unrolled["detector"]["transformer"]["encoder"]["layers_1"]["attn"]["qkv"]["kernel"])
+    assert stacking.layout(det) == every
     converted.write(str(tmp_path / "converted"), unrolled, manifest={}, dead={}, vocab_path=str(vocab))
     _assert_same(checkpoint.load_params(str(tmp_path / "converted"), _abstract(scanned)), scanned)
     ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), async_save=False)
     ckpt.save(1, {"params": scanned, "step": jnp.int32(1)})
     ckpt.close()
-    _assert_same(checkpoint.load_params(str(tmp_path / "run"), _abstract(unrolled)), unrolled)
-    _assert_same(checkpoint.load_params(str(tmp_path / "run"), _abstract(scanned)), scanned)
+    for want in (unrolled, scanned, vision_only):
+        _assert_same(checkpoint.load_params(str(tmp_path / "run"), _abstract(want)), want)
 
 
 def test_load_params_from_training_checkpoint(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from sam3_jax.data import schema
+from sam3_jax.model import stacking
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.train import loop, metrics, optim, overrides
 from sam3_jax.train import mesh as mesh_lib
@@ -213,6 +214,6 @@ def test_configs_load_and_agree_with_the_model(spec):
         assert config.data.max_objects % config.mesh.frame == 0
     if spec.endswith("demo"):
         assert cfg.image_size <= 224 and config.total_steps <= 1000 and tracker.image_size == cfg.image_size
-    else:  # the ViT scanned: a much shorter compile; init_from stacks converted (unrolled) blocks
+    else:  # every stack scanned: a much shorter compile; init_from stacks converted (unrolled) layers
         assert cfg.vit.depth == 32 and cfg.compute_dtype == "bfloat16" and tracker == TrackerConfig.official()
-        assert cfg.vit.scan_blocks
+        assert cfg == stacking.set_scans(cfg, True)

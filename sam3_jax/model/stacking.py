@@ -1,0 +1,129 @@
+"""The detector's layer stacks that a config may scan, and their two parameter layouts.
+
+Unrolled, a stack's layers are children ``<prefix>_{i}`` of one module: the torch numbering, the
+layout the converter writes and Meta's tools read. Scanned (``nn.scan``), they sit under one child
+``<stacked>`` as ``<prefix>_{j}``, j < n, every leaf with a leading axis over groups of n consecutive
+layers: layer i = g * n + j is index g of ``<stacked>/<prefix>_{j}``. n is 1 where all layers are
+alike (text encoder, fusion encoder); for the ViT it is the period of its windowed/global pattern.
+
+``relayout`` moves a detector parameter tree (or any tree of that shape: gradients, abstract
+shapes) between layouts, so a checkpoint stored in one loads into a model built with the other.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from sam3_jax.model.config import ModelConfig, ViTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    path: tuple[str, ...]  # the module holding the layers, from the detector's params
+    prefix: str  # unrolled children: f"{prefix}_{i}"
+    stacked: str  # the scanned child
+
+
+VIT = Stack(("backbone", "vision_backbone", "trunk"), "blocks", "block_groups")
+TEXT = Stack(("backbone", "language_backbone", "encoder", "transformer"), "resblocks", "resblocks_scan")
+FUSION_ENCODER = Stack(("transformer", "encoder"), "layers", "layers_scan")
+STACKS = (VIT, TEXT, FUSION_ENCODER)
+
+
+def vit_group_size(config: ViTConfig) -> int:
+    """Length of the repeating [windowed * (n - 1), global] block pattern that a scanned ViT scans
+    over: 8 for the official model (global blocks 7, 15, 23, 31)."""
+    n = config.global_att_blocks[0] + 1
+    if tuple(config.global_att_blocks) != tuple(range(n - 1, config.depth, n)) or config.depth % n:
+        raise ValueError(f"scan_blocks needs global blocks every n-th block up to the last, "
+                         f"got {config.global_att_blocks} for depth {config.depth}")
+    return n
+
+
+def group_sizes(cfg: ModelConfig) -> dict[Stack, int]:
+    """The stacks that ``cfg`` scans, each with its group size; the others are unrolled."""
+    sizes = {}
+    if cfg.vit.scan_blocks:
+        sizes[VIT] = vit_group_size(cfg.vit)
+    if cfg.text.scan_blocks:
+        sizes[TEXT] = 1
+    if cfg.encoder.scan_layers:
+        sizes[FUSION_ENCODER] = 1
+    return sizes
+
+
+def set_scans(cfg: ModelConfig, scan: bool) -> ModelConfig:
+    """``cfg`` with every stack scanned, or every stack unrolled (the layout of the torch key map)."""
+    return cfg.replace(vit=dataclasses.replace(cfg.vit, scan_blocks=scan),
+                       text=dataclasses.replace(cfg.text, scan_blocks=scan),
+                       encoder=dataclasses.replace(cfg.encoder, scan_layers=scan))
+
+
+def layout(params: dict) -> dict[Stack, int]:
+    """The stacks that the detector tree ``params`` holds scanned, with their group sizes."""
+    sizes = {}
+    for s in STACKS:
+        module = _get(params, s.path)
+        if isinstance(module, Mapping) and s.stacked in module:
+            sizes[s] = len(module[s.stacked])
+    return sizes
+
+
+def relayout(params: dict, sizes: dict[Stack, int]) -> dict:
+    """The detector tree ``params`` with the stacks in ``sizes`` scanned (in groups of that size) and
+    every other stack unrolled. Leaves are moved, sliced or stacked, never changed."""
+    have = layout(params)
+    for s in STACKS:
+        if have.get(s) == sizes.get(s):
+            continue
+        module = _get(params, s.path)
+        if s in have:
+            module = unstack(module, s)
+        if s in sizes:
+            module = stack(module, s, sizes[s])
+        params = _put(params, s.path, module)
+    return params
+
+
+def stack(module: dict, s: Stack, n: int) -> dict:
+    """The module dict holding ``s`` with its layers unrolled -> scanned in groups of ``n``."""
+    depth = sum(k.startswith(s.prefix + "_") for k in module)
+    if depth % n:
+        raise ValueError(f"{'/'.join(s.path)}: {depth} layers do not split into groups of {n}")
+    out = {k: v for k, v in module.items() if not k.startswith(s.prefix + "_")}
+    out[s.stacked] = {f"{s.prefix}_{j}": jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                      *[module[f"{s.prefix}_{g * n + j}"] for g in range(depth // n)])
+                      for j in range(n)}
+    return out
+
+
+def unstack(module: dict, s: Stack) -> dict:
+    """Inverse of ``stack``."""
+    n = len(module[s.stacked])
+    out = {k: v for k, v in module.items() if k != s.stacked}
+    for j in range(n):
+        stacked = module[s.stacked][f"{s.prefix}_{j}"]
+        for g in range(jax.tree.leaves(stacked)[0].shape[0]):
+            out[f"{s.prefix}_{g * n + j}"] = jax.tree.map(lambda x: x[g], stacked)
+    return out
+
+
+def layer_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape one layer has of the leaf at ``path`` (stacked leaves lose their leading axis)."""
+    return tuple(shape[1:]) if any(s.stacked in path for s in STACKS) else tuple(shape)
+
+
+def _get(tree, path):
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _put(tree, path, value):
+    """A copy of the nested dict ``tree`` with ``value`` at ``path``."""
+    return value if not path else {**tree, path[0]: _put(tree[path[0]], path[1:], value)}
