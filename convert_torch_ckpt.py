@@ -2,18 +2,24 @@
 
   python convert_torch_ckpt.py --torch_ckpt=sam3.pt --output_dir=ckpt/sam3 [--bpe_path=...]
   python convert_torch_ckpt.py --direction=to_torch --checkpoint=ckpt/sam3 --torch_ckpt=out.pt
+  python convert_torch_ckpt.py --direction=from_run --run=WORKDIR --checkpoint=ckpt/sam3 --output_dir=ckpt/tuned
 
-``to_torch`` writes ``{"model": state_dict}`` with exactly the keys of the original file (dead
+``from_run`` writes a training run's newest parameters as a converted checkpoint directory (the
+manifest, dead weights and vocabulary come from ``--checkpoint``, the one the run started from), which
+the predictors read and ``to_torch`` exports. ``to_torch`` writes ``{"model": state_dict}`` with exactly the keys of the original file (dead
 weights carried through, RoPE buffers recomputed), loadable by ``build_sam3_video_model``.
 """
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("direction", "to_jax", ["to_jax", "to_torch"],
-                  "to_jax: --torch_ckpt -> --output_dir; to_torch: --checkpoint -> --torch_ckpt.")
+flags.DEFINE_enum("direction", "to_jax", ["to_jax", "to_torch", "from_run"],
+                  "to_jax: --torch_ckpt -> --output_dir; to_torch: --checkpoint -> --torch_ckpt; "
+                  "from_run: --run (+ --checkpoint) -> --output_dir.")
 flags.DEFINE_string("torch_ckpt", None, "The official sam3.pt (or a state_dict file); the output with to_torch.")
 flags.DEFINE_string("output_dir", None, "Directory to write (must not exist unless --overwrite).")
-flags.DEFINE_string("checkpoint", None, "Converted sam3-jax checkpoint directory to export (to_torch).")
+flags.DEFINE_string("checkpoint", None, "Converted sam3-jax checkpoint directory to export (to_torch), or the "
+                    "one a training run started from (from_run).")
+flags.DEFINE_string("run", None, "A training run's workdir (from_run): its newest checkpoint's parameters.")
 flags.DEFINE_string("bpe_path", None, "CLIP BPE vocabulary; defaults to the one shipped with sam3_jax.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing output directory (atomically).")
 flags.DEFINE_enum("preset", "official", ["official", "tiny"],
@@ -22,6 +28,14 @@ flags.DEFINE_enum("preset", "official", ["official", "tiny"],
 
 def main(argv):
     del argv
+    if FLAGS.direction == "from_run":
+        from sam3_jax.convert.from_run import write_from_run
+
+        if FLAGS.run is None or FLAGS.checkpoint is None or FLAGS.output_dir is None:
+            raise app.UsageError("--direction=from_run needs --run, --checkpoint and --output_dir")
+        manifest = write_from_run(FLAGS.run, FLAGS.checkpoint, FLAGS.output_dir, overwrite=FLAGS.overwrite)
+        print(f"wrote {FLAGS.output_dir}: {', '.join(manifest['trained']['models'])} from {FLAGS.run}")
+        return
     if FLAGS.torch_ckpt is None:
         raise app.UsageError("--torch_ckpt is required")
     if FLAGS.direction == "to_torch":

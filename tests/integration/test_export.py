@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import REPO, write_torch
@@ -67,6 +68,52 @@ def test_fine_tuned_params_are_exported(tiny_state_dict, tmp_path):
     out = export.export_checkpoint(str(ckpt), params)
     key = "tracker.obj_ptr_proj.layers.0.weight"
     np.testing.assert_array_equal(out[key], tiny_state_dict[key] + 1)
+
+
+def _save_run(run_dir, detector_params):
+    from sam3_jax.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(str(run_dir), async_save=False)
+    ckpt.save(7, {"params": {"detector": detector_params}, "step": np.int32(7)})
+    ckpt.close()
+
+
+def test_a_training_run_exports_through_from_run(tiny_state_dict, tmp_path):
+    """A run that trained the detector with every layer stack scanned -> ``from_run`` (the CLI) ->
+    the export: every mapped detector key carries the run's value, the tracker's keys, the dead
+    weights and the RoPE buffers the base checkpoint's; and the new directory loads like any
+    converted one."""
+    base = _converted(tiny_state_dict, tmp_path)
+    manifest = checkpoint.read_manifest(str(base))
+    abstract = sam3_checkpoint.abstract_params(*sam3_checkpoint.configs(manifest))
+    tuned = jax.tree.map(lambda x: np.asarray(x) + 1.0, checkpoint.read_params(str(base), abstract)["detector"])
+    scanned = stacking.relayout(tuned, stacking.group_sizes(stacking.set_scans(ModelConfig.tiny(), True)))
+    assert len(stacking.layout(scanned)) == len(stacking.STACKS)
+    _save_run(tmp_path / "run", scanned)
+    out_dir = tmp_path / "tuned"
+    subprocess.run([sys.executable, os.path.join(REPO, "convert_torch_ckpt.py"), "--direction=from_run",
+                    f"--run={tmp_path / 'run'}", f"--checkpoint={base}", f"--output_dir={out_dir}"], check=True, cwd=REPO)
+    assert checkpoint.read_manifest(str(out_dir))["trained"]["models"] == ["detector"]
+    out = export.export_checkpoint(str(out_dir))
+    assert sorted(out) == sorted(tiny_state_dict)
+    mapped = [k for k, fate in manifest["keys"].items() if k.startswith("detector.") and fate.startswith(export.MAPPED)]
+    assert len(mapped) > 100
+    for key, value in out.items():
+        want = tiny_state_dict[key] + 1 if key in mapped else tiny_state_dict[key]
+        np.testing.assert_allclose(value, want, rtol=1e-6, err_msg=key)
+
+
+def test_from_run_names_a_parameter_of_another_shape(tiny_state_dict, tmp_path):
+    from sam3_jax.convert.from_run import write_from_run
+
+    base = _converted(tiny_state_dict, tmp_path)
+    abstract = sam3_checkpoint.abstract_params(*sam3_checkpoint.configs(checkpoint.read_manifest(str(base))))
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract["detector"])
+    params["dot_prod_scoring"]["hs_proj"]["kernel"] = np.zeros((3, 3), np.float32)
+    _save_run(tmp_path / "run", params)
+    with pytest.raises(ValueError, match="dot_prod_scoring/hs_proj/kernel"):
+        write_from_run(str(tmp_path / "run"), str(base), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_half_precision_file_keeps_its_dtypes(ref, tiny_state_dict, tmp_path):
