@@ -97,6 +97,7 @@ class DecoderConfig:
     box_rpb: str = "log"
     presence_token: bool = True
     remat: bool = True  # rematerialise each layer in the backward pass, as the reference checkpoints
+    scan_layers: bool = False  # compile time: one ``nn.scan`` over the layers (see ``stacking``)
     scoring_mlp_dim: int = 2048  # hidden width of the dot-product scorer's prompt MLP
 
 

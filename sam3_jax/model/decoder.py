@@ -20,6 +20,7 @@ from sam3_jax.nn.attention import MultiheadAttention
 from sam3_jax.nn.boxes import box_cxcywh_to_xyxy
 from sam3_jax.nn.layers import MLP, LayerNorm
 from sam3_jax.nn.position import sine_embed_for_position
+from sam3_jax.nn.repeat import varying_like
 
 
 def inverse_sigmoid(x, eps: float = 1e-3):
@@ -87,7 +88,8 @@ class TransformerDecoderLayer(nn.Module):
 class TransformerDecoder(nn.Module):
     """``transformer.decoder``: ``layers_{i}``, ``norm``, ``query_embed``, ``reference_points``,
     ``bbox_embed``, ``ref_point_head``, ``boxRPB_embed_{x,y}`` and the presence token with its
-    ``presence_token_head`` / ``presence_token_out_norm``."""
+    ``presence_token_head`` / ``presence_token_out_norm``. With ``config.scan_layers`` the layers
+    are one stacked tree ``layers_scan/layers_0`` (``stacking``), run as one scan."""
 
     config: DecoderConfig = DecoderConfig()
     d_model: int = 256
@@ -97,11 +99,14 @@ class TransformerDecoder(nn.Module):
         cfg, c = self.config, self.d_model
         if cfg.box_rpb not in ("none", "log", "linear", "both"):
             raise ValueError(f"unknown box_rpb mode {cfg.box_rpb!r}")
-        layer_cls = TransformerDecoderLayer
-        if cfg.remat:
-            layer_cls = nn.remat(TransformerDecoderLayer, static_argnums=(8, 9))
-        self.layers = [layer_cls(c, cfg.num_heads, cfg.dim_feedforward, cfg.dropout, dtype=self.dtype)
-                       for _ in range(cfg.num_layers)]  # named layers_0 .. by Flax
+        if cfg.scan_layers:  # one stacked tree, ``layers_scan/layers_0``, applied in ``_scan_layers``
+            self.layers_scan = self.param("layers_scan", self._init_stacked_layers)
+        else:
+            layer_cls = TransformerDecoderLayer
+            if cfg.remat:
+                layer_cls = nn.remat(TransformerDecoderLayer, static_argnums=(8, 9))
+            self.layers = [layer_cls(c, cfg.num_heads, cfg.dim_feedforward, cfg.dropout, dtype=self.dtype)
+                           for _ in range(cfg.num_layers)]  # named layers_0 .. by Flax
         self.norm = LayerNorm(dtype=self.dtype)
         self.query_embed = nn.Embed(cfg.num_queries, c)
         self.reference_points = nn.Embed(cfg.num_queries, 4)
@@ -160,34 +165,79 @@ class TransformerDecoder(nn.Module):
 
         # `ref` feeds the next layer (gradient stopped after layer 0); `ref_kept` keeps the gradient
         # for the per-layer box predictions.
-        ref_kept = ref
-        hs, ref_boxes, pred_boxes, presence_logits = [], [], [], []
-        for layer in self.layers:
-            query_pos = self.ref_point_head(sine_embed_for_position(ref, c))
-            bias = None if cfg.box_rpb == "none" else self.box_rpb(ref, hw)
-            seq = tgt
-            if presence is not None:
-                seq = jnp.concatenate([presence, tgt], axis=1)
-                query_pos = jnp.concatenate([jnp.zeros_like(query_pos[:, :1]), query_pos], axis=1)
-                if bias is not None:
-                    bias = jnp.pad(bias, ((0, 0), (0, 0), (1, 0), (0, 0)))
-            out = layer(seq, query_pos, memory, memory_pos, prompt, prompt_mask, bias, num_self, deterministic)
-            tgt = out[:, num_extra:]
-            normed = self.norm(tgt)
-            delta = self.bbox_embed(normed).astype(jnp.float32)
-            new_ref = jax.nn.sigmoid(delta + inverse_sigmoid(ref))
-            hs.append(normed)
-            ref_boxes.append(ref_kept)
-            pred_boxes.append(jax.nn.sigmoid(inverse_sigmoid(ref_kept) + delta))
-            ref_kept, ref = new_ref, jax.lax.stop_gradient(new_ref)
-            if presence is not None:
-                presence = out[:, :1]
-                logit = self.presence_token_head(self.presence_token_out_norm(presence))
-                presence_logits.append(logit[:, 0].astype(jnp.float32))
-        return DecoderOutput(
-            hs=jnp.stack(hs),
-            ref_boxes=jnp.stack(ref_boxes),
-            pred_boxes=jnp.stack(pred_boxes),
-            presence_logits=jnp.stack(presence_logits) if presence_logits else None,
-            presence_feats=presence,
-        )
+        carry = (tgt, ref, ref, presence)
+        inputs = (memory, memory_pos, prompt, prompt_mask)
+        if cfg.scan_layers:  # a scan's carry keeps its dtype: the stream as the layers return it
+            stream = jnp.result_type(self.dtype or jnp.float32)
+            carry = (tgt.astype(stream), ref, ref, None if presence is None else presence.astype(stream))
+            carry = varying_like(carry, memory)
+            carry, outs = self._scan_layers(carry, inputs, hw, num_self, deterministic)
+        else:
+            per_layer = []
+            for layer in self.layers:
+                carry, out = self._layer_step(
+                    carry, lambda *args, layer=layer: layer(*args, num_self, deterministic), inputs, hw)
+                per_layer.append(out)
+            outs = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+        hs, ref_boxes, pred_boxes, presence_logits = outs
+        return DecoderOutput(hs=hs, ref_boxes=ref_boxes, pred_boxes=pred_boxes, presence_logits=presence_logits,
+                             presence_feats=carry[3])
+
+    def _layer_step(self, carry, layer, inputs, hw):
+        """One layer and the shared heads around it: query positions and boxRPB from the current
+        boxes, the layer, the refined boxes and the presence logit. -> (carry, this layer's outputs)."""
+        tgt, ref, ref_kept, presence = carry
+        memory, memory_pos, prompt, prompt_mask = inputs
+        query_pos = self.ref_point_head(sine_embed_for_position(ref, self.d_model))
+        bias = None if self.config.box_rpb == "none" else self.box_rpb(ref, hw)
+        seq = tgt
+        if presence is not None:
+            seq = jnp.concatenate([presence, tgt], axis=1)
+            query_pos = jnp.concatenate([jnp.zeros_like(query_pos[:, :1]), query_pos], axis=1)
+            if bias is not None:
+                bias = jnp.pad(bias, ((0, 0), (0, 0), (1, 0), (0, 0)))
+        out = layer(seq, query_pos, memory, memory_pos, prompt, prompt_mask, bias)
+        num_extra = 0 if presence is None else 1
+        normed = self.norm(out[:, num_extra:])
+        delta = self.bbox_embed(normed).astype(jnp.float32)
+        new_ref = jax.nn.sigmoid(delta + inverse_sigmoid(ref))
+        pred = jax.nn.sigmoid(inverse_sigmoid(ref_kept) + delta)
+        logit = None
+        if presence is not None:
+            presence = out[:, :1]
+            logit = self.presence_token_head(self.presence_token_out_norm(presence))[:, 0].astype(jnp.float32)
+        return (out[:, num_extra:], jax.lax.stop_gradient(new_ref), new_ref, presence), (normed, ref_kept, pred, logit)
+
+    def _layer_def(self) -> TransformerDecoderLayer:
+        """The layer as an unbound module, applied functionally to each slice of ``layers_scan``."""
+        cfg = self.config
+        return TransformerDecoderLayer(self.d_model, cfg.num_heads, cfg.dim_feedforward, cfg.dropout,
+                                       dtype=self.dtype, parent=None)
+
+    def _init_stacked_layers(self, rng):
+        c = self.d_model
+        tokens, memory = jnp.zeros((1, 2, c)), jnp.zeros((1, 3, c))
+        args = (tokens, tokens, memory, memory, jnp.zeros((1, 1, c)), jnp.zeros((1, 1), bool), None, 2)
+        layers = jax.vmap(lambda r: self._layer_def().init(r, *args)["params"])(
+            jax.random.split(rng, self.config.num_layers))
+        return {"layers_0": layers}
+
+    def _scan_layers(self, carry, inputs, hw, num_self: int, deterministic: bool):
+        """The layers as one ``nn.scan`` over ``layers_scan``: the shared heads' parameters are
+        broadcast to every step, each step gets its slice of the stacked layer parameters."""
+        layer_def = self._layer_def()
+
+        def apply_layer(params, rng, *args):
+            rngs = None if deterministic else {"dropout": rng}
+            return layer_def.apply({"params": params}, *args, num_self, deterministic, rngs=rngs)
+
+        if self.config.remat:
+            apply_layer = jax.checkpoint(apply_layer, prevent_cse=False)
+
+        def body(module, carry, params):
+            rng = None if deterministic else module.make_rng("dropout")
+            return module._layer_step(carry, lambda *args: apply_layer(params, rng, *args), inputs, hw)
+
+        scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False, "dropout": True},
+                       length=self.config.num_layers)
+        return scan(self, carry, self.layers_scan["layers_0"])

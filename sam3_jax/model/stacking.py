@@ -4,7 +4,7 @@ Unrolled, a stack's layers are children ``<prefix>_{i}`` of one module: the torc
 layout the converter writes and Meta's tools read. Scanned (``nn.scan``), they sit under one child
 ``<stacked>`` as ``<prefix>_{j}``, j < n, every leaf with a leading axis over groups of n consecutive
 layers: layer i = g * n + j is index g of ``<stacked>/<prefix>_{j}``. n is 1 where all layers are
-alike (text encoder, fusion encoder); for the ViT it is the period of its windowed/global pattern.
+alike (text encoder, fusion encoder, decoder); for the ViT it is the period of its windowed/global pattern.
 
 ``relayout`` moves a detector parameter tree (or any tree of that shape: gradients, abstract
 shapes) between layouts, so a checkpoint stored in one loads into a model built with the other.
@@ -30,7 +30,8 @@ class Stack:
 VIT = Stack(("backbone", "vision_backbone", "trunk"), "blocks", "block_groups")
 TEXT = Stack(("backbone", "language_backbone", "encoder", "transformer"), "resblocks", "resblocks_scan")
 FUSION_ENCODER = Stack(("transformer", "encoder"), "layers", "layers_scan")
-STACKS = (VIT, TEXT, FUSION_ENCODER)
+DECODER = Stack(("transformer", "decoder"), "layers", "layers_scan")
+STACKS = (VIT, TEXT, FUSION_ENCODER, DECODER)
 
 
 def vit_group_size(config: ViTConfig) -> int:
@@ -52,6 +53,8 @@ def group_sizes(cfg: ModelConfig) -> dict[Stack, int]:
         sizes[TEXT] = 1
     if cfg.encoder.scan_layers:
         sizes[FUSION_ENCODER] = 1
+    if cfg.decoder.scan_layers:
+        sizes[DECODER] = 1
     return sizes
 
 
@@ -59,7 +62,8 @@ def set_scans(cfg: ModelConfig, scan: bool) -> ModelConfig:
     """``cfg`` with every stack scanned, or every stack unrolled (the layout of the torch key map)."""
     return cfg.replace(vit=dataclasses.replace(cfg.vit, scan_blocks=scan),
                        text=dataclasses.replace(cfg.text, scan_blocks=scan),
-                       encoder=dataclasses.replace(cfg.encoder, scan_layers=scan))
+                       encoder=dataclasses.replace(cfg.encoder, scan_layers=scan),
+                       decoder=dataclasses.replace(cfg.decoder, scan_layers=scan))
 
 
 def layout(params: dict) -> dict[Stack, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import flax.linen as nn
+import jax
 
 
 class _Step(nn.Module):
@@ -35,3 +36,28 @@ def repeat(make_layer: Callable[..., nn.Module], length: int, prefix: str, stack
                    in_axes=(nn.broadcast,) * len(args), length=length)
     x, _ = scan(make_layer, prefix, name=stacked)(x, *args)
     return x
+
+
+def varying_like(tree, like):
+    """``tree`` marked as varying over every mesh axis that ``like`` varies over. Inside
+    ``shard_map`` a scan's carry must keep its type, and a carry that starts from parameters
+    (replicated) but is updated from sharded data would change it in the first step. Outside
+    ``shard_map`` nothing varies and ``tree`` is returned as it is."""
+    axes = _varying_axes(like)
+    if axes is None:  # a JAX whose types this does not read: every manual axis of the mesh
+        axes = frozenset(jax.sharding.get_abstract_mesh().manual_axes)
+
+    def cast(x):
+        missing = tuple(sorted(axes - (_varying_axes(x) or frozenset())))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree)
+
+
+def _varying_axes(x) -> frozenset | None:
+    """The mesh axes ``x`` varies over inside ``shard_map`` (``ManualAxisType.varying`` in jax 0.10,
+    ``vma`` before), or None where the type has neither."""
+    aval = jax.typeof(x)
+    if hasattr(aval, "manual_axis_type"):
+        return frozenset(aval.manual_axis_type.varying)
+    return frozenset(aval.vma) if hasattr(aval, "vma") else None

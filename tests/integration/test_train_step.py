@@ -14,6 +14,7 @@ import pytest
 
 from sam3_jax.data import config as data_config
 from sam3_jax.data import pipeline
+from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.detector import init_params
 from sam3_jax.model.tracker import tracker as tracker_lib
@@ -93,6 +94,31 @@ def single(setup):
     return get
 
 
+def _assert_grads_close(grads, grads1, atol: float):
+    """Every leaf, relative to its scale; leaves whose true gradient is zero (e.g. biases that shift
+    all attention logits alike) hold rounding noise, judged against the largest leaf."""
+    flat1 = jax.tree_util.tree_flatten_with_path(grads1)[0]
+    flat = jax.tree.leaves(grads)
+    assert len(flat) == len(flat1)
+    top = max(float(np.abs(g).max()) for _, g in flat1)
+    for (path, g1), g in zip(flat1, flat):
+        scale = max(float(np.abs(g1).max()), 1e-4 * top)
+        np.testing.assert_allclose(g / scale, g1 / scale, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def test_scanned_stacks_sharded_equal_unrolled_single_device(setup, single):
+    """Every layer stack scanned, as the official configs run them, on data=2 x frame=4: the loss and
+    the (unstacked) gradients of the unrolled 1-device step. The decoder's scan carry starts from
+    replicated parameters, so inside shard_map it must be typed as varying (``varying_like``)."""
+    cfg, batch, params = setup
+    scanned = stacking.set_scans(cfg, True)
+    params = {**params, "detector": stacking.relayout(params["detector"], stacking.group_sizes(scanned))}
+    loss1, _, grads1 = single("stand-in")
+    loss, _, grads = run((scanned, batch, params), 2, 4)
+    np.testing.assert_allclose(loss, loss1, rtol=2e-5)
+    _assert_grads_close({**grads, "detector": stacking.relayout(grads["detector"], {})}, grads1, atol=1e-3)
+
+
 @pytest.mark.parametrize("stage,data,frame", [("stand-in", 2, 4), ("stand-in", 1, 8), ("tracker", 2, 4)])
 def test_sharded_step_equals_single_device(setup, single, stage, data, frame):
     loss1, aux1, grads1 = single(stage)
@@ -114,18 +140,9 @@ def test_sharded_step_equals_single_device(setup, single, stage, data, frame):
         for copy in got:
             np.testing.assert_allclose(np.asarray(copy, np.float32), np.asarray(ref[0], np.float32),
                                        rtol=1e-2, atol=1e-2, err_msg=jax.tree_util.keystr(path))
-    # Gradients: every leaf, relative to its scale; leaves whose true gradient is zero (e.g. biases
-    # that shift all attention logits alike) hold rounding noise, judged against the largest leaf.
-    flat1 = jax.tree_util.tree_flatten_with_path(grads1)[0]
-    flat = jax.tree.leaves(grads)
-    assert len(flat) == len(flat1)
-    top = max(float(np.abs(g).max()) for _, g in flat1)
     # The tracker's gradients come through ~30 prediction steps per object: a longer chain of float32
     # sums whose order differs with the split (measured: 1.01e-3 of the leaf scale, 1 element).
-    atol = {"stand-in": 1e-3, "tracker": 2e-3}[stage]
-    for (path, g1), g in zip(flat1, flat):
-        scale = max(float(np.abs(g1).max()), 1e-4 * top)
-        np.testing.assert_allclose(g / scale, g1 / scale, atol=atol, err_msg=jax.tree_util.keystr(path))
+    _assert_grads_close(grads, grads1, atol={"stand-in": 1e-3, "tracker": 2e-3}[stage])
     # The clip stage's gradient reaches the tracker neck, which only it uses (and the tracker's own).
     neck = grads1["detector"]["backbone"]["vision_backbone"]["sam2_convs_0"]
     assert all(np.abs(x).max() > 0 for x in jax.tree.leaves(neck))

@@ -199,20 +199,30 @@ def _check_outputs(got, want, num_queries):
     assert all(e < TOL for e in errors.values()), errors
 
 
-def test_decoder_eval(ref):
+def _decoder(scan: bool, **changes):
+    """Our decoder, unrolled or scanned (``scan_layers``), and the converted params -> its layout."""
+    dec = TransformerDecoder(dataclasses.replace(CFG.decoder, scan_layers=scan, **changes), CFG.d_model)
+    if not scan:
+        return dec, lambda params: params
+    return dec, lambda params: stacking.stack(params, stacking.DECODER, 1)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_decoder_eval(ref, scan):
     torch = ref.torch
     t_dec = _torch_decoder(ref, dropout=0.1).eval()
     randomize_(t_dec, seed=11)
     src, pos, prompt, mask = _inputs(1)
     with torch.no_grad():
         want = _run_torch_decoder(ref, t_dec, src, pos, prompt, mask, apply_dac=False)
-    dec = TransformerDecoder(CFG.decoder, CFG.d_model)
-    params = flax_params(t_dec, dec, src, pos, (H, W), prompt, mask)
-    got = jax.jit(lambda p: dec.apply({"params": p}, src, pos, (H, W), prompt, mask))(params)
+    params = flax_params(t_dec, TransformerDecoder(CFG.decoder, CFG.d_model), src, pos, (H, W), prompt, mask)
+    dec, to_layout = _decoder(scan)
+    got = jax.jit(lambda p: dec.apply({"params": p}, src, pos, (H, W), prompt, mask))(to_layout(params))
     _check_outputs(got, want, CFG.decoder.num_queries)
 
 
-def test_decoder_train_dac_with_gradients(ref):
+@pytest.mark.parametrize("scan", [False, True])
+def test_decoder_train_dac_with_gradients(ref, scan):
     """Training mode with DAC (torch dropout 0 so both runs are deterministic): outputs, and the
     gradients of a loss on every layer's boxes and queries. The gradients pin down the box
     refinement: the next layer's refs are detached, each layer's prediction keeps its input refs'
@@ -233,15 +243,17 @@ def test_decoder_train_dac_with_gradients(ref):
     t_grads = {k: (np.zeros(v.shape, np.float32) if v.grad is None else v.grad.numpy())
                for k, v in t_dec.named_parameters()}
 
-    dec = TransformerDecoder(CFG.decoder, CFG.d_model)
-    params = flax_params(t_dec, dec, src, pos, (H, W), prompt, mask)
+    params = flax_params(t_dec, TransformerDecoder(CFG.decoder, CFG.d_model), src, pos, (H, W), prompt, mask)
+    dec, to_layout = _decoder(scan)
 
     def loss(p):
         out = dec.apply({"params": p}, src, pos, (H, W), prompt, mask, train=True)
         return (out.pred_boxes * w_box).sum() + 1e-2 * (out.hs * w_hs).sum(), out
 
-    (_, got), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    (_, got), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(to_layout(params))
     _check_outputs(got, want, q)
+    if scan:
+        grads = stacking.unstack(grads, stacking.DECODER)
 
     from sam3_jax.convert import keymap
 
@@ -254,11 +266,11 @@ def test_decoder_train_dac_with_gradients(ref):
     assert not bad, bad
 
 
-def test_decoder_dropout_runs():
-    """deterministic=False under jit (one layer, to keep the compile short)."""
-    import dataclasses
-
-    dec = TransformerDecoder(dataclasses.replace(CFG.decoder, num_layers=1), CFG.d_model)
+@pytest.mark.parametrize("scan", [False, True])
+def test_decoder_dropout_runs(scan):
+    """deterministic=False under jit (unrolled: one layer, to keep the compile short; scanned: two,
+    so the scan carries the dropout stream from step to step)."""
+    dec, _ = _decoder(scan, num_layers=2 if scan else 1)
     src, pos, prompt, mask = _inputs(3)
     abstract = jax.eval_shape(lambda: dec.init(jax.random.key(0), src, pos, (H, W), prompt, mask))["params"]
     rng = np.random.default_rng(0)  # random weights without compiling `init`
