@@ -74,6 +74,7 @@ class GeometryConfig:
     dim_feedforward: int = 2048
     dropout: float = 0.1
     roi_size: int = 7
+    scan_layers: bool = False  # compile time: one ``nn.scan`` over the layers (see ``stacking``)
 
 
 @dataclass(frozen=True)

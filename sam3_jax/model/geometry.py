@@ -10,14 +10,17 @@ encoded as corner points, no mask prompts).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from sam3_jax.model import stacking
 from sam3_jax.model.config import GeometryConfig
 from sam3_jax.model.encoder import TransformerEncoderLayer
 from sam3_jax.nn import layers, ops, position
+from sam3_jax.nn.repeat import repeat
 from sam3_jax.nn.boxes import box_cxcywh_to_xyxy
 
 
@@ -40,7 +43,7 @@ class SequenceGeometryEncoder(nn.Module):
     values that no consumer should read. Nb or Np may be 0 (the cls token is always there).
     Param tree: ``label_embed``, ``cls_embed``, ``points_{direct,pool,pos_enc}_project``,
     ``boxes_{direct,pool,pos_enc}_project``, ``final_proj``, ``norm``, ``img_pre_norm``,
-    ``encode_{i}``, ``encode_norm``.
+    ``encode_{i}`` (with ``config.scan_layers``: ``encode_scan/encode_0``, stacked), ``encode_norm``.
     """
 
     config: GeometryConfig
@@ -94,8 +97,10 @@ class SequenceGeometryEncoder(nn.Module):
         x = layers.LayerNorm(name="norm", dtype=self.dtype)(self._dense("final_proj")(tokens))
         memory = img_feat.reshape(b, h * w, -1)
         memory_pos = img_pos.reshape(b, h * w, -1)
-        for i in range(cfg.num_layers):
-            x = TransformerEncoderLayer(d, cfg.num_heads, cfg.dim_feedforward, cfg.dropout, name=f"encode_{i}",
-                                        dtype=self.dtype)(
-                x, memory, tgt_key_padding_mask=mask, pos=memory_pos, deterministic=deterministic)
+        make = functools.partial(TransformerEncoderLayer, d, cfg.num_heads, cfg.dim_feedforward, cfg.dropout,
+                                 dtype=self.dtype)
+        stacked = stacking.GEOMETRY.stacked if cfg.scan_layers else None
+        # (tgt, memory, tgt_key_padding_mask, memory_key_padding_mask, pos, query_pos, deterministic)
+        x = repeat(make, cfg.num_layers, stacking.GEOMETRY.prefix, stacked,
+                   x, memory, mask, None, memory_pos, None, deterministic)
         return layers.LayerNorm(name="encode_norm", dtype=self.dtype)(x), mask

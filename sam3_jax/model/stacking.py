@@ -4,7 +4,7 @@ Unrolled, a stack's layers are children ``<prefix>_{i}`` of one module: the torc
 layout the converter writes and Meta's tools read. Scanned (``nn.scan``), they sit under one child
 ``<stacked>`` as ``<prefix>_{j}``, j < n, every leaf with a leading axis over groups of n consecutive
 layers: layer i = g * n + j is index g of ``<stacked>/<prefix>_{j}``. n is 1 where all layers are
-alike (text encoder, fusion encoder, decoder); for the ViT it is the period of its windowed/global pattern.
+alike (text encoder, fusion encoder, decoder, geometry encoder); for the ViT it is the period of its windowed/global pattern.
 
 ``relayout`` moves a detector parameter tree (or any tree of that shape: gradients, abstract
 shapes) between layouts, so a checkpoint stored in one loads into a model built with the other.
@@ -12,6 +12,7 @@ shapes) between layouts, so a checkpoint stored in one loads into a model built 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 
 import jax
@@ -31,7 +32,8 @@ VIT = Stack(("backbone", "vision_backbone", "trunk"), "blocks", "block_groups")
 TEXT = Stack(("backbone", "language_backbone", "encoder", "transformer"), "resblocks", "resblocks_scan")
 FUSION_ENCODER = Stack(("transformer", "encoder"), "layers", "layers_scan")
 DECODER = Stack(("transformer", "decoder"), "layers", "layers_scan")
-STACKS = (VIT, TEXT, FUSION_ENCODER, DECODER)
+GEOMETRY = Stack(("geometry_encoder",), "encode", "encode_scan")
+STACKS = (VIT, TEXT, FUSION_ENCODER, DECODER, GEOMETRY)
 
 
 def vit_group_size(config: ViTConfig) -> int:
@@ -55,6 +57,8 @@ def group_sizes(cfg: ModelConfig) -> dict[Stack, int]:
         sizes[FUSION_ENCODER] = 1
     if cfg.decoder.scan_layers:
         sizes[DECODER] = 1
+    if cfg.geometry.scan_layers:
+        sizes[GEOMETRY] = 1
     return sizes
 
 
@@ -63,7 +67,8 @@ def set_scans(cfg: ModelConfig, scan: bool) -> ModelConfig:
     return cfg.replace(vit=dataclasses.replace(cfg.vit, scan_blocks=scan),
                        text=dataclasses.replace(cfg.text, scan_blocks=scan),
                        encoder=dataclasses.replace(cfg.encoder, scan_layers=scan),
-                       decoder=dataclasses.replace(cfg.decoder, scan_layers=scan))
+                       decoder=dataclasses.replace(cfg.decoder, scan_layers=scan),
+                       geometry=dataclasses.replace(cfg.geometry, scan_layers=scan))
 
 
 def layout(params: dict) -> dict[Stack, int]:
@@ -94,10 +99,11 @@ def relayout(params: dict, sizes: dict[Stack, int]) -> dict:
 
 def stack(module: dict, s: Stack, n: int) -> dict:
     """The module dict holding ``s`` with its layers unrolled -> scanned in groups of ``n``."""
-    depth = sum(k.startswith(s.prefix + "_") for k in module)
+    is_layer = re.compile(rf"{s.prefix}_\d+").fullmatch  # not e.g. the geometry encoder's encode_norm
+    depth = sum(bool(is_layer(k)) for k in module)
     if depth % n:
         raise ValueError(f"{'/'.join(s.path)}: {depth} layers do not split into groups of {n}")
-    out = {k: v for k, v in module.items() if not k.startswith(s.prefix + "_")}
+    out = {k: v for k, v in module.items() if not is_layer(k)}
     out[s.stacked] = {f"{s.prefix}_{j}": jax.tree.map(lambda *xs: jnp.stack(xs),
                                                       *[module[f"{s.prefix}_{g * n + j}"] for g in range(depth // n)])
                       for j in range(n)}
