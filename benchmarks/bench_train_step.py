@@ -127,10 +127,11 @@ def xla_attention():
     return mock.patch.dict(os.environ, {"SAM3_JAX_CUDNN_ATTENTION": "0"})
 
 
-def tracker_config(size: str):
+def tracker_config(size: str, scan: bool = False):
+    from sam3_jax.model import stacking
     from sam3_jax.model.tracker.config import TrackerConfig
 
-    return TrackerConfig.official() if size == "official" else TrackerConfig.tiny()
+    return stacking.set_scans(TrackerConfig.official() if size == "official" else TrackerConfig.tiny(), scan)
 
 
 def prompt_config(prompts: str):
@@ -200,7 +201,7 @@ def run_jax(args, batch_path: str) -> dict:
     abstract = {"detector": abstract_params(cfg)}
     stage = None
     if args.mode != "detector":
-        tracker_cfg = tracker_config(args.size)
+        tracker_cfg = tracker_config(args.size, args.scan)
         abstract["tracker"] = tracker_lib.abstract_params(tracker_cfg)
         stage = tracker_stage.make_tracker_stage(tracker_cfg, prompt_config(args.prompts), TrackerLossConfig(),
                                                  dtype=cfg.compute_dtype)
@@ -225,7 +226,7 @@ def run_jax(args, batch_path: str) -> dict:
         # Model FLOPs: forward + backward of the loss without remat, as lowered (nothing is compiled).
         plain_cfg = without_remat(cfg)
         plain_loss = step_lib.make_loss_fn(plain_cfg, loss_cfg, mesh, clip_stage=stage, detect=detect)
-        plain_params = dict(abstract, detector=abstract_params(plain_cfg))  # unrolled ViT layout
+        plain_params = dict(abstract, detector=abstract_params(plain_cfg))  # the detector unrolled
         with xla_attention():
             model_cost = jax.jit(jax.value_and_grad(plain_loss, has_aux=True)).lower(
                 plain_params, batch, jax.random.key(1)).cost_analysis() or {}

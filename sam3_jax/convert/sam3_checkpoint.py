@@ -126,8 +126,8 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
     params = {"detector": conversion.params}
     del det_sd, conversion
     if video_layout:
-        tracked = keymap.convert(trk_sd, tracker_abstract_params(tracker_cfg), source=f"{torch_ckpt} (tracker.*)",
-                                 consume=True)
+        tracked = keymap.convert(trk_sd, tracker_abstract_params(stacking.set_scans(tracker_cfg, False)),
+                                 source=f"{torch_ckpt} (tracker.*)", consume=True)
         if tracked.recomputed:  # the tracker's RoPE tables are not buffers of the state_dict
             raise keymap.ConversionError(f"{torch_ckpt}: unexpected tracker buffers: " + ", ".join(tracked.recomputed))
         fate.update({TRACKER + k: v for k, v in tracked.fate.items()})
@@ -146,7 +146,7 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
         "summary": _summary(fate),
         "source_dtypes": source_dtypes,  # keys stored in another float type than float32
     }
-    params["detector"] = stacking.relayout(params["detector"], stacking.group_sizes(cfg))
+    params = stacking.relayout(params, stacking.group_sizes(cfg, tracker_cfg if video_layout else None))
     checkpoint.write(output_dir, params, manifest=manifest, dead=dead, vocab_path=vocab, overwrite=overwrite)
     return manifest
 

@@ -1,13 +1,15 @@
-"""The detector's layer stacks that a config may scan, and their two parameter layouts.
+"""The layer stacks that a config may scan, and their two parameter layouts.
 
 Unrolled, a stack's layers are children ``<prefix>_{i}`` of one module: the torch numbering, the
 layout the converter writes and Meta's tools read. Scanned (``nn.scan``), they sit under one child
 ``<stacked>`` as ``<prefix>_{j}``, j < n, every leaf with a leading axis over groups of n consecutive
 layers: layer i = g * n + j is index g of ``<stacked>/<prefix>_{j}``. n is 1 where all layers are
-alike (text encoder, fusion encoder, decoder, geometry encoder); for the ViT it is the period of its windowed/global pattern.
+alike (text encoder, fusion encoder, decoder, geometry encoder, the tracker's memory attention); for
+the ViT it is the period of its windowed/global pattern.
 
-``relayout`` moves a detector parameter tree (or any tree of that shape: gradients, abstract
-shapes) between layouts, so a checkpoint stored in one loads into a model built with the other.
+``relayout`` moves a parameter tree ``{"detector": ..., "tracker": ...}`` (or any tree of that
+shape: gradients, abstract shapes; either model may be absent) between layouts, so a checkpoint
+stored in one loads into a model built with the other.
 """
 from __future__ import annotations
 
@@ -19,21 +21,23 @@ import jax
 import jax.numpy as jnp
 
 from sam3_jax.model.config import ModelConfig, ViTConfig
+from sam3_jax.model.tracker.config import TrackerConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Stack:
-    path: tuple[str, ...]  # the module holding the layers, from the detector's params
+    path: tuple[str, ...]  # the module holding the layers, from the root ("detector" or "tracker")
     prefix: str  # unrolled children: f"{prefix}_{i}"
     stacked: str  # the scanned child
 
 
-VIT = Stack(("backbone", "vision_backbone", "trunk"), "blocks", "block_groups")
-TEXT = Stack(("backbone", "language_backbone", "encoder", "transformer"), "resblocks", "resblocks_scan")
-FUSION_ENCODER = Stack(("transformer", "encoder"), "layers", "layers_scan")
-DECODER = Stack(("transformer", "decoder"), "layers", "layers_scan")
-GEOMETRY = Stack(("geometry_encoder",), "encode", "encode_scan")
-STACKS = (VIT, TEXT, FUSION_ENCODER, DECODER, GEOMETRY)
+VIT = Stack(("detector", "backbone", "vision_backbone", "trunk"), "blocks", "block_groups")
+TEXT = Stack(("detector", "backbone", "language_backbone", "encoder", "transformer"), "resblocks", "resblocks_scan")
+FUSION_ENCODER = Stack(("detector", "transformer", "encoder"), "layers", "layers_scan")
+DECODER = Stack(("detector", "transformer", "decoder"), "layers", "layers_scan")
+GEOMETRY = Stack(("detector", "geometry_encoder"), "encode", "encode_scan")
+MEMORY_ATTENTION = Stack(("tracker", "transformer", "encoder"), "layers", "layers_scan")
+STACKS = (VIT, TEXT, FUSION_ENCODER, DECODER, GEOMETRY, MEMORY_ATTENTION)
 
 
 def vit_group_size(config: ViTConfig) -> int:
@@ -46,24 +50,23 @@ def vit_group_size(config: ViTConfig) -> int:
     return n
 
 
-def group_sizes(cfg: ModelConfig) -> dict[Stack, int]:
-    """The stacks that ``cfg`` scans, each with its group size; the others are unrolled."""
+def group_sizes(cfg: ModelConfig | None = None, tracker: TrackerConfig | None = None) -> dict[Stack, int]:
+    """The stacks that the configs scan, each with its group size; the others are unrolled."""
     sizes = {}
-    if cfg.vit.scan_blocks:
-        sizes[VIT] = vit_group_size(cfg.vit)
-    if cfg.text.scan_blocks:
-        sizes[TEXT] = 1
-    if cfg.encoder.scan_layers:
-        sizes[FUSION_ENCODER] = 1
-    if cfg.decoder.scan_layers:
-        sizes[DECODER] = 1
-    if cfg.geometry.scan_layers:
-        sizes[GEOMETRY] = 1
+    if cfg is not None:
+        scans = {VIT: cfg.vit.scan_blocks, TEXT: cfg.text.scan_blocks, FUSION_ENCODER: cfg.encoder.scan_layers,
+                 DECODER: cfg.decoder.scan_layers, GEOMETRY: cfg.geometry.scan_layers}
+        sizes.update({s: vit_group_size(cfg.vit) if s is VIT else 1 for s, on in scans.items() if on})
+    if tracker is not None and tracker.scan_layers:
+        sizes[MEMORY_ATTENTION] = 1
     return sizes
 
 
-def set_scans(cfg: ModelConfig, scan: bool) -> ModelConfig:
-    """``cfg`` with every stack scanned, or every stack unrolled (the layout of the torch key map)."""
+def set_scans(cfg, scan: bool):
+    """A ``ModelConfig`` or ``TrackerConfig`` with every stack scanned, or every stack unrolled (the
+    layout of the torch key map)."""
+    if isinstance(cfg, TrackerConfig):
+        return cfg.replace(scan_layers=scan)
     return cfg.replace(vit=dataclasses.replace(cfg.vit, scan_blocks=scan),
                        text=dataclasses.replace(cfg.text, scan_blocks=scan),
                        encoder=dataclasses.replace(cfg.encoder, scan_layers=scan),
@@ -72,7 +75,7 @@ def set_scans(cfg: ModelConfig, scan: bool) -> ModelConfig:
 
 
 def layout(params: dict) -> dict[Stack, int]:
-    """The stacks that the detector tree ``params`` holds scanned, with their group sizes."""
+    """The stacks that ``params`` holds scanned, with their group sizes."""
     sizes = {}
     for s in STACKS:
         module = _get(params, s.path)
@@ -82,13 +85,13 @@ def layout(params: dict) -> dict[Stack, int]:
 
 
 def relayout(params: dict, sizes: dict[Stack, int]) -> dict:
-    """The detector tree ``params`` with the stacks in ``sizes`` scanned (in groups of that size) and
-    every other stack unrolled. Leaves are moved, sliced or stacked, never changed."""
+    """``params`` with the stacks in ``sizes`` scanned (in groups of that size) and every other
+    stack unrolled. Leaves are moved, sliced or stacked, never changed."""
     have = layout(params)
     for s in STACKS:
-        if have.get(s) == sizes.get(s):
-            continue
         module = _get(params, s.path)
+        if have.get(s) == sizes.get(s) or not isinstance(module, Mapping):  # as asked, or a model not held
+            continue
         if s in have:
             module = unstack(module, s)
         if s in sizes:

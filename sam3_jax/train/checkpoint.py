@@ -162,21 +162,17 @@ def _restore_params(path: str, abstract_params: dict) -> dict:
 
 
 def _stack_layout(saved, abstract_params: dict):
-    """(the abstract params with the detector's layer stacks in the saved layout, params -> the
-    layout asked for): a converted checkpoint stores every stack unrolled, a training run's
-    checkpoint stores them as its config scanned them."""
-    if "detector" not in saved or "detector" not in abstract_params:
-        return abstract_params, lambda params: params
-    stored, wanted = stacking.layout(saved["detector"]), stacking.layout(abstract_params["detector"])
+    """(the abstract params with the layer stacks in the saved layout, params -> the layout asked
+    for): a converted checkpoint stores every stack unrolled, a training run's checkpoint stores
+    them as its config scanned them."""
+    stored, wanted = stacking.layout(saved), stacking.layout(abstract_params)
     if stored == wanted:
         return abstract_params, lambda params: params
-    target = abstract_params["detector"]
-    shardings = {getattr(x, "sharding", None) for x in jax.tree.leaves(target)}
+    shardings = {getattr(x, "sharding", None) for x in jax.tree.leaves(abstract_params)}
     sharding = shardings.pop() if len(shardings) == 1 else None  # replicated params share one
     stored_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                                   jax.eval_shape(lambda t: stacking.relayout(t, stored), target))
-    return ({**abstract_params, "detector": stored_abstract},
-            lambda params: {**params, "detector": stacking.relayout(params["detector"], wanted)})
+                                   jax.eval_shape(lambda t: stacking.relayout(t, stored), abstract_params))
+    return stored_abstract, lambda params: stacking.relayout(params, wanted)
 
 
 def _check_shapes(saved, target) -> None:

@@ -59,7 +59,7 @@ def base_config(model: ModelConfig, data: ml_collections.ConfigDict,
     c.mode = "detector"  # one of MODES
     c.model = as_config(model)
     # The tracker (modes "tracker" and "joint"): its sizes, SAM 2's prompt simulation and losses.
-    tracker = tracker or TrackerConfig.official()
+    tracker = tracker or stacking.set_scans(TrackerConfig.official(), True)  # as official_model()
     c.tracker = ml_collections.ConfigDict(dict(
         model=dataclasses.asdict(tracker.replace(image_size=model.image_size)),
         prompts=dataclasses.asdict(PromptConfig()), loss=dataclasses.asdict(TrackerLossConfig())))

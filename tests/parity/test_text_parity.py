@@ -64,8 +64,8 @@ def test_text_encoder(ref, pair, remat, scan):
     cfg, torch_enc, ids, params = pair
     ours = VETextEncoder(dataclasses.replace(cfg.text, remat=remat, scan_blocks=scan), cfg.d_model)
     if scan:
-        params = stacking.relayout({"backbone": {"language_backbone": params}}, {stacking.TEXT: 1})
-        params = params["backbone"]["language_backbone"]
+        transformer = stacking.stack(params["encoder"]["transformer"], stacking.TEXT, 1)
+        params = {**params, "encoder": {**params["encoder"], "transformer": transformer}}
     with ref.torch.no_grad():
         want_mask, want_feats, _ = torch_enc(CAPTIONS, device="cpu")
 

@@ -9,6 +9,8 @@ from flax import traverse_util
 
 from sam3_jax.model import detector, init, stacking
 from sam3_jax.model.config import ModelConfig
+from sam3_jax.model.tracker import tracker as tracker_lib
+from sam3_jax.model.tracker.config import TrackerConfig
 
 
 def test_scanned_vit_blocks_get_the_reference_rules():
@@ -24,27 +26,31 @@ def test_scanned_vit_blocks_get_the_reference_rules():
 
 
 def test_scanned_stacks_get_the_rules_of_one_layer():
-    """Every scanned stack (ViT, text encoder, fusion encoder) initialises each stacked leaf by the
-    rule of the unrolled layer's leaf: bounds from one layer's shape, not the stacked one's."""
-    cfg = ModelConfig.tiny()
-    scanned = stacking.set_scans(cfg, True)
+    """Every scanned stack (the detector's and the tracker's memory attention) initialises each
+    stacked leaf by the rule of the unrolled layer's leaf: bounds from one layer's shape, not the
+    stacked one's."""
+    cfg, tracker = ModelConfig.tiny(), TrackerConfig.tiny()
 
-    def rules(c):
-        flat = traverse_util.flatten_dict(detector.abstract_params(c))
+    def rules(params):
+        flat = traverse_util.flatten_dict(params)
         shapes = {p: stacking.layer_shape(p, x.shape) for p, x in flat.items()}
         return {"/".join(p): init.rule_for(p, shapes) for p in flat}
 
-    unrolled = rules(cfg)
-    compared = 0
-    for path, rule in rules(scanned).items():
-        for s in stacking.STACKS:  # the first group's layer j is unrolled layer j
-            path = re.sub(rf"{s.stacked}/({s.prefix}_\d+)/", r"\1/", path)
-        assert rule == unrolled[path], path
-        compared += 1
-    assert compared < len(unrolled)  # the stacks hold fewer leaves than the unrolled layers
-    stacked = detector.init_params(scanned, jax.random.key(0))["transformer"]["encoder"]["layers_scan"]["layers_0"]
-    kernel = np.asarray(stacked["self_attn"]["in_proj_kernel"])  # Xavier of one (d, 3d) matrix
-    bound = np.sqrt(6.0 / sum(kernel.shape[1:]))
+    seen = set()
+    for unrolled_params, scanned_params in (
+            (detector.abstract_params(cfg), detector.abstract_params(stacking.set_scans(cfg, True))),
+            (tracker_lib.abstract_params(tracker), tracker_lib.abstract_params(stacking.set_scans(tracker, True)))):
+        unrolled = rules(unrolled_params)
+        for path, rule in rules(scanned_params).items():
+            for s in stacking.STACKS:  # the first group's layer j is unrolled layer j
+                if s.stacked in path:
+                    seen.add(s.stacked)
+                    path = re.sub(rf"{s.stacked}/({s.prefix}_\d+)/", r"\1/", path)
+            assert rule == unrolled[path], path
+    assert seen == {s.stacked for s in stacking.STACKS}
+    stacked = detector.init_params(stacking.set_scans(cfg, True), jax.random.key(0))
+    kernel = np.asarray(stacked["transformer"]["encoder"]["layers_scan"]["layers_0"]["self_attn"]["in_proj_kernel"])
+    bound = np.sqrt(6.0 / sum(kernel.shape[1:]))  # Xavier of one (d, 3d) matrix
     assert kernel.shape[0] == cfg.encoder.num_layers and np.abs(kernel).max() <= bound
     assert np.abs(kernel).max() > 0.9 * bound and not np.allclose(kernel[0], kernel[1])
 

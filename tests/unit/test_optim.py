@@ -149,7 +149,7 @@ def test_stacked_trunk_updates_equal_unrolled():
     grads = [mini_tree(1), mini_tree(2)]
 
     def stack(tree):
-        return stacking.relayout(tree, {stacking.VIT: stacking.vit_group_size(TINY.vit)})
+        return stacking.relayout({"detector": tree}, {stacking.VIT: stacking.vit_group_size(TINY.vit)})["detector"]
 
     unrolled, _ = run(cfg, params, grads)
     stacked, _ = run(cfg, stack(params), [stack(g) for g in grads])

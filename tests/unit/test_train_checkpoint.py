@@ -191,8 +191,8 @@ def test_load_params_from_converted_checkpoint(tmp_path):
 
 def test_load_params_converts_the_stack_layouts(tmp_path):
     """A converted checkpoint stores every layer stack unrolled (``blocks_{i}``, ``resblocks_{i}``,
-    ``layers_{i}``); a run that scans them asks for the stacked layout, and a scanned run's
-    checkpoint reads back unrolled, or scanned with some stacks unrolled."""
+    ``layers_{i}``, the tracker's too); a run that scans them asks for the stacked layout, and a
+    scanned run's checkpoint reads back unrolled, or scanned with some stacks unrolled."""
     vocab = tmp_path / "vocab.txt.gz"
     vocab.write_bytes(b"")
     rng = np.random.default_rng(0)
@@ -204,23 +204,24 @@ def test_load_params_converts_the_stack_layouts(tmp_path):
     trunk = {"ln_pre": {"scale": rng.normal(size=3).astype(np.float32)}, **layers("blocks", 6)}
     text = {"encoder": {"transformer": layers("resblocks", 4), "ln_final": {"scale": np.ones(3, np.float32)}}}
     unrolled = {"detector": {"backbone": {"vision_backbone": {"trunk": trunk}, "language_backbone": text},
-                             "transformer": {"encoder": layers("layers", 2)}, "head": {"w": np.ones(2, np.float32)}}}
-    every = {stacking.VIT: 3, stacking.TEXT: 1, stacking.FUSION_ENCODER: 1}
-    scanned = {"detector": jax.tree.map(np.asarray, stacking.relayout(unrolled["detector"], every))}
-    vision_only = {"detector": jax.tree.map(np.asarray, stacking.relayout(unrolled["detector"], {stacking.VIT: 3}))}
+                             "transformer": {"encoder": layers("layers", 2)}, "head": {"w": np.ones(2, np.float32)}},
+                "tracker": {"transformer": {"encoder": layers("layers", 3)}}}
+    every = {stacking.VIT: 3, stacking.TEXT: 1, stacking.FUSION_ENCODER: 1, stacking.MEMORY_ATTENTION: 1}
+    scanned = jax.tree.map(np.asarray, stacking.relayout(unrolled, every))
+    vision_only = jax.tree.map(np.asarray, stacking.relayout(unrolled, {stacking.VIT: 3}))
     det = scanned["detector"]
     assert det["backbone"]["vision_backbone"]["trunk"]["block_groups"]["blocks_2"]["norm1"]["bias"].shape == (2, 3)
     assert det["backbone"]["language_backbone"]["encoder"]["transformer"]["resblocks_scan"]["resblocks_0"][
         "norm1"]["bias"].shape == (4, 3)
     np.testing.assert_array_equal(det["transformer"]["encoder"]["layers_scan"]["layers_0"]["attn"]["qkv"]["kernel"][1],
                                   unrolled["detector"]["transformer"]["encoder"]["layers_1"]["attn"]["qkv"]["kernel"])
-    assert stacking.layout(det) == every
+    assert stacking.layout(scanned) == every
     converted.write(str(tmp_path / "converted"), unrolled, manifest={}, dead={}, vocab_path=str(vocab))
     _assert_same(checkpoint.load_params(str(tmp_path / "converted"), _abstract(scanned)), scanned)
     ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), async_save=False)
     ckpt.save(1, {"params": scanned, "step": jnp.int32(1)})
     ckpt.close()
-    for want in (unrolled, scanned, vision_only):
+    for want in (unrolled, scanned, vision_only, {"detector": unrolled["detector"]}):
         _assert_same(checkpoint.load_params(str(tmp_path / "run"), _abstract(want)), want)
 
 

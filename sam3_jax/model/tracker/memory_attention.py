@@ -13,13 +13,17 @@ the reference run on the valid slots only.
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sam3_jax.model import stacking
 from sam3_jax.model.tracker.attention import Attention
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.nn.layers import LayerNorm
+from sam3_jax.nn.repeat import repeat
 
 
 class MemoryAttentionLayer(nn.Module):
@@ -54,7 +58,8 @@ class MemoryAttentionLayer(nn.Module):
 
 
 class MemoryAttention(nn.Module):
-    """``TransformerEncoderCrossAttention``: params ``layers_{i}``, ``norm``."""
+    """``TransformerEncoderCrossAttention``: params ``layers_{i}`` (with ``cfg.scan_layers``:
+    ``layers_scan/layers_0``, stacked), ``norm``."""
 
     cfg: TrackerConfig
     dtype: jnp.dtype | None = None
@@ -75,10 +80,11 @@ class MemoryAttention(nn.Module):
             raise ValueError(f"memory has {memory.shape[1]} tokens, fewer than {num_spatial_frames} frames "
                              f"of {curr.shape[1]}")
         x = curr + 0.1 * curr_pos
-        for i in range(cfg.mem_attn_layers):
-            x = MemoryAttentionLayer(cfg.d_model, cfg.mem_attn_heads, cfg.mem_attn_ffn, cfg.mem_attn_dropout,
-                                     cfg.rope_theta, dtype=self.dtype, name=f"layers_{i}")(
-                x, memory, memory_pos, memory_mask, num_ptr_tokens, deterministic)
+        make = functools.partial(MemoryAttentionLayer, cfg.d_model, cfg.mem_attn_heads, cfg.mem_attn_ffn,
+                                 cfg.mem_attn_dropout, cfg.rope_theta, dtype=self.dtype)
+        stacked = stacking.MEMORY_ATTENTION.stacked if cfg.scan_layers else None
+        x = repeat(make, cfg.mem_attn_layers, stacking.MEMORY_ATTENTION.prefix, stacked,
+                   x, memory, memory_pos, memory_mask, num_ptr_tokens, deterministic)
         return LayerNorm(name="norm", dtype=self.dtype)(x)
 
 
