@@ -215,6 +215,8 @@ class TransformerDecoder(nn.Module):
                                        dtype=self.dtype, parent=None)
 
     def _init_stacked_layers(self, rng):
+        """Every layer's parameters, stacked: one init per layer on tiny inputs (a layer's
+        parameters do not depend on sequence lengths)."""
         c = self.d_model
         tokens, memory = jnp.zeros((1, 2, c)), jnp.zeros((1, 3, c))
         args = (tokens, tokens, memory, memory, jnp.zeros((1, 1, c)), jnp.zeros((1, 1), bool), None, 2)
