@@ -50,7 +50,7 @@ import numpy as np
 
 from sam3_jax import compiler
 from sam3_jax.infer import image_io
-from sam3_jax.model import detector
+from sam3_jax.model import detector, stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.model.tracker.memory_bank import MemoryBank, compact_memory, select_memory, slots_in_use
@@ -267,7 +267,7 @@ def read_video_checkpoint(checkpoint_dir: str, task: str) -> tuple[dict, ModelCo
         raise VideoInputError(f"{checkpoint_dir}: the converted checkpoint has no tracker (converted from an "
                               f"image-model file?); {task} needs the video model's sam3.pt")
     params = checkpoint.read_params(checkpoint_dir, sam3_checkpoint.abstract_params(cfg, tracker_cfg))
-    return params, cfg, tracker_cfg
+    return stacking.scan_all(params, cfg, tracker_cfg)
 
 
 class VideoPredictor:

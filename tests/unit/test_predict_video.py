@@ -28,6 +28,7 @@ from sam3_jax.infer import video_io, video_predictor
 from sam3_jax.infer.detect_track import DetectTrackFrame, DetectTrackPredictor
 from sam3_jax.infer.video_io import VideoFileFrames
 from sam3_jax.infer.video_predictor import Box, Clicks, VideoInputError, VideoPredictor
+from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tokenizer import DEFAULT_BPE_PATH
 from sam3_jax.model.tracker.config import TrackerConfig
@@ -264,6 +265,18 @@ def test_truncated_frame_fails_cleanly(tmp_path, tiny_checkpoint):
     with pytest.raises(VideoInputError, match=r"00001\.jpg: cannot be read.*truncated"):
         predict_video.run(tiny_checkpoint, str(video), str(_mask(tmp_path, (48, 64))), 0, str(out), "forward")
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
+
+
+def test_checkpoints_are_read_with_every_stack_scanned(tiny_checkpoint):
+    """The predictors run every layer stack scanned (a third of the compile time): a converted,
+    unrolled checkpoint comes back stacked, with configs that scan."""
+    params, cfg, tracker_cfg = video_predictor.read_video_checkpoint(tiny_checkpoint, "a test")
+    assert set(stacking.layout(params)) == set(stacking.STACKS)
+    assert cfg == stacking.set_scans(cfg, True) and tracker_cfg.scan_layers
+    stored = checkpoint.read_params(tiny_checkpoint)
+    unrolled = stacking.relayout(params, {})
+    assert jax.tree.structure(unrolled) == jax.tree.structure(stored)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(stored)))
 
 
 def test_predictor_input_errors(tiny_checkpoint):
