@@ -126,12 +126,13 @@ def jax_track(args, objects: int):
     import jax
 
     from sam3_jax.infer.video_predictor import VideoPredictor
-    from sam3_jax.model import detector
+    from sam3_jax.model import detector, stacking
     from sam3_jax.model.tracker import tracker
 
     model_cfg, tracker_cfg = configs(args.size, args.dtype)
     params = {"detector": detector.init_params(model_cfg, jax.random.key(0)),
               "tracker": tracker.init_params(tracker_cfg, jax.random.key(1))}
+    params, model_cfg, tracker_cfg = stacking.scan_all(params, model_cfg, tracker_cfg)  # as the predictors run
     pred = VideoPredictor(params, model_cfg, tracker_cfg)
     frames = video(model_cfg.image_size, args.frames)
     prompts = {i + 1: m for i, m in enumerate(discs(model_cfg.image_size, objects))}
