@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import numpy as np
 
 from sam3_jax.convert import checkpoint, sam3_checkpoint
@@ -32,7 +31,6 @@ def write_from_run(run_dir: str, base_dir: str, output_dir: str, *, overwrite: b
     kept = {k: v for k, v in abstract.items() if k not in trained}
     if kept:
         params.update(run_checkpoint.load_params(base_dir, kept))
-    params = jax.tree.map(np.asarray, params)
     with np.load(os.path.join(base_dir, checkpoint.DEAD)) as npz:
         dead = {k: npz[k] for k in npz.files}
     manifest = {**manifest, "trained": {"run": os.path.abspath(run_dir), "models": trained,
