@@ -26,10 +26,8 @@ def run_jax(dtype: str, repeats: int) -> dict:
     from sam3_jax.model import detector, stacking
     from sam3_jax.model.config import ModelConfig
 
-    cfg = ModelConfig.official().replace(compute_dtype=dtype)
-    params = {"detector": detector.init_params(cfg, jax.random.key(0))}
-    params, cfg, _ = stacking.scan_all(params, cfg)  # as the predictors run it
-    params = params["detector"]
+    cfg = stacking.set_scans(ModelConfig.official().replace(compute_dtype=dtype), True)  # as the predictors run it
+    params = detector.init_params(cfg, jax.random.key(0))
     model = detector.Sam3Detector(cfg)
     inputs = [jnp.asarray(x) for x in detector.example_inputs(cfg)]
     inputs[0] = jax.random.uniform(jax.random.key(1), inputs[0].shape, minval=-1, maxval=1)

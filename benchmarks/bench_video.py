@@ -4,16 +4,13 @@
 forward through the clip; each tracked frame runs the backbone once and the tracker for all objects.
 JAX: ``infer.video_predictor.VideoPredictor``; reference: ``Sam3TrackerPredictor`` as
 ``model_builder.build_tracker`` configures it, driven through ``init_state`` / ``add_new_mask`` /
-``propagate_in_video``, under its own bf16 autocast on a GPU. Weights are random, drawn separately on
-each side (timing does not depend on them).
+``propagate_in_video``, under its own bf16 autocast on a GPU.
 
 ``--task=text`` (SAM 3's task): the prompt "a red ball" is detected on every frame and what was found
 is tracked. JAX: ``infer.detect_track.DetectTrackPredictor.propagate_iter``; reference:
 ``Sam3VideoInference.propagate_in_video`` (the loop under ``Sam3VideoPredictor``'s sessions) from
 frame 0, built and fed as ``tests/parity/test_detect_track_parity.py`` builds and feeds it (its CPU
-shims included). Here the object counts depend on the weights, so both sides get the same ones:
-random reference weights, saved as a video ``sam3.pt`` and converted by our converter in a process of
-their own. With random weights
+shims included). With random weights
 every query scores about 0.16 and the queries' masks nearly coincide, so the heuristics are set so
 that frame 0 starts ``min(N, queries)`` objects and none is ever added or removed: every detection
 kept (threshold 0, NMS off), ``max_num_objects=N``, hot-start off (so outputs are not delayed either),
@@ -21,6 +18,12 @@ occlusion suppression off; the rest are the video model's settings. N is then ex
 detector's query count (16 for the tiny model: 20 objects cannot be had there, and the printed
 counts show 16). JAX tracks over a padded capacity (``DetectTrackConfig.capacity``, 16, doubled when
 exceeded), so up to 16 objects its tracking work is that of 16.
+
+Both tasks give both sides the same weights, read as a user's run reads them: random reference
+weights, saved as a video ``sam3.pt`` (which the reference side loads) and converted by our converter
+(which the JAX side reads: ``read_video_checkpoint``), in a process of their own. So each side's peak
+memory includes loading a checkpoint, not drawing random weights, and in the text task the object
+counts, which depend on the weights, agree.
 
 Printed beside each side's frames/s: the objects it tracked (track) or output with a non-empty mask
 (text) per frame, mean and max over the timed frames, so that a reader sees like is timed against like.
@@ -123,16 +126,10 @@ def convert_weights(args) -> dict:
 
 
 def jax_track(args, objects: int):
-    import jax
+    from sam3_jax.infer.video_predictor import VideoPredictor, read_video_checkpoint
 
-    from sam3_jax.infer.video_predictor import VideoPredictor
-    from sam3_jax.model import detector, stacking
-    from sam3_jax.model.tracker import tracker
-
-    model_cfg, tracker_cfg = configs(args.size, args.dtype)
-    params = {"detector": detector.init_params(model_cfg, jax.random.key(0)),
-              "tracker": tracker.init_params(tracker_cfg, jax.random.key(1))}
-    params, model_cfg, tracker_cfg = stacking.scan_all(params, model_cfg, tracker_cfg)  # as the predictors run
+    params, model_cfg, tracker_cfg = read_video_checkpoint(args.checkpoint, "the track task")
+    model_cfg = model_cfg.replace(compute_dtype=args.dtype)
     pred = VideoPredictor(params, model_cfg, tracker_cfg)
     frames = video(model_cfg.image_size, args.frames)
     prompts = {i + 1: m for i, m in enumerate(discs(model_cfg.image_size, objects))}
@@ -163,13 +160,25 @@ def run_jax(args, objects: int) -> dict:
             "device": str(jax.devices()[0])}
 
 
+def reference_models(args, torch):
+    """(image model, tracker) of the reference with the weights of ``args.checkpoint``'s ``sam3.pt``."""
+    from sam3_jax.testing import reference
+
+    model_cfg, tracker_cfg = configs(args.size, "float32")
+    image_model = reference.build_image_model(model_cfg, joint_box_scores=True)
+    base = reference.build_tracker(tracker_cfg)
+    weights = torch.load(os.path.join(os.path.dirname(args.checkpoint), "sam3.pt"))["model"]
+    for prefix, module in (("detector.", image_model), ("tracker.", base)):
+        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    return image_model, base
+
+
 def torch_track(args, objects: int, torch, cuda: bool):
     from sam3_jax.testing import reference
 
     model_cfg, tracker_cfg = configs(args.size, "float32")
-    image_model = reference.build_image_model(model_cfg)
-    pred = reference.build_tracker_predictor(image_model, reference.build_tracker(tracker_cfg), tracker_cfg,
-                                             keep_autocast=cuda)
+    image_model, base = reference_models(args, torch)
+    pred = reference.build_tracker_predictor(image_model, base, tracker_cfg, keep_autocast=cuda)
     if cuda:
         pred = pred.cuda()
     frames = video(model_cfg.image_size, args.frames)
@@ -198,11 +207,7 @@ def torch_text(args, objects: int, torch, cuda: bool):
     from sam3_jax.testing import reference
 
     model_cfg, tracker_cfg = configs(args.size, "float32")
-    image_model = reference.build_image_model(model_cfg, joint_box_scores=True)
-    base = reference.build_tracker(tracker_cfg)
-    weights = torch.load(os.path.join(os.path.dirname(args.checkpoint), "sam3.pt"))["model"]
-    for prefix, module in (("detector.", image_model), ("tracker.", base)):
-        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    image_model, base = reference_models(args, torch)
     model = reference.build_detect_track_model(image_model, base, tracker_cfg, detect_track_config(objects),
                                                cuda=cuda)
     frames = video(model_cfg.image_size, args.frames)
@@ -237,7 +242,7 @@ def main():
     parser.add_argument("--objects", default="1,5,20", help="comma-separated object counts")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)  # internal: --task=text's converted weights
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)  # internal: the converted weights
     parser.add_argument("--convert-to", help=argparse.SUPPRESS)  # internal: convert them there
     sides.add_flags(parser)
     args = parser.parse_args()
@@ -248,8 +253,10 @@ def main():
     if args.convert_to:
         sides.emit(convert_weights(args))
         return
+    if args.side and not args.checkpoint:
+        parser.error("--side runs one side on the weights of --checkpoint (a converted checkpoint beside its sam3.pt)")
     tmp = None
-    if args.task == "text" and not args.side:  # the same weights for both sides, converted once
+    if not args.side:  # the same weights for both sides, converted once
         tmp = tempfile.mkdtemp(prefix="bench_video_")
         checkpoint = sides.run(__file__, [f"--convert-to={tmp}", *flags], "weight conversion")["checkpoint"]
         flags.append(f"--checkpoint={checkpoint}")

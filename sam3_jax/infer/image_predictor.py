@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam3_jax import compiler
-from sam3_jax.convert import checkpoint, sam3_checkpoint
-from sam3_jax.infer import image_io
-from sam3_jax.model import detector, stacking
+from sam3_jax.convert import checkpoint
+from sam3_jax.infer import image_io, weights
+from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tokenizer import SimpleTokenizer
 from sam3_jax.nn import ops
@@ -79,10 +79,7 @@ class ImagePredictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str, **kwargs) -> "ImagePredictor":
-        manifest = checkpoint.read_manifest(checkpoint_dir)
-        cfg, tracker_cfg = sam3_checkpoint.configs(manifest)
-        params = checkpoint.read_params(checkpoint_dir, sam3_checkpoint.abstract_params(cfg, tracker_cfg))
-        params, cfg, _ = stacking.scan_all({"detector": params["detector"]}, cfg)
+        params, cfg, _ = weights.read(checkpoint_dir, tracker=False)
         params = params["detector"]
         vocab = f"{checkpoint_dir}/{checkpoint.VOCAB}"
         return cls(cfg, params, SimpleTokenizer(vocab), **kwargs)

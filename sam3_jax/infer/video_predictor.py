@@ -49,8 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam3_jax import compiler
-from sam3_jax.infer import image_io
-from sam3_jax.model import detector, stacking
+from sam3_jax.infer import image_io, weights
+from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.model.tracker.memory_bank import MemoryBank, compact_memory, select_memory, slots_in_use
@@ -258,16 +258,14 @@ def _resize(x, size, antialias: bool):
 
 
 def read_video_checkpoint(checkpoint_dir: str, task: str) -> tuple[dict, ModelConfig, TrackerConfig]:
-    """(params, detector config, tracker config) of a converted video-model checkpoint; one without
-    a tracker is refused, naming the directory and ``task`` (what needed the tracker)."""
-    from sam3_jax.convert import checkpoint, sam3_checkpoint
-
-    cfg, tracker_cfg = sam3_checkpoint.configs(checkpoint.read_manifest(checkpoint_dir))
+    """(params, detector config, tracker config) of a converted video-model checkpoint, every stack
+    scanned (`weights.read`); one without a tracker is refused, naming the directory and ``task``
+    (what needed the tracker)."""
+    params, cfg, tracker_cfg = weights.read(checkpoint_dir, tracker=True)
     if tracker_cfg is None:
         raise VideoInputError(f"{checkpoint_dir}: the converted checkpoint has no tracker (converted from an "
                               f"image-model file?); {task} needs the video model's sam3.pt")
-    params = checkpoint.read_params(checkpoint_dir, sam3_checkpoint.abstract_params(cfg, tracker_cfg))
-    return stacking.scan_all(params, cfg, tracker_cfg)
+    return params, cfg, tracker_cfg
 
 
 class VideoPredictor:

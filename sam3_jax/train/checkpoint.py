@@ -172,7 +172,7 @@ def _stack_layout(saved, abstract_params: dict):
     sharding = shardings.pop() if len(shardings) == 1 else None  # replicated params share one
     stored_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                                    jax.eval_shape(lambda t: stacking.relayout(t, stored), abstract_params))
-    return stored_abstract, lambda params: stacking.relayout(params, wanted)
+    return stored_abstract, lambda params: stacking.relayout(params, wanted, owned=True)
 
 
 def _check_shapes(saved, target) -> None:

@@ -24,7 +24,7 @@ from sam3_jax.data.sources.davis import DavisSource
 from sam3_jax.data.sources.json_video import ytvis_source
 from sam3_jax.data.synthetic import render_video
 from sam3_jax.evaluation import ytvis
-from sam3_jax.infer import video_io, video_predictor
+from sam3_jax.infer import video_io, video_predictor, weights
 from sam3_jax.infer.detect_track import DetectTrackFrame, DetectTrackPredictor
 from sam3_jax.infer.video_io import VideoFileFrames
 from sam3_jax.infer.video_predictor import Box, Clicks, VideoInputError, VideoPredictor
@@ -277,6 +277,8 @@ def test_checkpoints_are_read_with_every_stack_scanned(tiny_checkpoint):
     unrolled = stacking.relayout(params, {})
     assert jax.tree.structure(unrolled) == jax.tree.structure(stored)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(stored)))
+    detector_only, _, _ = weights.read(tiny_checkpoint, tracker=False)  # what the image predictor reads
+    assert detector_only.keys() == {"detector"} and set(stacking.layout(detector_only)) == set(stacking.STACKS[:-1])
 
 
 def test_predictor_input_errors(tiny_checkpoint):
