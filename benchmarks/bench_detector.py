@@ -1,6 +1,8 @@
 """One-image detector forward at official size: JAX (jit, after compile) vs the PyTorch reference.
 
-Each side runs in its own subprocess so peak memory is measured separately:
+Both sides load the same random weights from a checkpoint, as a user's run does: the reference's
+``sam3.pt`` and our conversion of it (`sides.converted_weights`). Each side runs in its own
+subprocess so peak memory is measured separately:
   python benchmarks/bench_detector.py [--dtype=float32|bfloat16] [--repeats=3]
 On GPU, bfloat16 means JAX compute in bf16 and PyTorch under bf16 autocast (the reference's mode).
 Prints both timings and the ratio JAX/PyTorch (< 1 means JAX is faster).
@@ -18,16 +20,16 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_jax(dtype: str, repeats: int) -> dict:
+def run_jax(dtype: str, repeats: int, checkpoint: str) -> dict:
     import jax
     import jax.numpy as jnp
 
     from sam3_jax import compiler
-    from sam3_jax.model import detector, stacking
-    from sam3_jax.model.config import ModelConfig
+    from sam3_jax.infer import weights
+    from sam3_jax.model import detector
 
-    cfg = stacking.set_scans(ModelConfig.official().replace(compute_dtype=dtype), True)  # as the predictors run it
-    params = detector.init_params(cfg, jax.random.key(0))
+    params, cfg, _ = weights.read(checkpoint, tracker=False)  # every stack scanned, as the predictors run it
+    params, cfg = params["detector"], cfg.replace(compute_dtype=dtype)
     model = detector.Sam3Detector(cfg)
     inputs = [jnp.asarray(x) for x in detector.example_inputs(cfg)]
     inputs[0] = jax.random.uniform(jax.random.key(1), inputs[0].shape, minval=-1, maxval=1)
@@ -45,14 +47,15 @@ def run_jax(dtype: str, repeats: int) -> dict:
             "device_peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": str(jax.devices()[0])}
 
 
-def run_torch(dtype: str, repeats: int) -> dict:
+def run_torch(dtype: str, repeats: int, checkpoint: str) -> dict:
     from sam3_jax.model.config import ModelConfig
+    from sam3_jax.model.tracker.config import TrackerConfig
     from sam3_jax.testing import reference
 
     ref = reference.load()
     torch = ref.torch
     cuda = torch.cuda.is_available()
-    model = reference.build_image_model(ModelConfig.official())
+    model, _ = sides.reference_models(checkpoint, ModelConfig.official(), TrackerConfig.official(), torch)
     if cuda:
         model = model.cuda()
     device = "cuda" if cuda else "cpu"
@@ -89,13 +92,25 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["jax", "torch"])
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)  # internal: the converted weights
+    parser.add_argument("--convert-to", help=argparse.SUPPRESS)  # internal: convert them there
     args = parser.parse_args()
-    if args.only:
-        fn = run_jax if args.only == "jax" else run_torch
-        sides.emit(fn(args.dtype, args.repeats))
+    if args.convert_to:
+        from sam3_jax.model.config import ModelConfig
+        from sam3_jax.model.tracker.config import TrackerConfig
+
+        sides.emit({"checkpoint": sides.convert_random_weights(ModelConfig.official(), TrackerConfig.official(),
+                                                               args.convert_to)})
         return
-    results = {side: sides.run(__file__, [f"--only={side}", f"--dtype={args.dtype}", f"--repeats={args.repeats}"],
-                               f"{side} run") for side in ("jax", "torch")}
+    if args.only:
+        if not args.checkpoint:
+            parser.error("--only runs one side on the weights of --checkpoint (a converted checkpoint beside its sam3.pt)")
+        fn = run_jax if args.only == "jax" else run_torch
+        sides.emit(fn(args.dtype, args.repeats, args.checkpoint))
+        return
+    with sides.converted_weights(__file__, []) as checkpoint:
+        results = {side: sides.run(__file__, [f"--only={side}", f"--dtype={args.dtype}", f"--repeats={args.repeats}",
+                                              f"--checkpoint={checkpoint}"], f"{side} run") for side in ("jax", "torch")}
     j, t = results["jax"], results["torch"]
     print(f"detector forward, official size, 1 image 1008x1008, {args.dtype}, best of {args.repeats}")
     print(f"{'':24}{'JAX':>12}{'PyTorch':>12}{'JAX/PyTorch':>14}")

@@ -41,10 +41,7 @@ from __future__ import annotations
 
 import argparse
 import glob
-import os
 import resource
-import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -111,20 +108,6 @@ def time_frames(start, count, repeats: int, sync=lambda: None) -> dict:
             "objects_mean": float(np.mean(counts)), "objects_max": int(max(counts))}
 
 
-def convert_weights(args) -> dict:
-    """In a process of its own: the reference's random video-model weights as ``sam3.pt`` and converted
-    (the parity test's seeds) into ``args.convert_to``."""
-    from sam3_jax.testing import reference
-    from sam3_jax.testing.parity import randomize_
-
-    model_cfg, tracker_cfg = configs(args.size, "float32")
-    image_model = reference.build_image_model(model_cfg, joint_box_scores=True)
-    randomize_(image_model, seed=3)
-    converted = reference.convert_video_models(image_model, reference.build_tracker(tracker_cfg, seed=7),
-                                               args.convert_to, model_cfg.replace(joint_box_scores=True), tracker_cfg)
-    return {"checkpoint": converted}
-
-
 def jax_track(args, objects: int):
     from sam3_jax.infer.video_predictor import VideoPredictor, read_video_checkpoint
 
@@ -160,24 +143,11 @@ def run_jax(args, objects: int) -> dict:
             "device": str(jax.devices()[0])}
 
 
-def reference_models(args, torch):
-    """(image model, tracker) of the reference with the weights of ``args.checkpoint``'s ``sam3.pt``."""
-    from sam3_jax.testing import reference
-
-    model_cfg, tracker_cfg = configs(args.size, "float32")
-    image_model = reference.build_image_model(model_cfg, joint_box_scores=True)
-    base = reference.build_tracker(tracker_cfg)
-    weights = torch.load(os.path.join(os.path.dirname(args.checkpoint), "sam3.pt"))["model"]
-    for prefix, module in (("detector.", image_model), ("tracker.", base)):
-        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
-    return image_model, base
-
-
 def torch_track(args, objects: int, torch, cuda: bool):
     from sam3_jax.testing import reference
 
     model_cfg, tracker_cfg = configs(args.size, "float32")
-    image_model, base = reference_models(args, torch)
+    image_model, base = sides.reference_models(args.checkpoint, model_cfg, tracker_cfg, torch)
     pred = reference.build_tracker_predictor(image_model, base, tracker_cfg, keep_autocast=cuda)
     if cuda:
         pred = pred.cuda()
@@ -207,7 +177,8 @@ def torch_text(args, objects: int, torch, cuda: bool):
     from sam3_jax.testing import reference
 
     model_cfg, tracker_cfg = configs(args.size, "float32")
-    image_model, base = reference_models(args, torch)
+    image_model, base = sides.reference_models(args.checkpoint, model_cfg.replace(joint_box_scores=True), tracker_cfg,
+                                               torch)
     model = reference.build_detect_track_model(image_model, base, tracker_cfg, detect_track_config(objects),
                                                cuda=cuda)
     frames = video(model_cfg.image_size, args.frames)
@@ -251,22 +222,15 @@ def main():
     args.dtype = "bfloat16" if gpu else "float32"
     flags = [f"--task={args.task}", f"--size={args.size}", f"--frames={args.frames}", f"--repeats={args.repeats}"]
     if args.convert_to:
-        sides.emit(convert_weights(args))
+        sides.emit({"checkpoint": sides.convert_random_weights(*configs(args.size, "float32"), args.convert_to)})
         return
-    if args.side and not args.checkpoint:
-        parser.error("--side runs one side on the weights of --checkpoint (a converted checkpoint beside its sam3.pt)")
-    tmp = None
-    if not args.side:  # the same weights for both sides, converted once
-        tmp = tempfile.mkdtemp(prefix="bench_video_")
-        checkpoint = sides.run(__file__, [f"--convert-to={tmp}", *flags], "weight conversion")["checkpoint"]
-        flags.append(f"--checkpoint={checkpoint}")
-    try:
-        rows = sides.over_object_counts(__file__, args, run_jax, run_torch, flags)
-    finally:
-        if tmp:
-            shutil.rmtree(tmp)
-    if rows is None:
+    if args.side:
+        if not args.checkpoint:
+            parser.error("--side runs one side on the weights of --checkpoint (a converted checkpoint beside its sam3.pt)")
+        sides.over_object_counts(__file__, args, run_jax, run_torch, flags)
         return
+    with sides.converted_weights(__file__, flags) as checkpoint:
+        rows = sides.over_object_counts(__file__, args, run_jax, run_torch, [*flags, f"--checkpoint={checkpoint}"])
     size = configs(args.size, "float32")[0].image_size
     print(f"video predictor ({args.task}), {args.size} model at {size}px, {args.frames} frames, JAX in {args.dtype}, "
           f"best of {args.repeats} after a first run; frames/s over frames 1..{args.frames - 1}")

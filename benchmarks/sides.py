@@ -3,10 +3,13 @@ side's own): the script calls itself with the side's flags, and the side prints 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "RESULT "
@@ -62,3 +65,40 @@ def torch_reference(args):
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     return torch, "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def converted_weights(script: str, flags: list[str]):
+    """The weights both sides of a benchmark load, as a user's run loads them: ``script
+    --convert-to=DIR`` (a process of its own, calling `convert_random_weights`) writes them; yields
+    the converted directory (its ``sam3.pt`` beside it), removed afterwards."""
+    tmp = tempfile.mkdtemp(prefix="bench_weights_")
+    try:
+        yield run(script, [f"--convert-to={tmp}", *flags], "weight conversion")["checkpoint"]
+    finally:
+        shutil.rmtree(tmp)
+
+
+def convert_random_weights(model_cfg, tracker_cfg, directory: str) -> str:
+    """Random reference weights (the parity tests' seeds) saved as a video-model ``sam3.pt`` in
+    ``directory`` and converted by our converter beside it; returns the converted directory."""
+    from sam3_jax.testing import reference
+    from sam3_jax.testing.parity import randomize_
+
+    image_model = reference.build_image_model(model_cfg)
+    randomize_(image_model, seed=3)
+    return reference.convert_video_models(image_model, reference.build_tracker(tracker_cfg, seed=7), directory,
+                                          model_cfg, tracker_cfg)
+
+
+def reference_models(checkpoint: str, model_cfg, tracker_cfg, torch):
+    """(image model, tracker) of the reference, holding the weights of the ``sam3.pt`` beside the
+    converted ``checkpoint``; the image model scores boxes jointly where ``model_cfg`` says so."""
+    from sam3_jax.testing import reference
+
+    image_model = reference.build_image_model(model_cfg, joint_box_scores=model_cfg.joint_box_scores)
+    tracker = reference.build_tracker(tracker_cfg)
+    weights = torch.load(os.path.join(os.path.dirname(checkpoint), "sam3.pt"))["model"]
+    for prefix, module in (("detector.", image_model), ("tracker.", tracker)):
+        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    return image_model, tracker
