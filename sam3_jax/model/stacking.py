@@ -126,7 +126,7 @@ def stack(module: dict, s: Stack, n: int, *, owned: bool = False) -> dict:
 def unstack(module: dict, s: Stack, *, owned: bool = False) -> dict:
     """Inverse of ``stack``."""
     out = {k: v for k, v in module.items() if k != s.stacked}
-    groups = _take(module, s.stacked, owned, flat=False)
+    groups = module[s.stacked]  # owned: emptied group by group below
     n = len(groups)
     for j in range(n):
         stacked = _take(groups, f"{s.prefix}_{j}", owned)
@@ -137,11 +137,10 @@ def unstack(module: dict, s: Stack, *, owned: bool = False) -> dict:
     return out
 
 
-def _take(module: dict, key: str, owned: bool, flat: bool = True):
-    """``module[key]`` (flattened to path -> leaf, a dict of our own), removed from ``module`` when
+def _take(module: dict, key: str, owned: bool) -> dict:
+    """``module[key]`` flattened to path -> leaf (a dict of our own), removed from ``module`` when
     the caller ``owned`` it: then the returned dict holds the only references to its leaves."""
-    child = module.pop(key) if owned else module[key]
-    return traverse_util.flatten_dict(child) if flat else dict(child)
+    return traverse_util.flatten_dict(module.pop(key) if owned else module[key])
 
 
 def _settled(tree, owned: bool):
