@@ -38,8 +38,9 @@ objects were last occluded with the reference's reversed comparison. Per frame:
    delayed by ``hotstart_delay`` frames so that objects removed by hot-start are hidden retroactively;
    empty masks dropped; object-wise non-overlap by tracker score; score = detection score when added.
 
-Static shapes: live objects occupy the first rows of arrays padded to a capacity (doubled when full),
-kept in ascending id order as the reference orders them; a validity mask marks the live rows. Each
+Static shapes: live objects occupy the first rows of arrays padded to a capacity, the least power of two
+that holds them (grown as objects come, shrunk as they go; each size compiles once), kept in ascending id
+order as the reference orders them; a validity mask marks the live rows. Each
 object's ``MemoryBank`` has ``max_cond_frames_in_attn`` conditioning slots (the conditioning frames
 nearest the current one in the direction of travel, which is what tracking selects) and the
 tracked-frame slots the reference's rules can still reach (``video_predictor.bank_capacity``). For
@@ -128,7 +129,7 @@ class DetectTrackConfig:
     recondition_score_thresh: float = 0.8  # tracker object-score logit needed to be reconditioned
     shrink_thresh: float = 0.3  # memory masks keeping less than this share after non-overlap are suppressed
     max_num_objects: int = -1  # (<= 0: no limit, the reference's 10000)
-    capacity: int = 16  # initial padded object count (doubles when exceeded)
+    capacity: int = 1  # least padded object count (the live count is padded to a power of two, at least this)
     objects_per_step: int = 4  # objects a tracker call at most (``video_predictor.in_object_chunks``)
     # Frames encoded and detected per call, sharded over gcd(detection_block, local devices) devices. The
     # default (<= 0) is one frame per local device: every device busy, each at the activation memory of a
@@ -581,16 +582,20 @@ class DetectTrackPredictor:
                           pick(is_cond, bank.is_cond[rows, slot]), pick(eff, bank.score[rows, slot]))
 
     # ---------------------------------------------------------------------------------------- the loop
-    def _grow(self, st: _State, needed: int):
-        cap = self.capacity
-        while cap < needed:
-            cap *= 2
+    def _fit(self, st: _State, needed: int):
+        """Pads the object rows of the banks to the least power of two >= ``needed`` (at least
+        ``cfg.capacity``), growing or shrinking them: the tracker's work follows the live count, and each
+        size compiles once. Rows past the live ones are padding (new objects reset theirs)."""
+        cap = max(self.cfg.capacity, 1 << max(needed - 1, 0).bit_length())
         if cap == self.capacity:
             return
-        extra = MemoryBank.empty(self.tcfg, cap - self.capacity, self.slots, dtype=jnp.bfloat16)
-        st.bank = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), st.bank, extra)
-        if st.seed is not None:
-            st.seed = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), st.seed, extra)
+        extra = MemoryBank.empty(self.tcfg, max(cap - self.capacity, 0), self.slots, dtype=jnp.bfloat16)
+
+        def resize(bank):
+            return jax.tree.map(lambda a, b: jnp.concatenate([a[:cap], b]), bank, extra)
+
+        st.bank = resize(st.bank)
+        st.seed = None if st.seed is None else resize(st.seed)
         self.capacity = cap
 
     def _pad(self, x: np.ndarray, fill=0.0):
@@ -722,7 +727,7 @@ class DetectTrackPredictor:
 
             # 4. execute: new objects, then removals.
             if len(new_det):
-                self._grow(st, n + len(new_det))
+                self._fit(st, n + len(new_det))
                 rows = np.arange(self.capacity)
                 fresh = jnp.asarray((rows >= n) & (rows < n + len(new_det)))
                 new_masks = np.zeros((self.capacity,) + det_all.shape[1:], np.float32)
@@ -762,6 +767,7 @@ class DetectTrackPredictor:
                 for k, (i, d) in enumerate(zip(new_ids, new_det)):
                     masks[int(i)], tprobs[int(i)] = video[k], float(det_scores[d])
             pending.append(_Pending(f, masks, tprobs, set(st.hot.suppressed.get(f, set()))))
+            self._fit(st, len(st.obj_ids))  # after removals: fewer rows for the next frame
             if f == order[-1]:
                 ready, pending = pending, []
             elif cfg.hotstart_delay <= 0 or len(pending) >= cfg.hotstart_delay:

@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sam3_jax.convert import sam3_checkpoint
 from sam3_jax.data.synthetic import render_video
@@ -186,29 +187,62 @@ def _random_params(mcfg, tcfg, seed=0, score_bias=2.0):
     return params
 
 
-def test_detection_blocks_sharded_over_devices_change_nothing():
-    """10 frames in blocks of 8 over 8 devices (the last block: 2 frames and 6 blanks) give what one frame
-    at a time on one device gives. Thresholds around the random weights' scores (about 0.36): objects
-    start on frame 0, duplicates of the first are removed by hot-start, the first is tracked to the end."""
-    assert jax.local_device_count() == 8  # tests/conftest.py
+@pytest.fixture(scope="module")
+def scenario():
+    """The tiny models with random weights, thresholds around their scores (about 0.36) and a 10-frame
+    video: objects start on frame 0, duplicates of the first are removed by hot-start, the first is
+    tracked to the end. -> (params, configs, frames, the frames' results one frame at a time on one
+    device with the default capacity, the (object rows, live objects) of each tracker call)."""
     mcfg, tcfg = ModelConfig.tiny().replace(joint_box_scores=True), TrackerConfig.tiny()
     params = _random_params(mcfg, tcfg)
     cfg = dt.DetectTrackConfig(score_threshold_detection=0.362, det_nms_thresh=0.95, new_det_thresh=0.362,
                                trk_assoc_iou_thresh=0.15, hotstart_delay=4, hotstart_unmatch_thresh=3,
                                hotstart_dup_thresh=3, occlusion_iou_thresh=0.3, recondition_every_nth_frame=3,
-                               high_conf_thresh=0.37, high_iou_thresh=0.45, recondition_score_thresh=0.005)
+                               high_conf_thresh=0.37, high_iou_thresh=0.45, recondition_score_thresh=0.005,
+                               detection_block=1)
     frames, _, _ = render_video(np.random.default_rng(4), 10, 80)
     frames = np.stack([np.asarray(f) for f in frames])
-    results = {}
-    for block in (1, 8):
-        pred = dt.DetectTrackPredictor(params, mcfg, tcfg, dataclasses.replace(cfg, detection_block=block))
-        assert pred.mesh.size == block
-        results[block] = list(pred.propagate_iter(frames, "a red ball"))
-        assert pred._detect._cache_size() == 1  # the padded last block reuses the compiled call
-    assert [r.frame_idx for r in results[8]] == list(range(10))
-    for want, got in zip(results[1], results[8]):
-        assert got.obj_ids.tolist() == want.obj_ids.tolist(), want.frame_idx
-        for a, b in zip(want.masks, got.masks):
-            assert (a & b).sum() >= 0.999 * (a | b).sum(), want.frame_idx
-        np.testing.assert_allclose(got.probs, want.probs, atol=1e-5)
-    assert all(r.obj_ids.tolist() == [0] and r.masks[0].any() for r in results[1])
+    pred = dt.DetectTrackPredictor(params, mcfg, tcfg, cfg)
+    calls, track = [], pred._track
+
+    def spy(params, pix, high_res, bank, valid, *args, **kwargs):
+        calls.append((bank.frame.shape[0], int(valid.sum())))
+        return track(params, pix, high_res, bank, valid, *args, **kwargs)
+
+    pred._track = spy
+    return params, (mcfg, tcfg, cfg), frames, list(pred.propagate_iter(frames, "a red ball")), calls
+
+
+def _assert_same_results(want, got):
+    assert [r.frame_idx for r in got] == [r.frame_idx for r in want]
+    for a, b in zip(want, got):
+        assert b.obj_ids.tolist() == a.obj_ids.tolist(), a.frame_idx
+        for x, y in zip(a.masks, b.masks):
+            assert (x & y).sum() >= 0.999 * (x | y).sum(), a.frame_idx
+        np.testing.assert_allclose(b.probs, a.probs, atol=1e-5)
+
+
+def test_detection_blocks_sharded_over_devices_change_nothing(scenario):
+    """10 frames in blocks of 8 over 8 devices (the last block: 2 frames and 6 blanks) give what one frame
+    at a time on one device gives."""
+    assert jax.local_device_count() == 8  # tests/conftest.py
+    params, (mcfg, tcfg, cfg), frames, want, _ = scenario
+    pred = dt.DetectTrackPredictor(params, mcfg, tcfg, dataclasses.replace(cfg, detection_block=8))
+    assert pred.mesh.size == 8
+    got = list(pred.propagate_iter(frames, "a red ball"))
+    assert pred._detect._cache_size() == 1  # the padded last block reuses the compiled call
+    assert [r.frame_idx for r in got] == list(range(10))
+    _assert_same_results(want, got)
+    assert all(r.obj_ids.tolist() == [0] and r.masks[0].any() for r in want)
+
+
+def test_tracked_rows_follow_the_live_count(scenario):
+    """The tracker runs over the live objects padded to the least power of two: the rows grow as objects
+    start and shrink as hot-start removes them, and the results equal those of a fixed capacity of 16."""
+    params, (mcfg, tcfg, cfg), frames, want, calls = scenario
+    live = [n for _, n in calls]
+    assert [rows for rows, _ in calls] == [1 << (n - 1).bit_length() for n in live]
+    assert max(live) > 2 and live[-1] == 1  # objects came, then went
+    pred = dt.DetectTrackPredictor(params, mcfg, tcfg, dataclasses.replace(cfg, capacity=16))
+    _assert_same_results(want, list(pred.propagate_iter(frames, "a red ball")))
+    assert pred.capacity == 16
