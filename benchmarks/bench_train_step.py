@@ -14,9 +14,9 @@ corrective clicks. Our trainer samples SAM 2's full recipe instead (clicks or bo
 corrective clicks: a random amount of work per step); ``--prompts=recipe`` times that, JAX only.
 What cannot be matched exactly (the output prints each side's work):
 
-* frame 0: our step also runs the SAM heads once without prompt on the mask-input frame (their
-  output is replaced by the mask input's and left out of the loss), so it does one SAM-heads pass
-  more per step than the reference;
+* frame 0: the SAM heads run once per frame on both sides (on the mask-input frame, prompted by the
+  mask, for the pointer), but ours down-sample a mask prompt on every frame (a mask-input frame can be
+  any slot of the scan) and discard it where there is no mask input;
 * memory selection (``use_memory_selection``): the reference scores a frame by the mean over the
   objects tracked together, ours per object; ours attends to a fixed number of memory slots
   (padding masked), the reference to the frames it selected;
@@ -549,8 +549,7 @@ def tracker_work(args, j: dict | None, t: dict | None) -> str:
             what = "prompts sampled each step by SAM 2's recipe (clicks, boxes, corrective clicks)"
         else:
             what = (f"GT mask input on frame 0 (no SAM loss there), frames 1-{args.frames - 1} memory-conditioned "
-                    f"with multimask output and losses, 0 corrective clicks; one SAM-heads pass more than the reference "
-                    f"(frame 0's prompt-less heads, computed on every slot and replaced by the mask input)")
+                    f"with multimask output and losses, 0 corrective clicks; one SAM-heads pass a frame")
         lines.append(f"  JAX: {args.objects} object slots (those visible on frame 0 in the losses), {what}; "
                      f"backbone {'frozen (stop_gradient)' if args.mode == 'tracker' else 'trained'}, "
                      f"memory-attention dropout on")

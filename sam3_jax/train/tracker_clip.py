@@ -161,12 +161,13 @@ def track_clip(tracker: Tracker, params, feats: ClipFeatures, obj_clip, gt_masks
         labels = jnp.pad(labels, ((0, 0), (0, pad)))
         point_ok = jnp.pad(point_ok & first[:, None], ((0, 0), (0, pad)))
 
-        def heads_for(coords, labels, point_ok, mask_prompt):
-            multimask = use_multimask(cfg, init, jnp.sum(point_ok, axis=1))
-            return _f32(apply(Tracker.sam_heads, cond_feats, high_res, coords, labels, point_ok, multimask,
-                              mask_prompt, deterministic))
+        def multimask(point_ok):
+            return use_multimask(cfg, init, jnp.sum(point_ok, axis=1))
 
-        heads = heads_for(coords, labels, point_ok, None)
+        # Objects given their GT mask: the SAM heads of ``_use_mask_as_output`` (the pointer), in the same pass.
+        mask_input = gt.astype(jnp.float32)
+        heads = _f32(apply(Tracker.frame_heads, pix, cond_feats, high_res, coords, labels, point_ok,
+                           multimask(point_ok), mask_input, mask_in, deterministic))
         terms = losses(heads, gt, active & ~mask_in)
 
         def corrections(carry):
@@ -181,7 +182,8 @@ def track_clip(tracker: Tracker, params, feats: ClipFeatures, obj_clip, gt_masks
                 coords = coords.at[rows, slot].set(jnp.where(corr[:, None], xy, coords[rows, slot]))
                 labels = labels.at[rows, slot].set(jnp.where(corr, label, labels[rows, slot]))
                 point_ok = point_ok.at[rows, slot].set(point_ok[rows, slot] | corr)
-                new = heads_for(coords, labels, point_ok, heads["masks"])
+                new = _f32(apply(Tracker.sam_heads, cond_feats, high_res, coords, labels, point_ok, multimask(point_ok),
+                                 heads["masks"], deterministic))
                 return (_select(corr, new, heads), coords, labels, point_ok, add(terms, losses(new, gt, corr))), None
 
             carry, _ = jax.lax.scan(click, carry, jnp.arange(prompt_cfg.num_correction_points))
@@ -197,11 +199,7 @@ def track_clip(tracker: Tracker, params, feats: ClipFeatures, obj_clip, gt_masks
 
         num_points = jnp.sum(point_ok, axis=1)
         heads = {k: heads[k] for k in ("masks", "iou", "obj_ptr", "score")}  # what frame_outputs reads
-        out = jax.lax.cond(
-            jnp.any(mask_in),
-            lambda: _f32(apply(Tracker.frame_outputs, pix, high_res, heads, num_points, gt.astype(jnp.float32),
-                               mask_in, deterministic=deterministic)),
-            lambda: _f32(apply(Tracker.frame_outputs, pix, high_res, heads, num_points, deterministic=deterministic)))
+        out = apply(Tracker.frame_outputs, pix, heads, num_points, mask_input, mask_in, deterministic=deterministic)
         bank = bank.write(f, jnp.where(frame_ok, f, -1), out["maskmem_features"], out["obj_ptr"], init | corr,
                           out["memory_score"])
         masks = _resize_masks(out["pred_masks_high_res"][:, None], m)[:, 0] > 0 if record_masks else None

@@ -12,7 +12,8 @@ the per-object path is chosen with masks, not Python branches:
   * mask input (``has_mask_input``): the mask is the output; the SAM heads only make the pointer;
   * initial conditioning frame (``is_init_cond_frame``): features + ``no_mem_embed``, no memory;
   * otherwise: memory attention over the selected memories;
-then the SAM heads on points (padded, ``point_valid``), and the memory encoder on the final mask.
+then one SAM heads pass for all objects (``frame_heads``: the points (padded, ``point_valid``), or the
+mask input as the dense prompt on the raw features), and the memory encoder on the final mask.
 
 Shape conventions that differ from the reference, on mask-input frames only: ``pred_masks`` and
 ``pred_masks_high_res`` are the input mask resized to the usual 4h and image sizes (the reference
@@ -121,11 +122,12 @@ class Tracker(nn.Module):
         return out.reshape(b, h, w, c)
 
     def sam_heads(self, feats, high_res, coords, labels, point_valid, multimask, mask_prompt=None,
-                  deterministic: bool = True):
+                  deterministic: bool = True, mask_valid=None):
         """``_forward_sam_heads``: prompts -> the output mask, its IoU, the object pointer and score.
 
         multimask (B,) bool: use the best of the multimask outputs (else token 0, or its stable
-        fallback at eval). mask_prompt (B, 4h, 4w) optional dense prompt. Returns a dict: ``masks``
+        fallback at eval). mask_prompt (B, 4h, 4w) optional dense prompt, used where ``mask_valid``
+        (B,) (default: everywhere). Returns a dict: ``masks``
         low-res logits (B, 4h, 4w) with absent objects at NO_OBJ_SCORE, ``iou`` (B,), ``obj_ptr``
         (B, C), ``score`` (B, 1), and what training supervises: ``all_masks`` (B, K, 4h, 4w) every
         mask token's logits (absent objects at NO_OBJ_SCORE, as the reference's multimasks),
@@ -136,7 +138,7 @@ class Tracker(nn.Module):
         # No point at all: the reference feeds one real "not a point" (label -1).
         filler = ~jnp.any(point_valid, axis=1, keepdims=True) & (jnp.arange(labels.shape[1]) == 0)
         labels, point_valid = jnp.where(filler, -1, labels), point_valid | filler
-        sparse, sparse_padding, dense = self.sam_prompt_encoder(coords, labels, ~point_valid, mask_prompt)
+        sparse, sparse_padding, dense = self.sam_prompt_encoder(coords, labels, ~point_valid, mask_prompt, mask_valid)
         masks, iou, tokens, score = decoder.predict_masks(
             feats, self.sam_prompt_encoder.get_dense_pe(), sparse, dense, high_res, sparse_padding)
         best = best_multimask_index(iou)
@@ -152,18 +154,28 @@ class Tracker(nn.Module):
         return {"masks": _take(all_masks, mask_idx), "iou": _take(iou, mask_idx), "obj_ptr": obj_ptr, "score": score,
                 "all_masks": all_masks, "all_ious": iou, "candidates": candidates}
 
-    def mask_as_output(self, pix, high_res, mask_inputs, deterministic: bool = True):
-        """``_use_mask_as_output``: a mask input (B, Sm, Sm) is the prediction; the SAM heads on the raw
-        features, prompted by the down-sampled mask, only give the object pointer."""
-        b = mask_inputs.shape[0]
+    def frame_heads(self, pix, feats, high_res, coords, labels, point_valid, multimask, mask_inputs=None,
+                    has_mask_input=None, deterministic: bool = True):
+        """A frame's SAM heads, one pass for every object: its point prompts on ``feats`` or, where
+        ``has_mask_input`` (default: all, when ``mask_inputs`` (B, Sm, Sm) is given), what
+        ``_use_mask_as_output`` runs to make the pointer: no point, the mask input down-sampled to the
+        low-res grid as the dense prompt, on the raw features ``pix``."""
+        if mask_inputs is None:
+            return self.sam_heads(feats, high_res, coords, labels, point_valid, multimask, deterministic=deterministic)
+        if has_mask_input is None:
+            has_mask_input = jnp.ones(mask_inputs.shape[:1], bool)
+        prompt = self.mask_downsample(mask_inputs.astype(jnp.float32)[..., None])[..., 0]
+        prompt = _resize(prompt, self.cfg.low_res_mask_size, antialias=True)
+        return self.sam_heads(_where(has_mask_input, pix.astype(feats.dtype), feats), high_res, coords, labels,
+                              point_valid & ~has_mask_input[:, None], multimask & ~has_mask_input, prompt,
+                              deterministic, mask_valid=has_mask_input)
+
+    def mask_as_output(self, mask_inputs, obj_ptr):
+        """``_use_mask_as_output``: a mask input (B, Sm, Sm) is the prediction (logits +-10, score +-10);
+        ``obj_ptr`` is the pointer ``frame_heads`` made from it, mixed with ``no_obj_ptr`` a second time,
+        by the mask's own presence (as the reference)."""
         m = mask_inputs.astype(jnp.float32)
-        mask_prompt = self.mask_downsample(m[..., None])[..., 0]
-        mask_prompt = _resize(mask_prompt, self.cfg.low_res_mask_size, antialias=True)
-        none = jnp.zeros((b, 1), bool)
-        obj_ptr = self.sam_heads(pix, high_res, jnp.zeros((b, 1, 2)), jnp.full((b, 1), -1), none,
-                                 jnp.zeros((b,), bool), mask_prompt, deterministic)["obj_ptr"]
         present = jnp.any(m > 0, axis=(1, 2))[:, None]
-        # The pointer is mixed with no_obj_ptr a second time, by the mask's own presence (as the reference).
         obj_ptr = jnp.where(present, obj_ptr, self.no_obj_ptr.astype(obj_ptr.dtype))
         score = jnp.where(present, MASK_LOGIT_SCALE + MASK_LOGIT_BIAS, MASK_LOGIT_BIAS)
         return m * MASK_LOGIT_SCALE + MASK_LOGIT_BIAS, obj_ptr, score
@@ -205,10 +217,12 @@ class Tracker(nn.Module):
             raise ValueError(f"{point_coords.shape[1]} point slots, more than max_points={self.cfg.max_points}")
         feats = self.conditioned_features(pix, memory, is_init_cond_frame, deterministic)
         num_points = jnp.sum(point_valid, axis=1)
-        heads = self.sam_heads(feats, high_res, point_coords, point_labels, point_valid,
-                               use_multimask(self.cfg, is_init_cond_frame, num_points), deterministic=deterministic)
-        return self.frame_outputs(pix, high_res, heads, num_points, mask_inputs, has_mask_input,
-                                  run_mem_encoder=run_mem_encoder, deterministic=deterministic)
+        if mask_inputs is not None and has_mask_input is None:
+            has_mask_input = jnp.ones((pix.shape[0],), bool)
+        heads = self.frame_heads(pix, feats, high_res, point_coords, point_labels, point_valid,
+                                 use_multimask(self.cfg, is_init_cond_frame, num_points), mask_inputs,
+                                 has_mask_input, deterministic)
+        return self.frame_outputs(pix, heads, num_points, mask_inputs, has_mask_input, run_mem_encoder=run_mem_encoder, deterministic=deterministic)
 
     def conditioned_features(self, pix, memory: SelectedMemory | None, is_init_cond_frame, deterministic: bool):
         """What the SAM heads see: ``pix + no_mem_embed`` on initial conditioning frames (and
@@ -218,10 +232,11 @@ class Tracker(nn.Module):
             return no_mem
         return _where(is_init_cond_frame, no_mem, self.memory_conditioned_features(pix, memory, deterministic))
 
-    def frame_outputs(self, pix, high_res, heads: dict, num_points, mask_inputs=None, has_mask_input=None, *,
+    def frame_outputs(self, pix, heads: dict, num_points, mask_inputs=None, has_mask_input=None, *,
                       run_mem_encoder: bool = True, deterministic: bool = True):
         """A frame's outputs from its final ``sam_heads`` result (``heads``) or, where ``has_mask_input``,
-        from its mask input; the memory is encoded from the final mask (see ``track_step``)."""
+        from its mask input (``heads`` then from ``frame_heads`` with it); the memory is encoded from the
+        final mask (see ``track_step``)."""
         cfg = self.cfg
         b = pix.shape[0]
         low_res, iou, obj_ptr, score = heads["masks"], heads["iou"], heads["obj_ptr"], heads["score"]
@@ -230,7 +245,7 @@ class Tracker(nn.Module):
         if mask_inputs is not None:
             if has_mask_input is None:
                 has_mask_input = jnp.ones((b,), bool)
-            m_logits, m_ptr, m_score = self.mask_as_output(pix, high_res, mask_inputs, deterministic)
+            m_logits, m_ptr, m_score = self.mask_as_output(mask_inputs, obj_ptr)
             low_res = _where(has_mask_input, _resize(m_logits, cfg.low_res_mask_size, antialias=True), low_res)
             high_res_masks = _where(has_mask_input, _resize(m_logits, cfg.image_size, antialias=True), high_res_masks)
             iou = jnp.where(has_mask_input, 1.0, iou)
