@@ -129,7 +129,9 @@ class DetectTrackConfig:
     recondition_score_thresh: float = 0.8  # tracker object-score logit needed to be reconditioned
     shrink_thresh: float = 0.3  # memory masks keeping less than this share after non-overlap are suppressed
     max_num_objects: int = -1  # (<= 0: no limit, the reference's 10000)
-    capacity: int = 1  # least padded object count (the live count is padded to a power of two, at least this)
+    # Least padded object count: the live objects are padded to the next power of two, at least this.
+    # Each size compiles the tracker's calls once; a higher floor trades work per frame for fewer compiles.
+    capacity: int = 1
     objects_per_step: int = 4  # objects a tracker call at most (``video_predictor.in_object_chunks``)
     # Frames encoded and detected per call, sharded over gcd(detection_block, local devices) devices. The
     # default (<= 0) is one frame per local device: every device busy, each at the activation memory of a
