@@ -27,8 +27,9 @@ counts, which depend on the weights, agree.
 Printed beside each side's frames/s: the objects it tracked (track) or output with a non-empty mask
 (text) per frame, mean and max over the timed frames, so that a reader sees like is timed against like.
 
-Frames/s counts the frames after the first (1..T-1); the first run (compiles, warm-up) and its first
-frame are timed separately. Frames are generated (moving shapes, ``data.synthetic.render_video``) at
+Frames/s counts, in a warm run, the frames after the prompt frame (1..T-1) in the track task and every
+frame (0..T-1) in the text task (``first_timed``: the reference detects a frame ahead); the first run
+(compiles, warm-up) and its first frame are timed separately. Frames are generated (moving shapes, ``data.synthetic.render_video``) at
 the model's image size, so no resizing is timed on either side; track's object masks are discs spread
 over frame 0. Each side runs in its own subprocess, so peak memory is its own.
 
@@ -83,21 +84,30 @@ def detect_track_config(objects: int):
                              occlusion_iou_thresh=0.0, max_num_objects=objects)
 
 
+def first_timed(args) -> int:
+    """The first frame counted in frames/s. Text: frame 0, since the reference detects a chunk of
+    frames ahead (``forward_video_grounding_multigpu``: on frame 0 it detects frames 0 and 1, then
+    frame f + 1 on frame f), so from frame 1 on it would be timed for one detection fewer than ours.
+    Track: frame 1, after the prompt frame."""
+    return 0 if args.task == "text" else 1
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def time_frames(start, count, repeats: int, sync=lambda: None) -> dict:
+def time_frames(start, count, repeats: int, sync=lambda: None, first_timed: int = 1) -> dict:
     """``start()`` gives a fresh iterator over a clip's outputs; ``count(output)`` the objects in one.
-    A first run (compiles, warm-up), then the best of ``repeats``, timed from the second frame on."""
+    A first run (compiles, warm-up), then the best of ``repeats``, timed from frame ``first_timed`` on."""
     def run():
-        t0 = time.perf_counter()
-        it = start()
-        next(it)  # frame 0
-        t1 = time.perf_counter()
-        counts = [count(out) for out in it]
+        stamps = [time.perf_counter()]
+        counts = []
+        for out in start():
+            counts.append(count(out))
+            stamps.append(time.perf_counter())
         sync()
-        return t1 - t0, time.perf_counter() - t1, counts
+        stamps[-1] = time.perf_counter()
+        return stamps[1] - stamps[0], stamps[-1] - stamps[first_timed], counts[first_timed:]
 
     t0 = time.perf_counter()
     first_frame_s, _, _ = run()
@@ -136,7 +146,7 @@ def run_jax(args, objects: int) -> dict:
     import jax
 
     start, count = (jax_track if args.task == "track" else jax_text)(args, objects)
-    res = time_frames(start, count, args.repeats)
+    res = time_frames(start, count, args.repeats, first_timed=first_timed(args))
     stats = jax.devices()[0].memory_stats() or {}
     return {**res, "peak_rss_gib": peak_rss_gib(), "device_peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
             "device": str(jax.devices()[0])}
@@ -198,7 +208,8 @@ def run_torch(args, objects: int) -> dict:
     cuda = device == "cuda"
     start, count = (torch_track if args.task == "track" else torch_text)(args, objects, torch, cuda)
     with torch.inference_mode():
-        res = time_frames(start, count, args.repeats, torch.cuda.synchronize if cuda else lambda: None)
+        res = time_frames(start, count, args.repeats, torch.cuda.synchronize if cuda else lambda: None,
+                          first_timed=first_timed(args))
     return {**res, "peak_rss_gib": peak_rss_gib(),
             "device_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "device": device, "threads": torch.get_num_threads()}
@@ -232,7 +243,7 @@ def main():
         rows = sides.over_object_counts(__file__, args, run_jax, run_torch, [*flags, f"--checkpoint={checkpoint}"])
     size = configs(args.size, "float32")[0].image_size
     print(f"video predictor ({args.task}), {args.size} model at {size}px, {args.frames} frames, JAX in {args.dtype}, "
-          f"best of {args.repeats} after a first run; frames/s over frames 1..{args.frames - 1}")
+          f"best of {args.repeats} after a first run; frames/s over frames {first_timed(args)}..{args.frames - 1}")
     print(f"{'objects':>8}{'JAX fps':>10}{'PyTorch fps':>13}{'JAX/PyTorch':>13}{'JAX objs mean/max':>19}"
           f"{'torch objs mean/max':>21}{'JAX peak GiB':>14}{'torch peak GiB':>16}{'JAX RSS GiB':>13}"
           f"{'torch RSS GiB':>15}")
