@@ -29,9 +29,10 @@ Printed beside each side's frames/s: the objects it tracked (track) or output wi
 
 Frames/s counts, in a warm run, the frames after the prompt frame (1..T-1) in the track task and every
 frame (0..T-1) in the text task (``first_timed``: the reference detects a frame ahead); the first run
-(compiles, warm-up) and its first frame are timed separately. Frames are generated (moving shapes, ``data.synthetic.render_video``) at
-the model's image size, so no resizing is timed on either side; track's object masks are discs spread
-over frame 0. Each side runs in its own subprocess, so peak memory is its own.
+(compiles, warm-up) and its first frame are timed separately. Frames are generated (moving shapes,
+``data.synthetic.render_video``) at the model's image size, so no resizing is timed on either side;
+track's object masks are discs spread over frame 0. Each side runs in its own subprocess, so peak
+memory is its own.
 
   python benchmarks/bench_video.py [--task=track|text] [--size=official|tiny] [--objects=1,5,20] [--frames=16]
 

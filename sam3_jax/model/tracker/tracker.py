@@ -217,12 +217,11 @@ class Tracker(nn.Module):
             raise ValueError(f"{point_coords.shape[1]} point slots, more than max_points={self.cfg.max_points}")
         feats = self.conditioned_features(pix, memory, is_init_cond_frame, deterministic)
         num_points = jnp.sum(point_valid, axis=1)
-        if mask_inputs is not None and has_mask_input is None:
-            has_mask_input = jnp.ones((pix.shape[0],), bool)
         heads = self.frame_heads(pix, feats, high_res, point_coords, point_labels, point_valid,
                                  use_multimask(self.cfg, is_init_cond_frame, num_points), mask_inputs,
                                  has_mask_input, deterministic)
-        return self.frame_outputs(pix, heads, num_points, mask_inputs, has_mask_input, run_mem_encoder=run_mem_encoder, deterministic=deterministic)
+        return self.frame_outputs(pix, heads, num_points, mask_inputs, has_mask_input,
+                                  run_mem_encoder=run_mem_encoder, deterministic=deterministic)
 
     def conditioned_features(self, pix, memory: SelectedMemory | None, is_init_cond_frame, deterministic: bool):
         """What the SAM heads see: ``pix + no_mem_embed`` on initial conditioning frames (and
