@@ -53,6 +53,11 @@ def base_config(model: ModelConfig, data: ml_collections.ConfigDict,
     c.cluster = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
     c.nonfinite = "skip"  # NaN/Inf loss or gradients: "skip" the update (and count it) or "stop"
     c.max_consecutive_nonfinite = 10  # stop anyway after this many skipped updates in a row
+    # jax's persistent compilation cache: the compiled steps are written here and read back by any
+    # later run of the same programs (a resume, a restarted job, the same config on another
+    # workdir), which then skips XLA's compile, minutes at official size. Trusted storage only
+    # (jax runs what it finds there). "" leaves jax's own setting (JAX_COMPILATION_CACHE_DIR).
+    c.compilation_cache_dir = ""
 
     # Devices: clips over "data", the frames of each clip over "frame"; data=-1 takes the rest.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, frame=1))

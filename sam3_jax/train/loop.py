@@ -4,7 +4,7 @@ Everything the run writes lives in ``workdir``: ``config.json`` (the resolved co
 ``checkpoints/`` (Orbax: state + Grain iterator), ``checkpoints_best/`` (with ``eval.keep_best``:
 the evaluated step that scored best), ``metrics.jsonl`` and ``tensorboard/``. Running again with
 the same workdir resumes from the newest checkpoint in ``checkpoints/``, with the data stream and
-random numbers exactly where they were.
+random numbers exactly where they were; with ``compilation_cache_dir`` it also skips the compiles.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 
 from sam3_jax.data import pipeline, schema
 from sam3_jax.evaluation import jf
@@ -351,5 +352,8 @@ def train(config, workdir: str) -> dict[str, float]:
         jax.distributed.initialize(coordinator_address=cluster.coordinator_address or None,
                                    num_processes=cluster.num_processes or None,
                                    process_id=None if cluster.process_id < 0 else cluster.process_id)
+    if config.compilation_cache_dir:
+        compilation_cache.set_cache_dir(os.path.expanduser(config.compilation_cache_dir))
+        compilation_cache.reset_cache()  # jax opens its cache once per process: take this one
     return Trainer(config, workdir).run()
 

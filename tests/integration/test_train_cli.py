@@ -1,6 +1,6 @@
 """``train.py`` as a user runs it: resume after a kill reproduces the uninterrupted run bit for bit
-(the best checkpoint by a held-out metric included), and a mistyped override is refused with the
-valid keys."""
+(the best checkpoint by a held-out metric included, the train step loaded from the compilation
+cache), and a mistyped override is refused with the valid keys."""
 import json
 import os
 import signal
@@ -28,9 +28,9 @@ def _env():
     return env
 
 
-def _train(workdir, *extra, **kwargs):
+def _train(workdir, *extra, env=None):
     return subprocess.Popen([sys.executable, "train.py", f"--workdir={workdir}", *SMALL, *extra], cwd=REPO,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+                            env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 # Held-out evaluation every 2 steps (and at step 0), the best by val_best_box_iou kept.
@@ -56,13 +56,16 @@ def _best(workdir):
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     data_dir = str(tmp_path / "videos")  # shared: both runs read the same generated videos
-    data = f"--config.data.synthetic.output_dir={data_dir}"
-    whole = _train(tmp_path / "whole", data, *EVAL)
+    # ...and one compilation cache: the later runs load the steps the first one compiled, which
+    # must change nothing of what they compute.
+    data = [f"--config.data.synthetic.output_dir={data_dir}", f"--config.compilation_cache_dir={tmp_path / 'xla'}"]
+    whole = _train(tmp_path / "whole", *data, *EVAL)
     out, _ = whole.communicate(timeout=900)
     assert whole.returncode == 0, out
+    assert os.listdir(tmp_path / "xla")
 
     run = tmp_path / "killed"
-    killed = _train(run, data, *EVAL)
+    killed = _train(run, *data, *EVAL)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 900
     while time.time() < deadline and killed.poll() is None:
@@ -74,10 +77,11 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     killed.communicate()
     assert sorted(os.listdir(run / "checkpoints")) == ["3"]  # step 6 never saved
 
-    resumed = _train(run, data, *EVAL)
+    resumed = _train(run, *data, *EVAL, env=_env() | {"JAX_DEBUG_LOG_MODULES": "jax._src.compiler"})
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out
     assert "resumed from" in out
+    assert "Persistent compilation cache hit for 'jit_step'" in out
     expected = _losses(tmp_path / "whole")
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert _losses(run) == expected  # bitwise: the same float for every step
