@@ -38,8 +38,8 @@ objects were last occluded with the reference's reversed comparison. Per frame:
    delayed by ``hotstart_delay`` frames so that objects removed by hot-start are hidden retroactively;
    empty masks dropped; object-wise non-overlap by tracker score; score = detection score when added.
 
-Static shapes: live objects occupy the first rows of arrays padded to a capacity, the least power of two
-that holds them (grown as objects come, shrunk as they go; each size compiles once), kept in ascending id
+Static shapes: live objects occupy the first rows of arrays padded to a capacity, the least 2^k or 3 * 2^k
+that holds them (`padded_rows`; grown as objects come, shrunk as they go; each size compiles once), kept in ascending id
 order as the reference orders them; a validity mask marks the live rows. Each
 object's ``MemoryBank`` has ``max_cond_frames_in_attn`` conditioning slots (the conditioning frames
 nearest the current one in the direction of travel, which is what tracking selects) and the
@@ -129,7 +129,7 @@ class DetectTrackConfig:
     recondition_score_thresh: float = 0.8  # tracker object-score logit needed to be reconditioned
     shrink_thresh: float = 0.3  # memory masks keeping less than this share after non-overlap are suppressed
     max_num_objects: int = -1  # (<= 0: no limit, the reference's 10000)
-    # Least padded object count: the live objects are padded to the next power of two, at least this.
+    # Least padded object count: the live objects are padded to `padded_rows` of their count, at least this.
     # Each size compiles the tracker's calls once; a higher floor trades work per frame for fewer compiles.
     capacity: int = 1
     objects_per_step: int = 4  # objects a tracker call at most (``video_predictor.in_object_chunks``)
@@ -141,6 +141,15 @@ class DetectTrackConfig:
 
 
 # ------------------------------------------------------------------------------- host-side heuristics
+def padded_rows(n: int) -> int:
+    """The static row count for ``n`` live objects: the least 2^k or 3 * 2^k >= n (1, 2, 3, 4, 6, 8, 12,
+    16, 24, ...). Under a third of the rows are padding, where powers of two alone pad up to half
+    (20 objects: 24 rows, not 32), for at most twice as many sizes to compile."""
+    power = 1 << max(n - 1, 0).bit_length()
+    three_quarters = 3 * power // 4
+    return three_quarters if power >= 4 and three_quarters >= n else power
+
+
 def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(N, h, w) and (M, h, w) bool -> (N, M) IoU; an empty union counts as 0."""
     a = a.reshape(len(a), -1).astype(np.float32)
@@ -585,10 +594,10 @@ class DetectTrackPredictor:
 
     # ---------------------------------------------------------------------------------------- the loop
     def _fit(self, st: _State, needed: int):
-        """Pads the object rows of the banks to the least power of two >= ``needed`` (at least
-        ``cfg.capacity``), growing or shrinking them: the tracker's work follows the live count, and each
-        size compiles once. Rows past the live ones are padding (new objects reset theirs)."""
-        cap = max(self.cfg.capacity, 1 << max(needed - 1, 0).bit_length())
+        """Pads the object rows of the banks to ``padded_rows(needed)`` (at least ``cfg.capacity``),
+        growing or shrinking them: the tracker's work follows the live count, and each size compiles
+        once. Rows past the live ones are padding (new objects reset theirs)."""
+        cap = max(self.cfg.capacity, padded_rows(needed))
         if cap == self.capacity:
             return
         extra = MemoryBank.empty(self.tcfg, max(cap - self.capacity, 0), self.slots, dtype=jnp.bfloat16)

@@ -236,12 +236,17 @@ def test_detection_blocks_sharded_over_devices_change_nothing(scenario):
     assert all(r.obj_ids.tolist() == [0] and r.masks[0].any() for r in want)
 
 
+def test_padded_rows_are_powers_of_two_and_three_times_powers_of_two():
+    assert [dt.padded_rows(n) for n in range(0, 26)] == [1, 1, 2, 3, 4, 6, 6, 8, 8] + [12] * 4 + [16] * 4 + [24] * 8 + [32]
+    assert dt.padded_rows(200) == 256 and dt.padded_rows(192) == 192 and dt.padded_rows(97) == 128
+
+
 def test_tracked_rows_follow_the_live_count(scenario):
-    """The tracker runs over the live objects padded to the least power of two: the rows grow as objects
-    start and shrink as hot-start removes them, and the results equal those of a fixed capacity of 16."""
+    """The tracker runs over the live objects padded to `padded_rows`: the rows grow as objects start and
+    shrink as hot-start removes them, and the results equal those of a fixed capacity of 16."""
     params, (mcfg, tcfg, cfg), frames, want, calls = scenario
     live = [n for _, n in calls]
-    assert [rows for rows, _ in calls] == [1 << (n - 1).bit_length() for n in live]
+    assert [rows for rows, _ in calls] == [dt.padded_rows(n) for n in live]
     assert max(live) > 2 and live[-1] == 1  # objects came, then went
     pred = dt.DetectTrackPredictor(params, mcfg, tcfg, dataclasses.replace(cfg, capacity=16))
     _assert_same_results(want, list(pred.propagate_iter(frames, "a red ball")))
