@@ -16,7 +16,7 @@ that frame 0 starts ``min(N, queries)`` objects and none is ever added or remove
 kept (threshold 0, NMS off), ``max_num_objects=N``, hot-start off (so outputs are not delayed either),
 occlusion suppression off; the rest are the video model's settings. N is then exact up to the
 detector's query count (16 for the tiny model: 20 objects cannot be had there, and the printed
-counts show 16). JAX tracks the live objects padded to the least power of two (1, 8 and 16 rows here).
+counts show 16). JAX tracks the live objects padded to the least 2^k or 3 * 2^k (1, 6 and 16 rows here).
 
 Both tasks give both sides the same weights, read as a user's run reads them: random reference
 weights, saved as a video ``sam3.pt`` (which the reference side loads) and converted by our converter
