@@ -55,11 +55,6 @@ class Prediction:
         return dict(self.__dict__)
 
 
-def _padded(n: int) -> int:
-    """The static size a count is padded to: the next power of two."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
 class ImagePredictor:
     def __init__(self, cfg: ModelConfig, params, tokenizer: SimpleTokenizer | None = None, max_boxes: int = 8):
         self.cfg = cfg
@@ -110,7 +105,7 @@ class ImagePredictor:
         """The model's outputs for each prompt (a row each, in order) on its image (any size, uint8 RGB)."""
         if not len(images_uint8) or not len(prompts):
             raise ValueError("give at least one image and one prompt")
-        n_img, n_q = _padded(len(images_uint8)), _padded(len(prompts))
+        n_img, n_q = compiler.power_of_two_at_least(len(images_uint8)), compiler.power_of_two_at_least(len(prompts))
         images = np.zeros((n_img, self.cfg.image_size, self.cfg.image_size, 3), np.float32)
         for i, image in enumerate(images_uint8):
             images[i] = image_io.normalize(image_io.resize_square(image, self.cfg.image_size))
