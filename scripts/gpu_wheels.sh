@@ -5,8 +5,8 @@
 # dependencies), all with --no-deps so that nothing in the folder can replace the host's jax or torch.
 # Binary wheels are fetched for CPython 3.12 on manylinux x86_64 whatever this machine runs.
 #   bash scripts/gpu_wheels.sh [DIR]            # default DIR: wheels/ (gitignored)
-# On the GPU host, from the repository root:
-#   pip install --no-index --no-deps wheels/*.whl
+# On the GPU host, from the repository root (what the host already has is kept, whatever its version):
+#   pip install --no-index --no-deps --find-links=wheels -r wheels/requirements.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-wheels}
@@ -17,8 +17,9 @@ for tag in manylinux_2_34 manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux
 done
 
 # Pinned to the versions the tests run with; jax, torch, flax, optax, orbax and their own
-# dependencies (numpy, absl-py, protobuf, pyyaml, psutil, ...) are the host's.
-BINARY=(grain==0.2.18 array-record==0.8.6 pycocotools==2.0.11 opencv-python-headless==5.1.0.95 av==18.1.0
+# dependencies (numpy, absl-py, protobuf, pyyaml, psutil, ...) are the host's. Left out: av (35 MB),
+# which only reading video files needs (sam3_jax.infer.video_io); the benchmarks generate their frames.
+BINARY=(grain==0.2.18 array-record==0.8.6 pycocotools==2.0.11 opencv-python-headless==5.1.0.95
         pillow==13.0.0 regex==2026.12.2 safetensors==0.8.0 hf-xet==1.8.0)
 PURE=(ml-collections==1.1.0 cloudpickle==3.1.3 portpicker==1.6.0 ftfy==6.3.1 wcwidth==0.9.5 tensorboardx==2.6.5
       sam3==0.1.4 timm==1.0.31 einops==0.8.2 iopath==0.1.10 portalocker==4.4.2 tqdm==4.70.1
@@ -31,5 +32,7 @@ mkdir -p "$DIR"
 "$PY" -m pip wheel -q -w "$DIR" --no-deps "${PURE[@]}"
 "$PY" -m pip wheel -q -w "$DIR" --no-deps .
 rm -f "$DIR"/*.tar.gz "$DIR"/*.zip
+# Their names, unpinned: pip then installs only the packages the host does not have.
+ls "$DIR" | sed -n 's/-.*\.whl$//p' > "$DIR/requirements.txt.tmp" && mv "$DIR/requirements.txt.tmp" "$DIR/requirements.txt"
 echo "$(ls "$DIR"/*.whl | wc -l) wheels, $(du -sh "$DIR" | cut -f1), in $DIR; on the GPU host:"
-echo "  pip install --no-index --no-deps $DIR/*.whl"
+echo "  pip install --no-index --no-deps --find-links=$DIR -r $DIR/requirements.txt"
