@@ -10,6 +10,8 @@ from collections import Counter
 
 import numpy as np
 
+from sam3_jax import fileio
+
 
 class CheckpointFormatError(ValueError):
     """The file is not a SAM 3 checkpoint (or is damaged); the message says what it looks like."""
@@ -73,16 +75,11 @@ def check_is_sam3(keys, path: str) -> None:
 
 
 def write_state_dict(state_dict: dict[str, np.ndarray], path: str, dtypes: dict[str, str] | None = None) -> None:
-    """Writes ``{"model": sd}`` atomically (temp file in the same directory, then rename); the keys
+    """Writes ``{"model": sd}`` atomically (``fileio.atomic_file``); the keys
     of ``dtypes`` are cast to the torch dtype named there (see ``read_state_dict``)."""
     torch = _torch()
     dtypes = dtypes or {}
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
     tensors.update({k: tensors[k].to(getattr(torch, name)) for k, name in dtypes.items()})
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with fileio.atomic_file(path) as tmp:
         torch.save({"model": tensors}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

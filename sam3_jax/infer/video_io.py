@@ -2,10 +2,8 @@
 FFmpeg), animated GIFs with Pillow, MP4s with PyAV."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 from fractions import Fraction
 from typing import Self
@@ -14,6 +12,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from sam3_jax import fileio
 from sam3_jax.infer.video_predictor import VideoInputError
 
 DEFAULT_FPS = Fraction(24)  # DAVIS's frame rate: for frame directories, which carry none
@@ -122,7 +121,7 @@ class VideoFileFrames:
 
     def _spool_path(self, index: int) -> str:
         if self._spool is None:
-            self._spool = tempfile.TemporaryDirectory(prefix="sam3_jax-frames-")
+            self._spool = fileio.temporary_directory("sam3_jax-frames-")  # a killed run's: removed by the next
         return os.path.join(self._spool.name, f"{index:05d}.npy")
 
     def _close_decoder(self):
@@ -156,23 +155,6 @@ def blend(frame: np.ndarray, label: np.ndarray, palette: list[int], alpha: float
     return out.round().clip(0, 255).astype(np.uint8)
 
 
-@contextlib.contextmanager
-def _atomic_file(path: str):
-    """Yields a temporary name beside ``path`` (same suffix); renamed to ``path`` when the block completes,
-    deleted when it raises."""
-    parent, name = os.path.split(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", suffix=os.path.splitext(name)[1], dir=parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_overlay(path: str, images: Iterable[np.ndarray], fps: Fraction) -> int:
     """Writes uint8 RGB frames as ``path`` (.gif or .mp4), atomically; returns the number of frames.
 
@@ -185,7 +167,7 @@ def write_overlay(path: str, images: Iterable[np.ndarray], fps: Fraction) -> int
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in OVERLAY_SUFFIXES:
         raise ValueError(f"{path}: overlay must be one of {', '.join(OVERLAY_SUFFIXES)}")
-    with _atomic_file(path) as tmp:
+    with fileio.atomic_file(path) as tmp:
         return (_write_gif if suffix == ".gif" else _write_mp4)(tmp, iter(images), fps)
 
 
