@@ -16,6 +16,7 @@ import os
 import numpy as np
 from flax import traverse_util
 
+from sam3_jax import fileio
 from sam3_jax.convert import checkpoint, keymap, sam3_checkpoint, torch_io
 from sam3_jax.model import stacking
 from sam3_jax.nn import rope
@@ -83,10 +84,15 @@ def export_checkpoint(checkpoint_dir: str, params: dict | None = None) -> dict[s
     return export_params(params, manifest, dead)
 
 
-def write_torch(checkpoint_dir: str, torch_ckpt: str, params: dict | None = None) -> int:
+def write_torch(checkpoint_dir: str, torch_ckpt: str, params: dict | None = None, *, overwrite: bool = False,
+                allow_nonfinite: bool = False) -> int:
     """Writes ``{"model": state_dict}`` to ``torch_ckpt`` atomically, each tensor in the dtype the
-    source file had; returns the number of keys."""
+    source file had; returns the number of keys. An existing ``torch_ckpt`` is refused, before any
+    work, unless ``overwrite``; tensors holding NaN or Inf are refused, all named, unless
+    ``allow_nonfinite``."""
+    fileio.check_output(torch_ckpt, overwrite, directory=False)
     state_dict = export_checkpoint(checkpoint_dir, params)
+    checkpoint.check_finite(state_dict, checkpoint_dir, allow=allow_nonfinite, hint=sam3_checkpoint.ALLOW_HINT)
     dtypes = checkpoint.read_manifest(checkpoint_dir).get("source_dtypes", {})
     torch_io.write_state_dict(state_dict, torch_ckpt, dtypes)
     return len(state_dict)

@@ -112,14 +112,16 @@ def convert(state_dict: dict[str, np.ndarray], abstract_params, *, source: str =
             consume: bool = False) -> Conversion:
     """Maps every key of ``state_dict`` onto ``abstract_params`` (a tree of arrays or ShapeDtypeStructs).
 
-    Raises ConversionError listing every unmapped, missing and shape-mismatched key. With
+    Raises ConversionError listing every unmapped, missing, shape-mismatched key, and every integer or
+    bool tensor mapped onto a floating-point parameter (casting would hide a quantised or damaged
+    file; the converter never guesses a scale). With
     ``consume`` entries are popped from ``state_dict`` as they are converted, so a large checkpoint
     is never held twice.
     """
     targets = traverse_util.flatten_dict(abstract_params)
     flat: dict = {}
     result = Conversion(params={})
-    unmapped, mismatched = [], []
+    unmapped, mismatched, wrong_dtype = [], [], []
     for key in list(state_dict):
         value = state_dict.pop(key) if consume else state_dict[key]
         if (reason := recomputed_reason(key)) is not None:
@@ -139,15 +141,19 @@ def convert(state_dict: dict[str, np.ndarray], abstract_params, *, source: str =
         if converted.shape != want:
             mismatched.append(f"{key} {tuple(value.shape)} -> {'/'.join(path)} expects {want}")
             continue
+        if not np.issubdtype(converted.dtype, np.floating):  # e.g. quantised or damaged: not cast silently
+            wrong_dtype.append(f"{key} {converted.dtype} -> {'/'.join(path)} is {np.dtype(targets[path].dtype)}")
+            continue
         flat[path] = converted.astype(targets[path].dtype, copy=False)
         del value
         result.fate[key] = "mapped to " + "/".join(path)
     missing = ["/".join(p) + f" {tuple(targets[p].shape)}" for p in targets if p not in flat]
-    if unmapped or missing or mismatched:
+    if unmapped or missing or mismatched or wrong_dtype:
         lines = [f"cannot convert {source}:"]
         for title, items in (("torch keys with no Flax parameter", unmapped),
                              ("Flax parameters with no torch key", missing),
-                             ("shape mismatches", mismatched)):
+                             ("shape mismatches", mismatched),
+                             ("integer or bool tensors where a float parameter goes", wrong_dtype)):
             if items:
                 lines.append(f"  {title} ({len(items)}):")
                 lines.extend(f"    {item}" for item in items)

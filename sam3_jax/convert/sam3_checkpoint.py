@@ -21,6 +21,7 @@ from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.nn import rope
 
+ALLOW_HINT = " (pass --allow_nonfinite to convert anyway)"
 DETECTOR = "detector."
 TRACKER = "tracker."
 _BLOCK = re.compile(r"trunk\.blocks\.(\d+)\.attn\.freqs_cis$")
@@ -97,9 +98,11 @@ def abstract_params(cfg: ModelConfig, tracker_cfg: TrackerConfig | None) -> dict
 
 def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = None,
                  tracker_cfg: TrackerConfig | None = None, bpe_path: str | None = None,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, allow_nonfinite: bool = False) -> dict:
     """Converts ``torch_ckpt`` and writes ``output_dir`` atomically; returns the manifest.
-    ``cfg`` / ``tracker_cfg`` give the sizes the file holds (default: official)."""
+    ``cfg`` / ``tracker_cfg`` give the sizes the file holds (default: official). The output is checked
+    first (``checkpoint.check_output``); tensors holding NaN or Inf are refused, all named, unless
+    ``allow_nonfinite`` (then the manifest lists them under ``"nonfinite"``)."""
     from sam3_jax.model import detector, stacking, tokenizer
 
     cfg = cfg or ModelConfig.official()
@@ -107,7 +110,9 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
     vocab = bpe_path or tokenizer.DEFAULT_BPE_PATH
     if not os.path.isfile(vocab):
         raise FileNotFoundError(f"BPE vocabulary not found: {vocab}")
+    checkpoint.check_output(output_dir, overwrite)
     state_dict, source_dtypes = torch_io.read_state_dict(torch_ckpt)
+    nonfinite = checkpoint.check_finite(state_dict, torch_ckpt, allow=allow_nonfinite, hint=ALLOW_HINT)
     num_keys = len(state_dict)
     det_sd, trk_sd = split_layout(state_dict, torch_ckpt)
     video_layout = any(k.startswith(DETECTOR) for k in state_dict)
@@ -146,6 +151,8 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
         "summary": _summary(fate),
         "source_dtypes": source_dtypes,  # keys stored in another float type than float32
     }
+    if nonfinite:
+        manifest["nonfinite"] = nonfinite  # converted with allow_nonfinite
     params = stacking.relayout(params, stacking.group_sizes(cfg, tracker_cfg if video_layout else None))
     checkpoint.write(output_dir, params, manifest=manifest, dead=dead, vocab_path=vocab, overwrite=overwrite)
     return manifest
