@@ -49,6 +49,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from sam3_jax import fileio
+from sam3_jax.infer import video_outputs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory with a tracker (convert_torch_ckpt.py).")
@@ -69,7 +70,6 @@ flags.DEFINE_integer("category_id", 1, "category_id of every masklet in results.
 flags.DEFINE_bool("overwrite", False, "Replace --output (and --overlay) if it exists.")
 
 VOID_ID = 255
-RESULTS = "results.json"
 
 
 class InputError(ValueError):
@@ -93,12 +93,14 @@ def voc_palette() -> list[int]:
 
 def read_init_mask(path: str):
     """-> (ids (H, W) uint8, palette list or None)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from sam3_jax.infer import image_io
 
     if not os.path.isfile(path):
         raise InputError(f"init mask not found: {path}")
     try:
-        with Image.open(path) as im:
+        with image_io.open_image(path) as im:
             im.load()
             if im.mode not in ("P", "L", "1"):
                 raise InputError(f"{path}: expected a palette (or grayscale) PNG of object ids, got mode {im.mode}")
@@ -106,6 +108,8 @@ def read_init_mask(path: str):
             return np.asarray(im.convert("L") if im.mode == "1" else im, np.uint8), palette
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise InputError(f"{path}: cannot be read as an image ({e})") from e
+    except image_io.ImageError as e:
+        raise InputError(str(e)) from e
 
 
 def _parse_flag(flag: str, value: str, form: str, count: int):
@@ -176,7 +180,13 @@ def open_frames(path: str):
     from sam3_jax.infer.video_predictor import ImageFolderFrames
 
     if os.path.isdir(path):
-        frames = ImageFolderFrames(path)
+        from PIL import Image
+
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # headers only: check_frames applies ours
+        try:
+            frames = ImageFolderFrames(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
         yield frames, [os.path.splitext(os.path.basename(p))[0] for p in frames.paths], video_io.DEFAULT_FPS
     elif os.path.isfile(path):
         with video_io.VideoFileFrames(path) as frames:
@@ -186,8 +196,9 @@ def open_frames(path: str):
 
 
 def check_outputs(output: str, overlay: str | None, overwrite: bool) -> str:
-    """Refuses, before any work, outputs that exist (unless ``overwrite``) or an overlay that cannot be
-    written; returns ``output`` made absolute."""
+    """Refuses, before any work, outputs that exist (unless ``overwrite``, which replaces a directory by
+    a directory and a file by a file only) or that cannot be written (their folder is probed); returns
+    ``output`` made absolute."""
     from sam3_jax.infer import video_io
 
     output = os.path.abspath(output)
@@ -199,55 +210,30 @@ def check_outputs(output: str, overlay: str | None, overwrite: bool) -> str:
             raise InputError(f"--overlay={overlay}: must end with {' or '.join(video_io.OVERLAY_SUFFIXES)}")
         if os.path.abspath(overlay).startswith(output + os.sep):
             raise InputError(f"--overlay={overlay}: must be outside --output (that directory is replaced whole)")
+        fileio.check_output(overlay, overwrite, directory=False)
+    fileio.check_output(output, overwrite, directory=True)
     return output
 
 
-class Masklets:
-    """Per object a YouTube-VIS segmentation per frame: compressed RLE where it has pixels, else None.
-    Held until the end (an RLE is small: about its outline's length in bytes)."""
+def check_frames(frames, video: str, init_frame: int) -> None:
+    """``init_frame`` is a frame of the video, and its frames (all of the first one's size) are within
+    ``image_io.MAX_PIXELS``: refused from the headers, before any frame is decoded."""
+    from sam3_jax.infer import image_io
 
-    def __init__(self, num_frames: int):
-        self.num_frames = num_frames
-        self.rles: dict[int, list] = {}
-
-    def add(self, frame_idx: int, obj_id: int, mask: np.ndarray) -> None:
-        from sam3_jax.evaluation.coco import encode_mask
-
-        if mask.any():
-            self.rles.setdefault(obj_id, [None] * self.num_frames)[frame_idx] = encode_mask(mask)
-
-    def results(self, objects: list[dict], video_id: int, category_id: int) -> list[dict]:
-        """``objects``: {"id", "label", "score"} each, in the order to list them."""
-        return [{"video_id": video_id, "category_id": category_id, "score": o["score"],
-                 "segmentations": self.rles.get(o["id"], [None] * self.num_frames), "obj_id": o["id"],
-                 "label": o["label"]} for o in objects]
+    if not 0 <= init_frame < len(frames):
+        raise InputError(f"--init_frame={init_frame} is outside the video's {len(frames)} frames")
+    try:
+        image_io.check_pixels(frames.size[1], frames.size[0], getattr(frames, "paths", [video])[0])
+    except image_io.ImageError as e:
+        raise InputError(str(e)) from e
 
 
-def save_label(directory: str, stem: str, label: np.ndarray, palette: list[int]) -> None:
-    from PIL import Image
+def check_finite(outputs: dict, frame: str) -> None:
+    """The predictor's outputs on a frame hold no NaN or Inf, else an error that says so (rather than
+    reporting no object)."""
+    from sam3_jax.convert import checkpoint
 
-    im = Image.fromarray(label)
-    im.putpalette(palette)  # mode L -> P, the ids kept as palette indices
-    im.save(os.path.join(directory, stem + ".png"))
-
-
-def finish(directory: str, results: list[dict], frames, stems: list[str], done: list[int], palette: list[int],
-           fps, overlay: str | None) -> None:
-    """results.json into ``directory``, then the overlay of the ``done`` frames from their PNGs there."""
-    from PIL import Image
-
-    from sam3_jax.infer import video_io
-
-    with open(os.path.join(directory, RESULTS), "w") as f:
-        json.dump(results, f)
-    if overlay:
-        def tinted():
-            for i in sorted(done):
-                with Image.open(os.path.join(directory, stems[i] + ".png")) as im:
-                    label = np.asarray(im)
-                yield video_io.blend(np.asarray(frames[i]), label, palette)
-
-        video_io.write_overlay(overlay, tinted(), fps)
+    checkpoint.check_finite(outputs, f"frame {frame}: the predictor's outputs")
 
 
 def label_map(result, obj_ids: list[int]) -> np.ndarray:
@@ -268,8 +254,7 @@ def run(checkpoint: str, video: str, init_mask: str | None, init_frame: int, out
     output = check_outputs(output, overlay, overwrite)
     clicks = parse_clicks(boxes, points)
     with open_frames(video) as (frames, stems, fps):
-        if not 0 <= init_frame < len(frames):
-            raise InputError(f"--init_frame={init_frame} is outside the video's {len(frames)} frames")
+        check_frames(frames, video, init_frame)
         masks, palette = {}, None
         if init_mask is not None:
             ids_map, palette = read_init_mask(init_mask)
@@ -283,13 +268,14 @@ def run(checkpoint: str, video: str, init_mask: str | None, init_frame: int, out
         obj_ids = list(prompts)
         palette = palette or voc_palette()
         predictor = VideoPredictor.from_checkpoint(checkpoint)
-        masklets, done = Masklets(len(frames)), []
+        masklets, done = video_outputs.Masklets(len(frames)), []
         presence = np.zeros(len(obj_ids))  # sum over tracked frames of sigmoid(object score logit)
 
         with fileio.atomic_directory(output) as tmp:
             for result in predictor.propagate_iter(frames, prompts, init_frame, direction):
+                check_finite({"scores": result.scores, "logits": result.logits}, stems[result.frame_idx])
                 label = label_map(result, obj_ids)
-                save_label(tmp, stems[result.frame_idx], label, palette)
+                video_outputs.save_label(tmp, stems[result.frame_idx], label, palette)
                 for i in obj_ids:
                     masklets.add(result.frame_idx, i, label == i)
                 presence += 0.5 + 0.5 * np.tanh(result.scores.astype(np.float64) / 2)  # sigmoid, no overflow
@@ -297,7 +283,8 @@ def run(checkpoint: str, video: str, init_mask: str | None, init_frame: int, out
                 if len(done) % 25 == 0:
                     logging.info("%d frames tracked", len(done))
             objects = [{"id": i, "label": i, "score": float(p / len(done))} for i, p in zip(obj_ids, presence)]
-            finish(tmp, masklets.results(objects, video_id, category_id), frames, stems, done, palette, fps, overlay)
+            video_outputs.write_results(tmp, masklets.results(objects, video_id, category_id))
+        video_outputs.write_overlay(output, frames, stems, done, palette, fps, overlay)
     return len(done)
 
 
@@ -320,14 +307,14 @@ def run_text(checkpoint: str, video: str, prompt: str, output: str, overwrite: b
     if not prompt or not prompt.strip():
         raise InputError("--prompt is empty")
     with open_frames(video) as (frames, stems, fps):
-        if not 0 <= init_frame < len(frames):
-            raise InputError(f"--init_frame={init_frame} is outside the video's {len(frames)} frames")
+        check_frames(frames, video, init_frame)
         predictor = DetectTrackPredictor.from_checkpoint(checkpoint)
         objects: dict[int, dict] = {}
-        masklets, done, palette = Masklets(len(frames)), [], voc_palette()
+        masklets, done, palette = video_outputs.Masklets(len(frames)), [], voc_palette()
         with fileio.atomic_directory(output) as tmp:
             for result in predictor.propagate_iter(frames, prompt, start_frame=init_frame, direction=direction):
-                save_label(tmp, stems[result.frame_idx], text_label_map(result), palette)
+                check_finite({"probs": result.probs, "boxes": result.boxes_xywh}, stems[result.frame_idx])
+                video_outputs.save_label(tmp, stems[result.frame_idx], text_label_map(result), palette)
                 for obj_id, prob, mask in zip(result.obj_ids, result.probs, result.masks):
                     if mask.any():
                         label = int(obj_id) % (VOID_ID - 1) + 1
@@ -341,13 +328,16 @@ def run_text(checkpoint: str, video: str, prompt: str, output: str, overwrite: b
             shown = [objects[i] | {"frames": sorted(objects[i]["frames"])} for i in sorted(objects)]
             with open(os.path.join(tmp, "objects.json"), "w") as f:
                 json.dump({"prompt": prompt, "objects": shown}, f, indent=1)
-            finish(tmp, masklets.results(shown, video_id, category_id), frames, stems, done, palette, fps, overlay)
+            video_outputs.write_results(tmp, masklets.results(shown, video_id, category_id))
+        video_outputs.write_overlay(output, frames, stems, done, palette, fps, overlay)
     return len(done)
 
 
 def main(argv):
     del argv
+    from sam3_jax.convert.checkpoint import NonFiniteError
     from sam3_jax.data.errors import DataError
+    from sam3_jax.infer.image_io import ImageError
     from sam3_jax.infer.video_predictor import VideoInputError
 
     try:
@@ -365,8 +355,11 @@ def main(argv):
         else:
             written = run(FLAGS.checkpoint, FLAGS.video, FLAGS.init_mask, FLAGS.init_frame, FLAGS.output,
                           FLAGS.direction, boxes=FLAGS.box, points=FLAGS.points, **outputs)
-    except (InputError, VideoInputError, DataError, OSError) as e:  # bad input: one line naming it, no traceback
+    except (InputError, VideoInputError, DataError, ImageError, NonFiniteError) as e:  # one message, no traceback
         print(f"predict_video: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # missing or unwritable paths, disk full
+        print(f"predict_video: error: {fileio.describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
     print(f"wrote {written} frame(s) to {os.path.abspath(FLAGS.output)}")
 

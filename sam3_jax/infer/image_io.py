@@ -6,33 +6,59 @@ antialiased triangle filter.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MAX_PIXELS = 40_000 * 40_000  # beyond this we refuse rather than exhaust memory
+# Images (and video frames, masks) beyond this many pixels are refused from their header, before any
+# decoding: 2^27, e.g. 16384 x 8192, 0.4 GB as RGB and a few times that while decoding. A header can
+# claim any size over a file of a few bytes (a PNG of one colour compresses 1000:1).
+MAX_PIXELS = 1 << 27
 
 
 class ImageError(ValueError):
     """An input image cannot be used; the message names the file and the reason."""
 
 
+def check_pixels(width: int, height: int, name: str) -> None:
+    """Raises ImageError when a ``width`` x ``height`` image is beyond ``MAX_PIXELS``."""
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{name}: {width}x{height} pixels is beyond the limit of {MAX_PIXELS} "
+                         f"({MAX_PIXELS / 1e6:.0f} megapixels); refused before decoding")
+
+
+@contextlib.contextmanager
+def open_image(path: str):
+    """``PIL.Image.open`` with the header's size checked against ``MAX_PIXELS`` (ImageError) before
+    anything is decoded. Other failures raise as PIL raises them (OSError, ValueError, SyntaxError)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check, and say so, ourselves
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:  # beyond twice PIL's own limit
+            raise ImageError(f"{path}: beyond the limit of {MAX_PIXELS} pixels; refused before decoding ({e})") from e
+    with im:
+        check_pixels(im.width, im.height, path)
+        yield im
+
+
 def load_image(path: str) -> np.ndarray:
     """Any common image file -> uint8 RGB (H, W, 3), EXIF orientation applied.
 
     Grayscale is replicated to RGB, alpha is dropped (as ``PIL.Image.convert("RGB")``), and 16-bit
-    images are scaled to 8 bits.
+    images are scaled to 8 bits. Images beyond ``MAX_PIXELS`` are refused before decoding.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im = ImageOps.exif_transpose(im)
             im.load()
             return to_rgb_uint8(im, path)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError) as e:
         raise ImageError(f"{path}: cannot be read as an image ({e})") from e
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from sam3_jax.data.errors import DataError
 from sam3_jax.data.phrases import PhraseVocabulary
+from sam3_jax.infer import image_io
 
 
 class FrameAnnotation(abc.ABC):
@@ -97,9 +98,10 @@ class ClassAgnosticSource(Source):
 
 
 def read_frame(path: str) -> Image.Image:
-    """Decodes a frame fully (so truncation is caught here) as RGB."""
+    """Decodes a frame fully (so truncation is caught here) as RGB; one whose header claims more than
+    ``image_io.MAX_PIXELS`` is refused before decoding."""
     try:
-        with Image.open(path) as img:
+        with image_io.open_image(path) as img:
             img.load()
             return img if img.mode == "RGB" else img.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:

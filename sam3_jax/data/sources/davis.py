@@ -7,11 +7,11 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
 
 from sam3_jax.data.errors import DataError
 from sam3_jax.data.sources.base import ClassAgnosticSource, FrameAnnotation, Video, frame_number
 from sam3_jax.data.transforms import pixels
+from sam3_jax.infer import image_io
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 VOID_ID = 255  # palette index that DAVIS-style datasets use for "ignore", never an object
@@ -51,7 +51,7 @@ class LabelMapAnnotation(FrameAnnotation):
     def __init__(self, path: str):
         self.path = path
         try:
-            with Image.open(path) as img:
+            with image_io.open_image(path) as img:
                 if img.mode not in ("P", "L"):
                     raise DataError(path, "mode", f"expected a palette PNG of ids, got {img.mode}")
                 img.load()

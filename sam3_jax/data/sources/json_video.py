@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class _Entry:
     id: Any
     name: str
-    file_names: list[str]
+    file_names: list[str] | None  # None: the entry has no "file_names"
     annotations: list[dict]
     np_category_ids: list[Any] | None  # SA-Co video_np_pairs of this video
     size: tuple[int, int] | None  # (height, width) when the JSON gives it
@@ -57,6 +57,8 @@ class JsonVideoSource(Source):
     def video(self, index: int) -> Video:
         e = self.entries[index]
         where = f"video {e.name!r} (id {e.id})"
+        if e.file_names is None:
+            raise DataError(self.path, f"{where} file_names", "missing or not a list: the video has no frames")
         if not e.file_names:
             raise DataError(self.path, f"{where} file_names", "empty video")
         phrases, crowd_phrases, tracks = {}, set(), {}
@@ -120,10 +122,10 @@ def ytvis_source(image_dir: str, annotation_file: str, file_list: str = "",
     keep = set(read_name_list(file_list)) if file_list else None
     entries = []
     for v in data["videos"]:
-        files = v.get("file_names") or []
+        files = v.get("file_names") if isinstance(v.get("file_names"), list) else None
         name = os.path.dirname(files[0]) if files else str(v.get("id"))
-        if keep is not None and name not in keep:
-            continue
+        if keep is not None and name not in keep and files:  # a video without frames has no name to list:
+            continue  # kept, so that drawing it counts a skipped sample with its reason
         entries.append(_Entry(v.get("id"), name, files, by_video.get(v.get("id"), []),
                               pairs[v.get("id")] if "video_np_pairs" in data else None,
                               _size(v)))
