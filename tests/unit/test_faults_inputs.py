@@ -151,6 +151,36 @@ def test_predictors_say_when_their_outputs_are_not_finite(tmp_path, monkeypatch,
     assert not (tmp_path / "video").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
+class _Tracker:
+    """Every object on every frame reached, forward from the prompt frame."""
+
+    def propagate_iter(self, frames, prompts, frame_idx, direction):
+        h, w = frames.size
+        for t in range(frame_idx, len(frames)):
+            yield FrameResult(t, np.ones((len(prompts), h, w), bool), np.ones((len(prompts), h, w), np.float32),
+                              np.ones(len(prompts), np.float32))
+
+
+def test_a_killed_predict_video_leaves_nothing_the_next_run_keeps(tmp_path, monkeypatch, capsys,
+                                                                  davis_video):  # noqa: F811
+    """What a run killed mid-propagation leaves (its output's temporary directory, its overlay's temporary
+    file) is removed by the next run writing there."""
+    from sam3_jax import fileio
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tag = f"tmp-{fileio._HOST}-{int(dead.stdout)}-abcd1234"
+    (tmp_path / f".out.{tag}").mkdir()
+    (tmp_path / f".out.{tag}" / "00002.png").write_bytes(b"half")
+    (tmp_path / f".o.gif.{tag}.gif").write_bytes(b"half")
+    root, _ = davis_video
+    monkeypatch.setattr(VideoPredictor, "from_checkpoint", classmethod(lambda cls, d: _Tracker()))
+    code, err = _main(capsys, "--checkpoint=unused", f"--video={root / 'JPEGImages' / 'vid'}",
+                      f"--init_mask={root / 'init.png'}", "--init_frame=2", "--direction=forward",
+                      f"--output={tmp_path / 'out'}", f"--overlay={tmp_path / 'o.gif'}")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["o.gif", "out"]
+
+
 def test_overlay_is_checked_before_the_work_and_never_costs_the_masks(tmp_path, monkeypatch, capsys,
                                                                      davis_video):  # noqa: F811
     root, _ = davis_video
@@ -166,17 +196,10 @@ def test_overlay_is_checked_before_the_work_and_never_costs_the_masks(tmp_path, 
     # An overlay that fails all the same (here: the disk fills) leaves the finished masks in place.
     from sam3_jax.infer import video_io
 
-    class Tracker:
-        def propagate_iter(self, frames, prompts, frame_idx, direction):
-            h, w = frames.size
-            for t in range(frame_idx, len(frames)):
-                yield FrameResult(t, np.ones((len(prompts), h, w), bool), np.ones((len(prompts), h, w), np.float32),
-                                  np.ones(len(prompts), np.float32))
-
     def full(*a):
         raise OSError(28, "No space left on device", str(tmp_path / "o.mp4"))
 
-    monkeypatch.setattr(VideoPredictor, "from_checkpoint", classmethod(lambda cls, d: Tracker()))
+    monkeypatch.setattr(VideoPredictor, "from_checkpoint", classmethod(lambda cls, d: _Tracker()))
     monkeypatch.setattr(video_io, "write_overlay", full)
     code, err = _main(capsys, *args, f"--overlay={tmp_path / 'o.mp4'}", "--direction=forward")
     assert code == 1 and f"no space left on device: {tmp_path / 'o.mp4'}" in err and "are complete" in err, err
