@@ -108,7 +108,7 @@ class ImagePredictor:
         n_img, n_q = compiler.power_of_two_at_least(len(images_uint8)), compiler.power_of_two_at_least(len(prompts))
         images = np.zeros((n_img, self.cfg.image_size, self.cfg.image_size, 3), np.float32)
         for i, image in enumerate(images_uint8):
-            images[i] = image_io.normalize(image_io.resize_square(image, self.cfg.image_size))
+            images[i] = ops.normalize_pixels(image_io.resize_square(image, self.cfg.image_size))
         rows = []
         for k, prompt in enumerate(prompts):
             where = f"prompt {k}: " if len(prompts) > 1 else ""

@@ -1,69 +1,66 @@
 """Promptable video object segmentation, the SAM 2 task: objects given on one frame, tracked through the video.
 
 ``VideoPredictor.propagate(frames, prompts, frame_idx, direction)`` follows the reference's
-``Sam3TrackerPredictor`` (``init_state`` -> ``add_new_mask`` / ``add_new_points_or_box`` per object ->
-``propagate_in_video_preflight`` -> ``propagate_in_video``, forward, backward or forward then backward
-as its video predictor's ``propagation_direction="both"``), with the switches ``build_tracker`` sets:
+``Sam3TrackerPredictor`` (``init_state``, ``add_new_mask`` / ``add_new_points_or_box`` per object,
+``propagate_in_video``; forward, backward, or forward then backward as ``propagation_direction="both"``)
+with the switches ``build_tracker`` sets:
 
-* frames: resized to ``image_size`` square (PIL bilinear, aspect ratio not kept), scaled to [0, 1],
-  stored in float16 and normalised there with mean 0.5, std 0.5, as ``io_utils`` loads a video; the
-  detector's backbone gives the tracker's three feature levels (``sam2_backbone_fpn``);
-* the prompt frame ``k`` (an initial conditioning frame for every object):
-  - a mask prompt is bilinearly (antialiased) resized to the tracker's input mask size and used as the
-    output (``_use_mask_as_output``: score +-10, the SAM heads only give the object pointer); on the
-    video's grid it is binarised at 0.5 and, where mask prompts overlap, a later object's mask wins;
-  - clicks / a box (two corner points, labels 2 and 3, before the clicks) in pixels of the video, scaled
-    to the model's square input; with more than ``max_points`` points the first half and the last half
-    are kept; multimask output for 0-1 points;
-  - the memory of frame k is encoded from the objects' masks brought to the low-res grid (a mask prompt
-    from its video-sized +-1024 logits), upsampled to ``image_size``, made non-overlapping (per pixel
-    only the highest-scoring object stays above -10), and binarised;
-* every other frame: ``track_step`` for all objects at once over the memory bank; the memory-selection
-  score of a frame (SAM2Long) is, as in the reference, mean(object score) x mean(IoU) over the objects
-  tracked together; memories are stored in bfloat16 as the reference stores them;
-* outputs: the low-res mask logits bilinearly resized to the video's size, > 0; no non-overlap
-  constraint and no hole filling (``non_overlap_masks_for_output=False``, ``fill_hole_area=0``). On the
-  prompt frame the output is what ``add_new_*`` returns: the prompt mask itself, or the clicks' mask.
+* frames: resized square with PIL, normalised in float16 as the reference loads a video;
+* prompt frame: a mask prompt is the output (``_use_mask_as_output``; on the video's grid a later
+  object's mask wins where they overlap); clicks / a box (labels 2 and 3, first) are scaled to the
+  model's input, the first and last halves kept beyond ``max_points``; its memory is encoded from the
+  objects' masks made pixel-wise non-overlapping;
+* every other frame: one ``track_step`` for all objects over their memory banks; the memory-selection
+  score is mean(presence) x mean(IoU) over the objects tracked together, as in the reference;
+* outputs: low-res logits resized to the video's size, > 0 (no non-overlap, no hole filling).
 
-Bounded memory: frames are read and encoded one at a time (one jitted backbone call, one jitted tracker
-step for all objects); no frame features are kept, only a fixed-size ``MemoryBank`` per object: one slot
-for the prompt frame plus ``max(num_maskmem, max_obj_ptrs)`` slots for tracked frames. A new frame
-replaces, in this order, an empty slot, a frame the memory selection can never pick again (score <=
-``mf_threshold``; only with memory selection), the frame farthest from the current one. This keeps
-exactly the frames the reference's rules can still reach. For ``direction="both"`` a second bank of
-the same size keeps, during the forward pass, the forward frames nearest the prompt frame by the same
-rule: they are what the reference's backward pass reaches of the forward pass (it attends across the
-prompt frame to frames already tracked forward). A tracked frame attends only to the spatial memories
-some object uses (``compact_memory``; one compilation per power of two up to the bank's selection), so
-early frames, and frames whose memory selection drops low-scoring frames, cost less, as in the reference.
+Memory stays bounded: frames are encoded one at a time and each object keeps a fixed ``MemoryBank``, the
+prompt frame plus the tracked frames the reference's rules can still reach (``memory_bank.store``). For
+"both" a second (seed) bank keeps, during the forward pass, the forward frames its backward pass reaches.
+A frame attends only to the spatial memories some object uses (``compact_memory``).
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sam3_jax import compiler
-from sam3_jax.infer import image_io, weights
+from sam3_jax.infer import objects
+from sam3_jax.infer.objects import in_object_chunks
+from sam3_jax.infer.video_inputs import (
+    DIRECTIONS,
+    FrameSource,
+    ImageFolderFrames,
+    VideoInputError,
+    preprocess,
+    read_frame,
+    read_video_checkpoint,
+)
 from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
-from sam3_jax.model.tracker.memory_bank import MemoryBank, compact_memory, select_memory, slots_in_use
+from sam3_jax.model.tracker.memory_bank import (
+    MemoryBank,
+    bank_capacity,
+    compact_memory,
+    select_memory,
+    slots_in_use,
+    store,
+)
+from sam3_jax.model.tracker.memory_score import presence
 from sam3_jax.model.tracker.tracker import Tracker
 from sam3_jax.nn import ops
 
-DIRECTIONS = ("forward", "backward", "both")
+# The predictor, its prompts and results, and what it shares with the detect-and-track predictor.
+__all__ = ["DIRECTIONS", "Box", "Clicks", "FrameResult", "FrameSource", "ImageFolderFrames", "Prompt",
+           "VideoInputError", "VideoPredictor", "VideoResult", "bank_capacity", "in_object_chunks", "preprocess",
+           "read_video_checkpoint", "select_config", "store"]
+
 MASK_LOGIT = 1024.0  # the reference's -NO_OBJ_SCORE: a mask prompt as video-sized logits
-_BIG = 1 << 29  # slot priorities (int32): larger than any frame distance
-
-
-class VideoInputError(ValueError):
-    """Frames or prompts cannot be used; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -89,14 +86,6 @@ class Clicks:
 Prompt = np.ndarray | Box | Clicks  # a mask (h, w) bool / {0, 1}, any size (resized like the reference)
 
 
-class FrameSource(Protocol):
-    """What ``propagate`` reads: len() frames, each uint8 RGB (H, W, 3), read when needed."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> np.ndarray: ...
-
-
 @dataclass
 class FrameResult:
     frame_idx: int
@@ -113,166 +102,16 @@ class VideoResult:
     tracked: np.ndarray  # (T,) bool: frames with a result
 
 
-class ImageFolderFrames:
-    """The JPEG / PNG frames of a directory, in frame-number order (numeric stems, else by name).
-
-    Every header is read up front: no frame, a file that is not an image, or a frame whose size
-    differs from the first raise ``VideoInputError`` naming the file. Pixels are decoded on access.
-    """
-
-    SUFFIXES = (".jpg", ".jpeg", ".png")
-
-    def __init__(self, directory: str):
-        from PIL import Image, UnidentifiedImageError
-
-        if not os.path.isdir(directory):
-            raise VideoInputError(f"not a directory of frames: {directory}")
-        names = [n for n in os.listdir(directory) if n.lower().endswith(self.SUFFIXES)
-                 and os.path.isfile(os.path.join(directory, n))]
-        if not names:
-            raise VideoInputError(f"{directory}: no frames (expected {', '.join(self.SUFFIXES)} files)")
-        stems = [os.path.splitext(n)[0] for n in names]
-        if all(s.isdigit() for s in stems):
-            names = [n for _, n in sorted(zip((int(s) for s in stems), names))]
-        else:
-            names.sort()
-        self.paths = [os.path.join(directory, n) for n in names]
-        self.size = None  # (H, W)
-        for path in self.paths:
-            try:
-                with Image.open(path) as im:
-                    size = (im.height, im.width)
-            except (UnidentifiedImageError, OSError) as e:
-                raise VideoInputError(f"{path}: cannot be read as an image ({e})") from e
-            if self.size is None:
-                self.size = size
-            elif size != self.size:
-                raise VideoInputError(f"{path}: frame is {size[1]}x{size[0]} but {self.paths[0]} is "
-                                      f"{self.size[1]}x{self.size[0]}; all frames must have one size")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        path = self.paths[index]
-        try:
-            frame = image_io.load_image(path)
-        except (OSError, ValueError) as e:
-            raise VideoInputError(str(e) if path in str(e) else f"{path}: {e}") from e
-        if frame.shape[:2] != self.size:
-            raise VideoInputError(f"{path}: decoded as {frame.shape[1]}x{frame.shape[0]} (EXIF orientation?) but "
-                                  f"frames are {self.size[1]}x{self.size[0]}")
-        return frame
-
-
-def preprocess(frame: np.ndarray, image_size: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> float32 (image_size, image_size, 3): ``io_utils`` resizes with PIL, keeps the
-    [0, 1] frame in float16 and normalises it there (mean 0.5, std 0.5)."""
-    x = image_io.resize_square(np.asarray(frame, np.uint8), image_size).astype(np.float32) / np.float32(255.0)
-    half = np.float16(0.5)
-    return ((x.astype(np.float16) - half) / half).astype(np.float32)
-
-
-def bank_capacity(cfg: TrackerConfig) -> int:
-    """Slots per object: the prompt frame, the ``max(num_maskmem - 1, max_obj_ptrs - 1)`` tracked frames the
-    rules reach, and one more, the previous frame that memory selection always takes."""
-    return 1 + max(cfg.num_maskmem - 1, cfg.max_obj_ptrs - 1) + 1
-
-
 def select_config(cfg: TrackerConfig) -> TrackerConfig:
     """With one prompt frame, ``select_memory`` needs one conditioning slot (the same choice, less padding)."""
     return cfg.replace(max_cond_frames_in_attn=1)
-
-
-def _slot_priority(frame, score, anchor, cfg: TrackerConfig):
-    """Larger = keep: nearer to ``anchor``; with memory selection frames it can never pick come last."""
-    far = jnp.abs(frame - anchor)
-    if cfg.use_memory_selection:
-        return jnp.where(score <= cfg.mf_threshold, -_BIG - far, -far)
-    return -far
-
-
-def weakest_slot(bank: MemoryBank, cfg: TrackerConfig, anchor, exclude):
-    """Per row: (the tracked-frame slot of least ``_slot_priority`` around ``anchor``, empty slots
-    first and ``exclude``d ones never; its priority), the slot a tracked frame replaces."""
-    prio = _slot_priority(bank.frame, bank.score, anchor, cfg)
-    prio = jnp.where(exclude, 2 * _BIG, jnp.where(bank.frame < 0, -2 * _BIG, prio))
-    slot = jnp.argmin(prio, axis=1)
-    return slot, jnp.take_along_axis(prio, slot[:, None], axis=1)[:, 0]
-
-
-def store(bank: MemoryBank, cfg: TrackerConfig, frame_idx, feats, ptr, score, anchor, force: bool) -> MemoryBank:
-    """Writes a tracked (non-conditioning) frame into the slot of least priority (``_slot_priority``
-    around ``anchor``; empty slots first, conditioning slots never). Unless ``force``, only where the new
-    frame has a higher priority than what it replaces. score (B,) is the frame's memory-selection score."""
-    b = bank.frame.shape[0]
-    rows = jnp.arange(b)
-    slot, weakest = weakest_slot(bank, cfg, anchor, bank.is_cond)
-    new = _slot_priority(jnp.broadcast_to(frame_idx, (b,)), score, anchor, cfg)
-    write = jnp.ones((b,), bool) if force else new > weakest
-
-    def pick(value, old):
-        return jnp.where(write.reshape((b,) + (1,) * (old.ndim - 1)), value.astype(old.dtype), old)
-
-    return bank.write(slot, pick(jnp.broadcast_to(frame_idx, (b,)), bank.frame[rows, slot]),
-                      pick(feats, bank.feats[rows, slot]), pick(ptr, bank.ptrs[rows, slot]),
-                      pick(jnp.zeros((b,), bool), bank.is_cond[rows, slot]), pick(score, bank.score[rows, slot]))
-
-
-def in_object_chunks(fn, per_object, chunk: int):
-    """``fn(per_object)`` for a pytree of arrays with a leading object axis, at most ``chunk`` objects a
-    call (a ``lax.map`` over whole chunks, then the remainder), so that the tracker's activations stop
-    growing with the number of objects (a tracked frame's are about 0.5 GiB an object at 1008 in
-    float32: each object's memory projected to keys and values in every memory-attention layer).
-    ``fn`` must treat objects independently and return arrays with the same leading axis."""
-    n = jax.tree.leaves(per_object)[0].shape[0]
-    if n <= chunk:
-        return fn(per_object)
-    full = n - n % chunk
-    stacked = jax.tree.map(lambda x: x[:full].reshape((full // chunk, chunk) + x.shape[1:]), per_object)
-    out = jax.tree.map(lambda x: x.reshape((full,) + x.shape[2:]), jax.lax.map(fn, stacked))
-    if full == n:
-        return out
-    rest = fn(jax.tree.map(lambda x: x[full:], per_object))
-    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
-
-
-def encode_memories(apply, params, pix, masks, binarize, score, chunk: int):
-    """The spatial memories of n objects from their masks at the memory encoder's input size
-    (``mask_for_memory``, then ``encode_memory``), ``chunk`` objects a call. apply(params, *args, method=...) runs the tracker; pix
-    (1, h, w, C) is the frame's raw features; masks (n, S, S), binarize (n,), score (n,) logits."""
-    def encode(x):
-        m, binarize, score = x
-        mem = apply(params, m, binarize, method=Tracker.mask_for_memory)
-        return apply(params, jnp.broadcast_to(pix, (m.shape[0],) + pix.shape[1:]), mem, score[:, None],
-                     method=Tracker.encode_memory)
-
-    return in_object_chunks(encode, (masks, binarize, score), chunk)
-
-
-def _resize(x, size, antialias: bool):
-    """(B, h, w) -> (B, *size) float32, bilinear (``F.interpolate(align_corners=False)``)."""
-    if tuple(x.shape[1:]) == tuple(size):
-        return x.astype(jnp.float32)
-    return ops.resize_bilinear(x[..., None].astype(jnp.float32), tuple(size), antialias=antialias)[..., 0]
-
-
-def read_video_checkpoint(checkpoint_dir: str, task: str) -> tuple[dict, ModelConfig, TrackerConfig]:
-    """(params, detector config, tracker config) of a converted video-model checkpoint, every stack
-    scanned (`weights.read`); one without a tracker is refused, naming the directory and ``task``
-    (what needed the tracker)."""
-    params, cfg, tracker_cfg = weights.read(checkpoint_dir, tracker=True)
-    if tracker_cfg is None:
-        raise VideoInputError(f"{checkpoint_dir}: the converted checkpoint has no tracker (converted from an "
-                              f"image-model file?); {task} needs the video model's sam3.pt")
-    return params, cfg, tracker_cfg
 
 
 class VideoPredictor:
     """Tracks objects prompted on one frame through a video (see the module docstring).
 
     params: a converted checkpoint's ``{"detector": ..., "tracker": ...}``. ``objects_per_step``: objects
-    tracked together in one call at most (``in_object_chunks``); more objects are tracked chunk by chunk.
+    tracked together in one call at most (``objects.in_object_chunks``); more objects are tracked chunk by chunk.
     """
 
     def __init__(self, params, model_cfg: ModelConfig, tracker_cfg: TrackerConfig | None, objects_per_step: int = 4):
@@ -314,32 +153,20 @@ class VideoPredictor:
         high_res = self._apply(params["tracker"], fpn[0], fpn[1], method=Tracker.project_high_res)
         return fpn[2], high_res
 
-    @staticmethod
-    def _objects(feats, n):
-        return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]), feats)
-
     def _prompt_fn(self, params, feats, coords, labels, valid, mask_inputs, has_mask):
         """The prompt frame without memory encoding (``add_new_*``): low-res logits, pointer, score."""
-        def prompt(x):
-            coords, labels, valid, mask_inputs, has_mask = x
-            b = coords.shape[0]
-            return self._apply(params["tracker"], *self._objects(feats, b), None, jnp.ones((b,), bool), coords,
-                               labels, valid, mask_inputs, has_mask, run_mem_encoder=False, method=Tracker.track_step)
-
-        out = in_object_chunks(prompt, (coords, labels, valid, mask_inputs, has_mask), self.objects_per_step)
+        out = objects.prompt(self._apply, params["tracker"], feats, self.objects_per_step, (coords, labels, valid),
+                             mask_inputs, has_mask)
         return out["pred_masks"], out["obj_ptr"], out["object_score_logits"][:, 0]
 
     def _prompt_memory_fn(self, params, feats, low_res, video_logits, has_mask, score):
         """``_consolidate_temp_output_across_obj(run_mem_encoder=True)``: the prompt frame's memory."""
         cfg, n = self.cfg, low_res.shape[0]
-        from_mask = _resize(video_logits, low_res.shape[1:], antialias=True)
+        from_mask = ops.resize_masks(video_logits, low_res.shape[1:], antialias=True)
         low_res = jnp.where(has_mask[:, None, None], from_mask, low_res)
-        high = _resize(low_res, (cfg.image_size, cfg.image_size), antialias=False)
-        if n > 1:  # _apply_non_overlapping_constraints
-            keep = jnp.argmax(high, axis=0)[None] == jnp.arange(n)[:, None, None]
-            high = jnp.where(keep, high, jnp.minimum(high, -10.0))
-        return encode_memories(self._apply, params["tracker"], feats[0], high, jnp.ones((n,), bool), score,
-                               self.objects_per_step)
+        high = objects.non_overlap(ops.resize_masks(low_res, (cfg.image_size, cfg.image_size)), jnp.ones((n,), bool))
+        return objects.encode_memories(self._apply, params["tracker"], feats[0], high, jnp.ones((n,), bool), score,
+                                       self.objects_per_step)
 
     def _track_fn(self, params, feats, bank, seed, frame_idx, num_frames, prompt_frame, *, slots: int,
                   reverse: bool):
@@ -349,19 +176,12 @@ class VideoPredictor:
         n = bank.frame.shape[0]
         memory = compact_memory(select_memory(bank, frame_idx, num_frames, self._select_cfg, reverse=reverse),
                                 slots)
-
-        def track(memory):
-            b = memory.valid.shape[0]
-            pix, high_res = self._objects(feats, b)
-            return self._apply(params["tracker"], pix, high_res, memory, jnp.zeros((b,), bool), jnp.zeros((b, 1, 2)),
-                               jnp.zeros((b, 1), jnp.int32), jnp.zeros((b, 1), bool), method=Tracker.track_step)
-
-        out = in_object_chunks(track, memory, self.objects_per_step)
+        out = objects.track(self._apply, params["tracker"], feats, memory, self.objects_per_step,
+                            run_mem_encoder=True)
         score = out["object_score_logits"][:, 0]
         # cal_mem_score on the objects tracked together: (B, 1) * (B,) broadcasts, so the reference's
         # mean is mean(object score) * mean(IoU), the same for every object.
-        present = jnp.where(score > 0, 2.0 * jax.nn.sigmoid(score) - 1.0, 0.0)
-        eff = jnp.broadcast_to(jnp.mean(present) * jnp.mean(out["iou_score"]), (n,))
+        eff = jnp.broadcast_to(jnp.mean(presence(score)) * jnp.mean(out["iou_score"]), (n,))
         feats_mem, ptr = out["maskmem_features"], out["obj_ptr"]
         bank = store(bank, self.cfg, frame_idx, feats_mem, ptr, eff, frame_idx, force=True)
         if not reverse:
@@ -370,7 +190,7 @@ class VideoPredictor:
 
     @staticmethod
     def _to_video_fn(low_res, size):
-        return _resize(low_res, size, antialias=False)
+        return ops.resize_masks(low_res, size)
 
     # ---------------------------------------------------------------------------------------- inputs
     def encode_frame(self, frame: np.ndarray):
@@ -424,9 +244,9 @@ class VideoPredictor:
         mask_inputs = np.zeros((n, m, m), np.float32)
         video = np.zeros((n, height, width), bool)
         for i, mask in a["masks"].items():
-            mask_inputs[i] = np.asarray(_resize(jnp.asarray(mask)[None], (m, m), antialias=True)[0])
+            mask_inputs[i] = np.asarray(ops.resize_masks(jnp.asarray(mask)[None], (m, m), antialias=True)[0])
             on_video = mask if mask.shape == (height, width) else np.asarray(
-                _resize(jnp.asarray(mask)[None], (height, width), antialias=True)[0])
+                ops.resize_masks(jnp.asarray(mask)[None], (height, width), antialias=True)[0])
             video[i] = on_video > 0.5
         # add_new_mask: a mask prompt removes itself from the mask prompts added before it.
         claimed = np.zeros((height, width), bool)
@@ -452,7 +272,7 @@ class VideoPredictor:
             raise VideoInputError("no objects: give at least one prompt")
         if not 0 <= frame_idx < num_frames:
             raise VideoInputError(f"prompt frame {frame_idx} is outside the video's {num_frames} frames")
-        first = self._frame(frames, frame_idx, None)
+        first = read_frame(frames, frame_idx)
         size = first.shape[:2]
         a = self.prompt_arrays(prompts, *size)
         feats = self.encode_frame(first)
@@ -491,17 +311,8 @@ class VideoPredictor:
             masks[r.frame_idx], scores[r.frame_idx], tracked[r.frame_idx] = r.masks, r.scores, True
         return VideoResult(obj_ids=list(prompts), masks=masks, scores=scores, tracked=tracked)
 
-    def _frame(self, frames, index: int, size):
-        frame = np.asarray(frames[index])
-        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-            raise VideoInputError(f"frame {index}: expected uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
-        if size is not None and frame.shape[:2] != tuple(size):
-            raise VideoInputError(f"frame {index} is {frame.shape[1]}x{frame.shape[0]} but the prompt frame is "
-                                  f"{size[1]}x{size[0]}; all frames must have one size")
-        return frame
-
     def _step(self, frames, f, bank, seed, num_frames, prompt_frame, size, reverse):
-        feats = self.encode_frame(self._frame(frames, f, size))
+        feats = self.encode_frame(read_frame(frames, f, size, "the prompt frame"))
         slots = slots_in_use(bank, f, num_frames, self._select_cfg, reverse=reverse)
         bank, seed, low_res, score = self._track(self.params, feats, bank, seed, f, num_frames, prompt_frame,
                                                  slots=slots, reverse=reverse)

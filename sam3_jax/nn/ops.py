@@ -6,7 +6,11 @@
   whatever the box size, and a cheap backward pass (no scatter).
 * ``grid_sample``: ``F.grid_sample`` (bilinear, zeros padding, ``align_corners=False``) at a few
   points, as four gathers.
-* ``resize_bilinear``, ``resize_nearest``: ``F.interpolate`` in bilinear and nearest modes.
+* ``resize_bilinear``, ``resize_nearest``: ``F.interpolate`` in bilinear and nearest modes;
+  ``resize_masks``: the bilinear one on a stack of single-channel maps.
+
+Also the small array helpers every model part shares: ``where_rows`` (a per-row choice between two
+pytrees) and ``normalize_pixels`` (uint8 RGB to the model's [-1, 1] input range).
 """
 from __future__ import annotations
 
@@ -104,6 +108,13 @@ def resize_bilinear(x, size: tuple[int, int], antialias: bool = False):
     return jax.image.resize(x, (b, size[0], size[1], c), method="linear", antialias=antialias)
 
 
+def resize_masks(x, size: tuple[int, int], antialias: bool = False):
+    """(B, h, w) -> (B, *size) float32 with ``resize_bilinear``; only cast when the size already matches."""
+    if tuple(x.shape[1:]) == tuple(size):
+        return x.astype(jnp.float32)
+    return resize_bilinear(x[..., None].astype(jnp.float32), tuple(size), antialias=antialias)[..., 0]
+
+
 def resize_nearest(x, size: tuple[int, int]):
     """``F.interpolate(mode="nearest")`` on (B, H, W, C): source index floor(dst * in / out)."""
 
@@ -113,3 +124,16 @@ def resize_nearest(x, size: tuple[int, int]):
 
     h, w = x.shape[1:3]
     return x[:, index(h, size[0])][:, :, index(w, size[1])]
+
+
+def where_rows(cond, new, old):
+    """Per row: ``new`` where cond (B,), else ``old``, for every leaf (cond broadcast over trailing axes)."""
+    return jax.tree.map(lambda a, b: jnp.where(cond.reshape((-1,) + (1,) * (b.ndim - 1)), a, b), new, old)
+
+
+def normalize_pixels(image, dtype=np.float32):
+    """uint8 RGB -> float32 in [-1, 1] (mean 0.5, std 0.5), the model's input range; numpy or jax arrays.
+    ``dtype``: the precision the [0, 1] image is normalised in (the reference's video loader uses float16)."""
+    x = (image if isinstance(image, jax.Array) else np.asarray(image)).astype(np.float32) / np.float32(255.0)
+    half = np.dtype(dtype).type(0.5)
+    return ((x.astype(dtype) - half) / half).astype(np.float32)

@@ -251,3 +251,26 @@ def test_tracked_rows_follow_the_live_count(scenario):
     pred = dt.DetectTrackPredictor(params, mcfg, tcfg, dataclasses.replace(cfg, capacity=16))
     _assert_same_results(want, list(pred.propagate_iter(frames, "a red ball")))
     assert pred.capacity == 16
+
+
+def test_two_calls_at_once_keep_their_own_state(scenario):
+    """Two ``propagate_iter`` generators of one predictor, advanced in turn (different object counts, so
+    different padded rows, and one with a seed bank for its backward pass), give what each gives alone."""
+    params, (mcfg, tcfg, cfg), frames, want, _ = scenario
+    pred = dt.DetectTrackPredictor(params, mcfg, tcfg, cfg)
+    other = list(pred.propagate_iter(frames[::-1], "a red ball", 5, "both"))
+    calls = {0: pred.propagate_iter(frames, "a red ball"),
+             1: pred.propagate_iter(frames[::-1], "a red ball", 5, "both")}
+    got = {0: [], 1: []}
+    while calls:
+        for k in list(calls):
+            result = next(calls[k], None)
+            if result is None:
+                del calls[k]
+            else:
+                got[k].append(result)
+    for alone, together in ((want, got[0]), (other, got[1])):
+        assert [r.frame_idx for r in together] == [r.frame_idx for r in alone]
+        for a, b in zip(alone, together):
+            assert b.obj_ids.tolist() == a.obj_ids.tolist() and np.array_equal(b.masks, a.masks)
+            np.testing.assert_array_equal(b.probs, a.probs)

@@ -24,6 +24,9 @@ the ones after the frame (f+1, f+2, ... at distance 1, 2, ...), memory selection
 f+1..num_frames-1 (the forward rule skips frame 0, the reverse one skips nothing), conditioning-frame
 pointers count at or after the frame, at distance cond - f. Conditioning frames are chosen the same way
 in both directions.
+
+A predictor keeps a few slots per object rather than one per frame: ``store`` writes a frame into the
+slot its replacement policy frees, so that the bank keeps exactly the frames these rules can still reach.
 """
 from __future__ import annotations
 
@@ -37,8 +40,10 @@ from flax import struct
 from sam3_jax import compiler
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.model.tracker.tracker import SelectedMemory
+from sam3_jax.nn import ops
 
 _FAR = 1 << 28  # larger than any frame distance
+_BIG = 1 << 29  # slot priorities (int32): larger than any frame distance
 
 
 class MemoryBank(struct.PyTreeNode):
@@ -73,6 +78,54 @@ class MemoryBank(struct.PyTreeNode):
             frame=self.frame.at[rows, cols].set(jnp.broadcast_to(jnp.asarray(frame_idx, jnp.int32), (b,))),
             is_cond=self.is_cond.at[rows, cols].set(jnp.broadcast_to(is_cond, (b,))),
             score=self.score.at[rows, cols].set(jnp.broadcast_to(score, (b,)).astype(jnp.float32)))
+
+    def clear(self, rows) -> MemoryBank:
+        """The bank with the slots of ``rows`` (B,) bool emptied (their contents are left, unreachable)."""
+        return self.replace(frame=jnp.where(rows[:, None], -1, self.frame),
+                            is_cond=jnp.where(rows[:, None], False, self.is_cond))
+
+
+def bank_capacity(cfg: TrackerConfig) -> int:
+    """Slots per object for one conditioning frame: it, the ``max(num_maskmem - 1, max_obj_ptrs - 1)``
+    tracked frames the rules reach, and one more, the previous frame that memory selection always takes."""
+    return 1 + max(cfg.num_maskmem - 1, cfg.max_obj_ptrs - 1) + 1
+
+
+def _priority(frame, score, anchor, cfg: TrackerConfig):
+    """Larger = keep: nearer to ``anchor``; with memory selection, frames it can never pick come last."""
+    far = jnp.abs(frame - anchor)
+    if cfg.use_memory_selection:
+        return jnp.where(score <= cfg.mf_threshold, -_BIG - far, -far)
+    return -far
+
+
+def store(bank: MemoryBank, cfg: TrackerConfig, frame_idx, feats, ptr, score, anchor, force: bool = True, *,
+          is_cond=False, write=True, num_cond: int = 1) -> MemoryBank:
+    """Writes frame ``frame_idx``'s memories (B, ...) for the rows in ``write`` (B,) into the slot the policy
+    frees. The first ``num_cond`` slots hold conditioning frames (``is_cond`` (B,)): an empty one, else the
+    farthest from ``anchor``. A tracked frame takes another slot: an empty one, else one that memory
+    selection can never pick again (score <= ``mf_threshold``), else the farthest from ``anchor``. With the
+    current frame as anchor the bank keeps the frames nearest it, the ones ``select_memory`` reaches. Unless
+    ``force``, a frame is written only where it is nearer ``anchor`` than what it replaces (a bank kept for
+    a later pass from ``anchor``). score (B,): the frame's memory-selection score."""
+    b, k = bank.frame.shape
+    rows = jnp.arange(b)
+    frame = jnp.full((b,), frame_idx, jnp.int32)
+    is_cond, write = jnp.broadcast_to(is_cond, (b,)), jnp.broadcast_to(write, (b,))
+    in_cond = jnp.arange(k)[None, :] < num_cond
+    far = jnp.abs(bank.frame - anchor)
+    cond_prio = jnp.where(in_cond, jnp.where(bank.frame < 0, -2 * _BIG, -far), 3 * _BIG)
+    cond_slot = jnp.argmin(cond_prio, axis=1)
+    trk_prio = jnp.where(in_cond, 2 * _BIG,
+                         jnp.where(bank.frame < 0, -2 * _BIG, _priority(bank.frame, bank.score, anchor, cfg)))
+    trk_slot = jnp.argmin(trk_prio, axis=1)
+    slot = jnp.where(is_cond, cond_slot, trk_slot)
+    if not force:
+        new = jnp.where(is_cond, -jnp.abs(frame_idx - anchor), _priority(frame, score, anchor, cfg))
+        write = write & (new > jnp.where(is_cond, cond_prio[rows, cond_slot], trk_prio[rows, trk_slot]))
+    old = jax.tree.map(lambda x: x[rows, slot], (bank.frame, bank.feats, bank.ptrs, bank.is_cond, bank.score))
+    new = jax.tree.map(lambda v, o: v.astype(o.dtype), (frame, feats, ptr, is_cond, score), old)
+    return bank.write(slot, *ops.where_rows(write, new, old))
 
 
 def _gather(x, idx):
