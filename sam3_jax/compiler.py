@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from sam3_jax.model.config import ModelConfig
+from sam3_jax.nn import platform
 
 YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
 FULL_WIDTH = 1024  # ViT widths from which YNN_OFF pays (the official model's)
@@ -40,7 +41,7 @@ def _known(option: str, value: str) -> bool:
 
 def encoder_options(cfg: ModelConfig) -> dict:
     """``compiler_options`` for a jit whose cost is ``cfg``'s image encoder (see module docstring)."""
-    if (jax.default_backend() != "cpu" or cfg.vit.embed_dim < FULL_WIDTH
+    if (platform.current() != "cpu" or cfg.vit.embed_dim < FULL_WIDTH
             or os.environ.get("SAM3_JAX_CPU_YNN") == "1"):
         return {}
     return {k: v for k, v in YNN_OFF.items() if _known(k, v)}

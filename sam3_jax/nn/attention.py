@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sam3_jax.nn import platform
+
 
 MASKED = -1e30
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -38,7 +40,7 @@ TILE_LOGITS = 1 << 27  # elsewhere: attention with more logits than this goes by
 def _tiles(batch_heads: int, lq: int, lk: int, backend: str | None = None) -> tuple[int, int, int] | None:
     """(heads, chunk, count): (batch, head) pairs a tile, queries a tile and query chunks, where
     tiling applies (see the module docstring), else None."""
-    if (backend or jax.default_backend()) == "cpu":
+    if (backend or platform.current()) == "cpu":
         if lq * lk <= TILE_FROM:
             return None
         heads, limit = 1, TILE_LOGITS_CPU
@@ -55,7 +57,7 @@ def _use_cudnn(q, k, v, bias, key_padding_mask, dropout: bool, implementation: s
     decide; "xla" or "cudnn": forced)."""
     if implementation is not None:
         return implementation == "cudnn"
-    return (os.environ.get("SAM3_JAX_CUDNN_ATTENTION", "1") != "0" and jax.default_backend() == "gpu"
+    return (os.environ.get("SAM3_JAX_CUDNN_ATTENTION", "1") != "0" and platform.current() == "gpu"
             and bias is None and key_padding_mask is None and not dropout and q.dtype in CUDNN_DTYPES
             and q.dtype == k.dtype == v.dtype and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
 

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sam3_jax.nn import platform
+
 Dtype = jnp.dtype
 
 
@@ -117,7 +119,7 @@ class Conv(nn.Module):
         dtype = self.dtype or x.dtype
         x, kernel = x.astype(dtype), kernel.astype(dtype)
         pad = ((self.padding, self.padding),) * 2
-        if jax.default_backend() != "cpu":
+        if platform.current() != "cpu":
             y = jax.lax.conv_general_dilated(x, kernel, (self.strides,) * 2, pad, feature_group_count=groups,
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
         elif groups == 1:

@@ -60,7 +60,9 @@ def base_config(model: ModelConfig, data: ml_collections.ConfigDict,
     c.compilation_cache_dir = ""
 
     # Devices: clips over "data", the frames of each clip over "frame"; data=-1 takes the rest.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, frame=1))
+    # shard_params: parameters and optimiser state sharded over every device (FSDP; see
+    # sam3_jax.train.sharding) instead of a whole copy on each: for models that do not fit otherwise.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, frame=1, shard_params=False))
     c.mode = "detector"  # one of MODES
     c.model = as_config(model)
     # The tracker (modes "tracker" and "joint"): its sizes, SAM 2's prompt simulation and losses.

@@ -22,16 +22,10 @@ from jax.experimental.compilation_cache import compilation_cache
 from sam3_jax.data import pipeline, schema
 from sam3_jax.evaluation import jf
 from sam3_jax.model import detector
-from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker import tracker as tracker_lib
-from sam3_jax.model.tracker.config import TrackerConfig
-from sam3_jax.train import checkpoint, metrics, optim, reporting, tracker_stage
-from sam3_jax.train import config as config_lib
+from sam3_jax.train import checkpoint, metrics, optim, program, reporting, sharding
 from sam3_jax.train import mesh as mesh_lib
 from sam3_jax.train import step as step_lib
-from sam3_jax.train.losses.detector import DetectorLossConfig
-from sam3_jax.train.losses.tracker import TrackerLossConfig
-from sam3_jax.train.tracker_prompts import PromptConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +54,6 @@ def check_finite(pending, consecutive_bad: int, policy: str, max_consecutive: in
         if policy == "stop" or consecutive_bad > max_consecutive:
             raise NonFiniteLoss(f"step {step}: non-finite loss or gradients on the batch {where}")
     return consecutive_bad
-
-
-def model_config(config) -> ModelConfig:
-    cfg = ModelConfig.from_dict(config.model.to_dict())
-    if config.data.image_size != cfg.image_size:
-        raise ValueError(f"data.image_size={config.data.image_size} but the model takes "
-                         f"model.vit.img_size={cfg.image_size}: set them equal")
-    return cfg
-
-
-def tracker_config(config, model_cfg: ModelConfig) -> TrackerConfig:
-    """The tracker of ``config.tracker.model``, checked against the backbone that feeds it."""
-    cfg = TrackerConfig(**config.tracker.model.to_dict())
-    need = {"d_model": model_cfg.d_model, "image_size": model_cfg.image_size,
-            "backbone_stride": model_cfg.vit.patch_size}
-    for name, value in need.items():
-        if getattr(cfg, name) != value:
-            raise ValueError(f"tracker.model.{name}={getattr(cfg, name)} but the backbone gives {value}: set them equal")
-    return cfg
 
 
 def write_config(config, workdir: str) -> None:
@@ -135,27 +110,12 @@ class Trainer:
         os.makedirs(workdir, exist_ok=True)
         if self.is_main:
             write_config(config, workdir)
-        self.model_cfg = model_config(config)
-        if config.mode not in config_lib.MODES:
-            raise ValueError(f"mode={config.mode!r}: one of {', '.join(config_lib.MODES)}")
         check_keep_best(config)
-        self.detects, self.tracks = config.mode != "tracker", config.mode != "detector"
         self.mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.frame)
         mesh_lib.check_divisible(self.mesh, config.data.batch_size * jax.process_count(), config.data.num_frames)
-        self.loss_cfg = DetectorLossConfig.from_dict(config.loss.to_dict())
-        abstract = {"detector": detector.abstract_params(self.model_cfg)}
-        if self.tracks:
-            self.tracker_cfg = tracker_config(config, self.model_cfg)
-            abstract["tracker"] = tracker_lib.abstract_params(self.tracker_cfg)
-        self.tx = optim.make_optimizer(config.optim, abstract, config.total_steps)
-        self.grad_norm = optim.Packing(abstract, config.optim).norm
-        labels = optim.param_labels(abstract, config.optim)
-        frozen = jax.tree.map(lambda label: label == optim.FROZEN, labels)
-        replicated = mesh_lib.replicated(self.mesh)
-        self.abstract_state = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-            jax.eval_shape(lambda p: step_lib.init_state(p, self.tx, config.seed), abstract))
-
+        self.program = program.build(config, self.mesh)
+        self.abstract_state = self.program.abstract_state
+        self.detects, self.tracks = self.program.detects, self.program.tracks
         self.data = iter(pipeline.build_dataset(config.data, config.seed))
         self.checkpoints = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINTS),
                                                    max_to_keep=config.keep_checkpoints,
@@ -167,41 +127,26 @@ class Trainer:
                 config.eval.keep_best_mode, async_save=config.checkpoint_async)
         state = self.checkpoints.restore_latest(self.abstract_state, self.data)
         if state is None:
-            state = self._fresh_state(abstract)
+            state = self._fresh_state()
         else:
             log.info("resumed from %s at step %d", workdir, int(state["step"]))
         self.state = state
-        log.info("%s", optim.summarize(abstract, config.optim, config.total_steps))
+        log.info("%s", optim.summarize(self.program.abstract_params, config.optim, config.total_steps))
+        total, per_device = sharding.sharded_bytes(self.program.abstract_params, self.program.param_specs, self.mesh)
+        log.info("parameters: %.2f GiB, %.2f GiB a device (mesh.shard_params=%s)", total / 2**30,
+                 per_device / 2**30, config.mesh.shard_params)
+        self.train_step, self.predict = self.program.train_step, self.program.predict
+        self.eval_step, self.track_eval = self.program.eval_step, self.program.track_eval
+        self.coco_top_k = self.program.coco_top_k
 
-        dtype = self.model_cfg.compute_dtype
-        stage = None
-        if self.tracks:
-            stage = tracker_stage.make_tracker_stage(
-                self.tracker_cfg, PromptConfig(**config.tracker.prompts.to_dict()),
-                TrackerLossConfig(**config.tracker.loss.to_dict()), dtype=dtype)
-        with jax.set_mesh(self.mesh):
-            loss_fn = step_lib.make_loss_fn(self.model_cfg, self.loss_cfg, self.mesh, clip_stage=stage,
-                                            detect=self.detects)
-            self.train_step = jax.jit(step_lib.make_train_step(
-                loss_fn, self.tx, frozen=frozen, grad_norm=self.grad_norm,
-                learning_rates=lambda s: optim.learning_rates(config.optim, config.total_steps, s)),
-                donate_argnums=(0,))
-            if self.detects:
-                self.coco_top_k = min(config.eval.coco_max_detections, self.model_cfg.decoder.num_queries)
-                self.eval_step = jax.jit(step_lib.make_eval_fn(self.model_cfg, self.loss_cfg, self.mesh,
-                                                               top_k=self.coco_top_k))
-            if self.tracks:
-                self.track_eval = jax.jit(step_lib.make_tracker_eval_fn(
-                    self.model_cfg, tracker_stage.make_tracker_predict(self.tracker_cfg, dtype=dtype), self.mesh))
-        self.predict = jax.jit(step_lib.make_predict_fn(self.model_cfg))
-
-    def _fresh_state(self, abstract):
-        """Parameters from ``init_from`` (the models it holds) or random; then a fresh optimiser."""
-        config = self.config
-        replicated = mesh_lib.replicated(self.mesh)
+    def _fresh_state(self):
+        """Parameters from ``init_from`` (the models it holds) or random, laid out as the program's
+        ``param_specs``; then a fresh optimiser."""
+        config, prog = self.config, self.program
+        abstract, placed = prog.abstract_params, prog.param_shardings()
         keys = dict(zip(("detector", "tracker"), jax.random.split(jax.random.key(config.seed))))
-        inits = {"detector": (detector.init_params, self.model_cfg),
-                 "tracker": (tracker_lib.init_params, getattr(self, "tracker_cfg", None))}
+        inits = {"detector": (detector.init_params, prog.model_cfg),
+                 "tracker": (tracker_lib.init_params, prog.tracker_cfg)}
         loaded = set()
         params = {}
         if config.init_from:
@@ -209,18 +154,21 @@ class Trainer:
             if not loaded:
                 raise ValueError(f"init_from={config.init_from} holds none of the models this run trains "
                                  f"({', '.join(sorted(abstract))})")
+            # Read whole (a stored layer layout may differ from the run's), then laid out as the run's.
+            replicated = mesh_lib.replicated(self.mesh)
             target = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract[k])
                       for k in loaded}
-            params = checkpoint.load_params(config.init_from, target)
+            params = jax.device_put(checkpoint.load_params(config.init_from, target), {k: placed[k] for k in loaded})
             log.info("initialised %s from %s", " and ".join(sorted(loaded)), config.init_from)
         for name in sorted(abstract.keys() - loaded):
             if config.init_from:
                 log.warning("%s: not in %s, initialised at random", name, config.init_from)
             init, cfg = inits[name]
-            params[name] = jax.jit(init, static_argnums=0, out_shardings=replicated)(cfg, keys[name])
-        init = jax.jit(lambda p: step_lib.init_state(p, self.tx, config.seed),
-                       out_shardings=jax.tree.map(lambda x: x.sharding, self.abstract_state))
-        return init(params)
+            params[name] = jax.jit(init, static_argnums=0, out_shardings=placed[name])(cfg, keys[name])
+        with jax.set_mesh(self.mesh):
+            init = jax.jit(lambda p: step_lib.init_state(p, prog.tx, config.seed),
+                           out_shardings=sharding.shardings(self.abstract_state))
+            return init(params)
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> dict[str, float]:

@@ -230,9 +230,13 @@ def learning_rates(cfg, total_steps: int, step) -> dict[str, jax.Array]:
 class Packing:
     """The trainable leaves of a parameter tree as one flat vector per (group, weight decay, dtype),
     keyed ``"<group>/decay|no_decay/<dtype>"``, each the concatenation of its leaves, raveled, in
-    tree order. Built from shapes alone (arrays or ShapeDtypeStructs); frozen leaves are left out."""
+    tree order. Built from shapes alone (arrays or ShapeDtypeStructs); frozen leaves are left out.
 
-    def __init__(self, params, cfg):
+    ``fuse=False`` keeps each leaf as it is, keyed by its path: for parameters sharded over the
+    mesh, whose shards a concatenation would have to move between devices."""
+
+    def __init__(self, params, cfg, fuse: bool = True):
+        self.fuse = fuse
         leaves, self.treedef = jax.tree_util.tree_flatten_with_path(params)
         labels = by_path(param_labels(params, cfg))
         self.shapes = [tuple(np.shape(x)) for _, x in leaves]
@@ -243,20 +247,25 @@ class Packing:
             path = path_str(path)
             if labels[path] == FROZEN:
                 continue
-            key = f"{labels[path]}/{'decay' if decays(path) else 'no_decay'}/{self.dtypes[i].name}"
+            key = f"{labels[path]}/{'decay' if decays(path) else 'no_decay'}/{self.dtypes[i].name}" if fuse else path
             self.members.setdefault(key, []).append(i)
             self.group[key], self.decays[key] = labels[path], decays(path)
 
     def pack(self, tree, keys=None) -> dict[str, jax.Array]:
         """The vectors of ``keys`` (default: all) from a tree like the params."""
         leaves = self.treedef.flatten_up_to(tree)
-        return {key: jnp.concatenate([jnp.ravel(leaves[i]) for i in self.members[key]])
-                for key in (self.members if keys is None else keys)}
+        keys = self.members if keys is None else keys
+        if not self.fuse:
+            return {key: leaves[self.members[key][0]] for key in keys}
+        return {key: jnp.concatenate([jnp.ravel(leaves[i]) for i in self.members[key]]) for key in keys}
 
     def unpack(self, flat: dict[str, jax.Array]):
         """The tree again; frozen leaves are zeros."""
         leaves = [jnp.zeros(shape, dtype) for shape, dtype in zip(self.shapes, self.dtypes)]
         for key, idx in self.members.items():
+            if not self.fuse:
+                leaves[idx[0]] = flat[key]
+                continue
             ends = np.cumsum([math.prod(self.shapes[i]) for i in idx])
             for i, piece in zip(idx, jnp.split(flat[key], ends[:-1])):
                 leaves[i] = piece.reshape(self.shapes[i])
@@ -338,11 +347,11 @@ def skipped_updates(opt_state) -> jax.Array:
     return optax.tree_utils.tree_get(opt_state, "total_notfinite")
 
 
-def make_optimizer(cfg, params, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg, params, total_steps: int, fuse: bool = True) -> optax.GradientTransformation:
     """The whole transformation for ``params`` (arrays or ShapeDtypeStructs): frozen leaves ->
-    zeros; the others, packed -> skip if not finite -> [accumulate k] clip -> Adam -> decoupled
-    weight decay -> -lr, then unpacked -> * layer factor."""
-    packing = Packing(params, cfg)
+    zeros; the others, packed (`Packing`, ``fuse`` as there) -> skip if not finite -> [accumulate k]
+    clip -> Adam -> decoupled weight decay -> -lr, then unpacked -> * layer factor."""
+    packing = Packing(params, cfg, fuse)
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
     parts += [
         optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps),

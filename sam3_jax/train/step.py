@@ -26,7 +26,7 @@ from sam3_jax.data import schema
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.detector import Sam3Detector
 from sam3_jax.train import mesh as mesh_lib
-from sam3_jax.train import metrics
+from sam3_jax.train import metrics, sharding
 from sam3_jax.train.losses.detector import DetectorLossConfig, detector_loss
 
 GATHER_DTYPE = jnp.bfloat16
@@ -131,9 +131,11 @@ def _global_sum(x):
 
 
 def _sharded(fn, mesh, batch, out_specs):
-    """``fn(params, batch, rng)`` under ``shard_map`` with the batch laid out as `mesh` says."""
+    """``fn(params, batch, rng)`` under ``shard_map`` with the batch laid out as `mesh` says and the
+    parameters whole on every device (gathered first where they are sharded: `sharding.gather`)."""
     specs = {name: mesh_lib.batch_spec(name) for name in batch}
-    return jax.shard_map(fn, mesh=mesh, in_specs=(P(), specs, P()), out_specs=out_specs)
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), specs, P()), out_specs=out_specs)
+    return lambda params, batch, rng: mapped(sharding.gather(params), batch, rng)
 
 
 def make_loss_fn(model_cfg: ModelConfig, loss_cfg: DetectorLossConfig, mesh, *, clip_stage: ClipStage | None = None,

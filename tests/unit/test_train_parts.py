@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from sam3_jax.data import schema
 from sam3_jax.model import stacking
 from sam3_jax.model.tracker.config import TrackerConfig
-from sam3_jax.train import loop, metrics, optim, overrides
+from sam3_jax.train import loop, metrics, optim, overrides, program
 from sam3_jax.train import mesh as mesh_lib
 from sam3_jax.train import step as step_lib
 
@@ -197,7 +197,7 @@ def test_unknown_override_lists_valid_keys():
                                   "configs/video.py:tracker_demo"])
 def test_configs_load_and_agree_with_the_model(spec):
     config = overrides.load_config(os.path.join(REPO, spec))
-    cfg = loop.model_config(config)  # raises if data.image_size and the model disagree
+    cfg = program.model_config(config)  # raises if data.image_size and the model disagree
     for field in ("total_steps", "checkpoint_every", "log_every", "init_from", "seed"):
         assert field in config, field
     assert {"data", "frame"} <= set(config.mesh.keys())
@@ -206,7 +206,7 @@ def test_configs_load_and_agree_with_the_model(spec):
     if spec.startswith("configs/image.py"):
         assert config.data.num_frames == 1 and config.mesh.frame == 1
     assert config.mode in ("detector", "tracker", "joint")
-    tracker = loop.tracker_config(config, cfg)  # raises if the tracker and the backbone disagree
+    tracker = program.tracker_config(config, cfg)  # raises if the tracker and the backbone disagree
     if config.mode == "tracker":  # nothing of the detector trains but the parts the tracker reads
         frozen = re.compile(config.optim.freeze)
         assert frozen.search("detector/transformer/decoder/x") and frozen.search("detector/backbone/language_backbone/x")
