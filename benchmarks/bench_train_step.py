@@ -586,6 +586,8 @@ def main():
                              "XLA's memory figures (does the clip fit?) and the compile time")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch.set_num_threads for the reference (default 0: torch's own default)")
+    parser.add_argument("--json", action="store_true",
+                        help="end with one machine-readable line: RESULT {\"jax\": ..., \"torch\": ...}")
     parser.add_argument("--batch", help=argparse.SUPPRESS)  # internal: the saved clip, for a --side run
     args = parser.parse_args()
     if args.size is None:  # not via jax.devices(): this process must not claim the GPU's memory
@@ -621,6 +623,8 @@ def main():
         report_compile_only(args, results["jax"])
     else:
         report(args, results["jax"], results["torch"])
+    if args.json:
+        sides.emit(results)
 
 
 if __name__ == "__main__":
