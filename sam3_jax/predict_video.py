@@ -357,10 +357,10 @@ def main(argv):
                           FLAGS.direction, boxes=FLAGS.box, points=FLAGS.points, **outputs)
     except (InputError, VideoInputError, DataError, ImageError, NonFiniteError) as e:  # one message, no traceback
         print(f"predict_video: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     except OSError as e:  # missing or unwritable paths, disk full
         print(f"predict_video: error: {fileio.describe_os_error(e)}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     print(f"wrote {written} frame(s) to {os.path.abspath(FLAGS.output)}")
 
 

@@ -4,8 +4,10 @@ As the YouTube-VIS cocoapi fork (`ytvoseval.py`): the IoU of two masklets is the
 video's frames of their intersections over the sum of their unions (a frame where neither has a
 mask adds nothing; two masklets with no pixels at all have IoU 0); an instance's area, for the
 small/medium/large ranges (0-128², 128²-256², above 256²), is the mean area over the frames where
-its mask is non-empty; crowd ground truth is ignored. Matching, accumulation and the 12 summary
-numbers are pycocotools' COCOeval unchanged: only how instances are grouped and their IoU differ.
+its mask is non-empty (the ground truth's `areas` field when it has one; a prediction's are always
+recomputed from its masks, as the API's loadRes does, whatever `areas` it carries); crowd ground
+truth is ignored. Matching, accumulation and the 12 summary numbers are pycocotools' COCOeval
+unchanged: only how instances are grouped and their IoU differ.
 
 Ground truth: a YouTube-VIS JSON ({videos: [{id, height, width, length or file_names}],
 annotations: [{video_id, category_id, segmentations: [RLE | polygons | None per frame], areas?,
@@ -102,8 +104,10 @@ class VideoEval(COCOeval):
 
 
 def _instance(ann: Mapping, video: Mapping, where: str, key: str, uid: int,
-              required: tuple[str, ...]) -> dict:
-    """One masklet as compressed RLEs of the video's size, checked by the project's RLE reader."""
+              required: tuple[str, ...], ground_truth: bool) -> dict:
+    """One masklet as compressed RLEs of the video's size, checked by the project's RLE reader.
+    Ground truth keeps its `areas` field when it has one (as ytvoseval); a prediction's areas are
+    its masks' pixel counts and it is never crowd, as the API's loadRes makes them."""
     for name in required:
         if name not in ann:
             raise DataError(where, f"{key}.{name}", "missing")
@@ -119,13 +123,14 @@ def _instance(ann: Mapping, video: Mapping, where: str, key: str, uid: int,
         # RleAnnotation validates and converts (polygons, uncompressed RLE) one frame's masks.
         frame = RleAnnotation(where, f"{key}.segmentations[{t}]", size, {} if s is None else {uid: s})
         masklet.append(frame._rles.get(uid))
-    areas = ann.get("areas")  # the ground truth's own areas when it has them, as ytvoseval
+    areas = ann.get("areas") if ground_truth else None
     if not isinstance(areas, list):
         present = [m for m in masklet if m is not None]
         areas = list(mask_utils.area(present)) if present else []
     nonzero = [a for a in areas if a]
     return {"id": uid, "image_id": ann["video_id"], "category_id": ann["category_id"],
-            "iscrowd": int(ann.get("iscrowd", 0)), "area": float(np.mean(nonzero)) if nonzero else 0.0,
+            "iscrowd": int(ann.get("iscrowd", 0)) if ground_truth else 0,
+            "area": float(np.mean(nonzero)) if nonzero else 0.0,
             "score": float(ann.get("score", 1.0)), "masklet": masklet}
 
 
@@ -144,7 +149,7 @@ def _videos(gt: Mapping, where: str) -> dict[Any, dict]:
 
 
 def _masklets(items: Sequence, videos: Mapping, where: str, field: str,
-              required: tuple[str, ...]) -> list[dict]:
+              required: tuple[str, ...], ground_truth: bool) -> list[dict]:
     out = []
     for n, ann in enumerate(items):
         key = f"{field}[{n}]"
@@ -152,7 +157,7 @@ def _masklets(items: Sequence, videos: Mapping, where: str, field: str,
             raise DataError(where, f"{key}.video_id", "missing")
         if ann["video_id"] not in videos:
             raise DataError(where, f"{key}.video_id", f"video {ann['video_id']} is not in the ground truth")
-        out.append(_instance(ann, videos[ann["video_id"]], where, key, n + 1, required))
+        out.append(_instance(ann, videos[ann["video_id"]], where, key, n + 1, required, ground_truth))
     return out
 
 
@@ -169,8 +174,8 @@ def evaluate(gt: Mapping | str, predictions: Sequence[Mapping] | str) -> dict[st
     if not isinstance(predictions, list):
         raise DataError(pred_where, "predictions", "expected a JSON list of predictions")
     videos = _videos(gt, gt_where)
-    gts = _masklets(gt["annotations"], videos, gt_where, "annotations", GT_KEYS)
-    dts = _masklets(predictions, videos, pred_where, "", GT_KEYS + ("score",))
+    gts = _masklets(gt["annotations"], videos, gt_where, "annotations", GT_KEYS, ground_truth=True)
+    dts = _masklets(predictions, videos, pred_where, "", GT_KEYS + ("score",), ground_truth=False)
     if isinstance(gt.get("categories"), list):
         cats = [c.get("id") if isinstance(c, dict) else None for c in gt["categories"]]
         if None in cats:

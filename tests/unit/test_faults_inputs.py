@@ -85,10 +85,10 @@ def test_huge_frames_and_masks_refused_by_predict_video(huge, davis_video, tmp_p
     out = tmp_path / "out"
     code, err = _main(capsys, "--checkpoint=unused", f"--video={frames}", f"--init_mask={root / 'init.png'}",
                       f"--output={out}")
-    assert code == 1 and err.count("\n") == 1 and f"{frames / '00000.jpg'}: 40000x40000 pixels is beyond" in err, err
+    assert code == 2 and err.count("\n") == 1 and f"{frames / '00000.jpg'}: 40000x40000 pixels is beyond" in err, err
     code, err = _main(capsys, "--checkpoint=unused", f"--video={root / 'JPEGImages' / 'vid'}",
                       f"--init_mask={huge[1]}", f"--output={out}")
-    assert code == 1 and err.count("\n") == 1 and f"{huge[1]}: 12000x12000 pixels" in err, err
+    assert code == 2 and err.count("\n") == 1 and f"{huge[1]}: 12000x12000 pixels" in err, err
     assert not out.exists()
 
 
@@ -147,7 +147,7 @@ def test_predictors_say_when_their_outputs_are_not_finite(tmp_path, monkeypatch,
     root, _ = davis_video
     code, err = _main(capsys, "--checkpoint=unused", f"--video={root / 'JPEGImages' / 'vid'}",
                       f"--init_mask={root / 'init.png'}", "--init_frame=2", f"--output={tmp_path / 'video'}")
-    assert code == 1 and "frame 00002: the predictor's outputs: NaN or Inf in 1 tensor(s):\n  logits" in err, err
+    assert code == 2 and "frame 00002: the predictor's outputs: NaN or Inf in 1 tensor(s):\n  logits" in err, err
     assert not (tmp_path / "video").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
@@ -191,7 +191,7 @@ def test_overlay_is_checked_before_the_work_and_never_costs_the_masks(tmp_path, 
     monkeypatch.setattr(VideoPredictor, "from_checkpoint", classmethod(lambda cls, d: pytest.fail("work started")))
     for overlay, message in [(tmp_path / "file" / "o.mp4", "Not a directory"), (tmp_path / "dir.mp4", "is not a file")]:
         code, err = _main(capsys, *args, f"--overlay={overlay}", "--overwrite")
-        assert code == 1 and err.count("\n") == 1 and message.lower() in err.lower(), err
+        assert code == 2 and err.count("\n") == 1 and message.lower() in err.lower(), err
     assert not (tmp_path / "out").exists()
     # An overlay that fails all the same (here: the disk fills) leaves the finished masks in place.
     from sam3_jax.infer import video_io
@@ -202,6 +202,6 @@ def test_overlay_is_checked_before_the_work_and_never_costs_the_masks(tmp_path, 
     monkeypatch.setattr(VideoPredictor, "from_checkpoint", classmethod(lambda cls, d: _Tracker()))
     monkeypatch.setattr(video_io, "write_overlay", full)
     code, err = _main(capsys, *args, f"--overlay={tmp_path / 'o.mp4'}", "--direction=forward")
-    assert code == 1 and f"no space left on device: {tmp_path / 'o.mp4'}" in err and "are complete" in err, err
+    assert code == 2 and f"no space left on device: {tmp_path / 'o.mp4'}" in err and "are complete" in err, err
     assert sorted(os.listdir(tmp_path / "out")) == ["00002.png", "00003.png", "00004.png", "results.json"]
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())) > 0

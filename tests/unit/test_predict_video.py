@@ -516,7 +516,7 @@ def test_text_task_directions_write_the_frames_reached(tmp_path, monkeypatch, ca
             assert [t for t, x in enumerate(r["segmentations"]) if x is not None] == want
     code, err = _main(capsys, "--checkpoint=unused", f"--video={root / 'JPEGImages' / 'vid'}", "--prompt=a shape",
                       f"--output={tmp_path / 'bad'}", f"--init_frame={NUM_FRAMES}", "--direction=backward")
-    assert code == 1 and f"--init_frame={NUM_FRAMES} is outside" in err and not (tmp_path / "bad").exists()
+    assert code == 2 and f"--init_frame={NUM_FRAMES} is outside" in err and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow
@@ -535,8 +535,8 @@ def test_cli_text_prompt_backward_writes_the_frames_reached(tiny_checkpoint, dav
     assert Image.open(out / "00000.png").size == (64, 48)
 
 
-def test_bad_video_files_exit_1_naming_the_file(tmp_path, capsys, davis_video, davis_mp4):
-    """Each fails before any work: exit 1, one line naming the file, no output and no temporary file."""
+def test_bad_video_files_exit_2_naming_the_file(tmp_path, capsys, davis_video, davis_mp4):
+    """Each fails before any work: exit 2, one line naming the file, no output and no temporary file."""
     root, _ = davis_video
     mp4, _ = davis_mp4
     (tmp_path / "notes.mp4").write_text("not a video\n")
@@ -566,13 +566,13 @@ def test_bad_video_files_exit_1_naming_the_file(tmp_path, capsys, davis_video, d
         video = tmp_path / name
         for task in (f"--init_mask={root / 'init.png'}", "--prompt=a shape"):
             code, err = _main(capsys, "--checkpoint=unused", f"--video={video}", task, f"--output={out}")
-            assert code == 1 and err.count("\n") == 1 and f"{video}: {message}" in err, (name, err)
+            assert code == 2 and err.count("\n") == 1 and f"{video}: {message}" in err, (name, err)
             assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
     for overlay, message in [("o.avi", "must end with .gif or .mp4"), ("out/o.mp4", "must be outside --output"),
                              ("notes.mp4", "output exists")]:
         code, err = _main(capsys, "--checkpoint=unused", f"--video={mp4}", "--prompt=a shape", f"--output={out}",
                           f"--overlay={tmp_path / overlay}")
-        assert code == 1 and message in err and not out.exists(), (overlay, err)
+        assert code == 2 and message in err and not out.exists(), (overlay, err)
 
 
 # ------------------------------------------------------------------------------ box and click prompts
@@ -647,12 +647,12 @@ def test_box_and_point_flags_give_the_apis_masks(case, tiny_video_predictor, dav
     ([], "no prompt: give --init_mask, --box or --points"),
     (["--prompt=a ball", "--box=1:1,2,3,4"], "give exactly one of --prompt (text) and objects on one frame"),
 ])
-def test_bad_box_and_point_flags_exit_1(args, message, tmp_path, capsys, davis_video):
-    """Each fails before the checkpoint is read: exit 1, one line naming the flag and its value, nothing written."""
+def test_bad_box_and_point_flags_exit_2(args, message, tmp_path, capsys, davis_video):
+    """Each fails before the checkpoint is read: exit 2, one line naming the flag and its value, nothing written."""
     root, _ = davis_video
     args = [a.replace("INIT", str(root / "init.png")) for a in args]
     out = tmp_path / "out"
     code, err = _main(capsys, "--checkpoint=unused", f"--video={root / 'JPEGImages' / 'vid'}", *args,
                       f"--output={out}")
-    assert code == 1 and err.count("\n") == 1 and message in err, err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not os.listdir(tmp_path)
