@@ -10,9 +10,16 @@ Every random choice comes from the rng Grain derives from (seed, source, element
 stream is a pure function of the config and seed; ``iterator.get_state()`` / ``set_state()``
 (or Orbax's ``grain.checkpoint`` handlers) resume it exactly. Note the batches depend on
 ``num_workers`` (each worker batches its own slice): resume with the same value.
+
+Workers never outlive the trainer: each watches its parent (`ExitWithParent`) and exits when it is
+gone, however it died (kill -9 included); the shared-memory batches they left are then unlinked by
+multiprocessing's resource tracker, which exits with them.
 """
 from __future__ import annotations
 
+import os
+import threading
+import time
 from typing import Any
 
 import grain
@@ -26,6 +33,24 @@ from sam3_jax.data.clips import ClipBuilder
 def _seeds(seed: int, dataset_index: int) -> tuple[int, int]:
     shuffle_seed, map_seed = np.random.SeedSequence([seed, dataset_index]).generate_state(2)
     return int(shuffle_seed), int(map_seed)
+
+
+class ExitWithParent:
+    """A Grain ``worker_init_fn``: a daemon thread in the worker ends it as soon as the process that
+    built the dataset is gone (the worker is then re-parented). Polled, because prctl's
+    PR_SET_PDEATHSIG fires when the *thread* that started the worker ends, and Grain starts its
+    workers from threads of its own."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.parent, self.interval_s = os.getpid(), interval_s
+
+    def __call__(self, worker_index: int = 0, worker_count: int = 1) -> None:
+        threading.Thread(target=self._watch, name="exit-with-parent", daemon=True).start()
+
+    def _watch(self) -> None:
+        while os.getppid() == self.parent:
+            time.sleep(self.interval_s)
+        os._exit(1)  # no cleanup of our own: the resource tracker unlinks the shared memory
 
 
 def build_dataset(data_cfg: Any, seed: int, shard_index: int | None = None,
@@ -62,5 +87,6 @@ def build_dataset(data_cfg: Any, seed: int, shard_index: int | None = None,
         # copy the batch (~6 MB a frame at S=M=1008) into shared memory.
         getattr(ds, "enable_shared_memory_output", lambda: None)()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=data_cfg.num_workers, per_worker_buffer_size=data_cfg.worker_buffer_size))
+            num_workers=data_cfg.num_workers, per_worker_buffer_size=data_cfg.worker_buffer_size),
+            worker_init_fn=ExitWithParent())
     return ds

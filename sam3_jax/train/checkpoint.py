@@ -15,8 +15,12 @@ regular manager's keep-newest retention and resume never see it.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import re
+import shutil
 
 from etils import epath
 import grain
@@ -28,7 +32,40 @@ from sam3_jax.convert import checkpoint as converted
 from sam3_jax.model import stacking
 
 STATE, DATA, CHECKPOINTS, BEST_CHECKPOINTS = "state", "data", "checkpoints", "checkpoints_best"
+CORRUPT = "checkpoints_corrupt"  # beside CHECKPOINTS: unreadable steps moved out of the manager's sight
 BEST_MODES = ("max", "min")
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def failed_saves_reported_once():
+    """While training: a failed background save is reported by the `SaveError` the trainer raises,
+    not also by the traceback Orbax logs from each thread that waits on it, nor by the "Event loop
+    is closed" errors of its writers (the converter's filter, `converted`)."""
+    def quiet(record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+    absl = logging.getLogger("absl")
+    absl.addFilter(quiet)
+    with converted._one_report_of_writer_failures():  # noqa: SLF001 - the one such filter
+        yield  # on an exception the filters stay: the writers may fail on until the process exits
+    absl.removeFilter(quiet)
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written; the message names the step, its path and the cause."""
+
+
+def cause(error: BaseException) -> str:
+    """The short reason inside an Orbax/TensorStore error: the OS's words for an errno it carries
+    ("no space left on device"), else its message without TensorStore's spec dump."""
+    text = str(error)
+    code = getattr(error, "errno", None) or next(iter(re.findall(r"os_error_code='?(\d+)", text)), None)
+    if code:
+        return os.strerror(int(code)).lower()
+    text = text.split(" [tensorstore_spec")[0].strip() or type(error).__name__
+    return text if len(text) <= 300 else "..." + text[-300:]
 
 
 class Checkpointer:
@@ -38,25 +75,74 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=True, **options)
         self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self._pending: int | None = None  # the step whose background save is not confirmed yet
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def _failed(self, step: int, error: BaseException) -> SaveError:
+        return SaveError(f"step {step}: saving the checkpoint {self._manager.directory / str(step)} failed: "
+                         f"{cause(error)}")
+
     def save(self, step: int, state, data_iterator=None, metrics: dict | None = None) -> None:
         """Starts saving ``state`` (and the iterator's position); with ``async_save`` it returns once
-        the arrays are copied off the device, and the files are written in the background."""
+        the arrays are copied off the device, and the files are written in the background. Raises
+        `SaveError` for this save, or for the previous one if it failed in the background."""
+        self.check(wait=True)
         items = {STATE: ocp.args.StandardSave(_keys_to_data(state))}
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-        self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+        except Exception as e:  # noqa: BLE001 - every failure to write is reported the same way
+            raise self._failed(step, e) from e
+        self._pending = step
+
+    def check(self, wait: bool = False) -> None:
+        """Raises `SaveError` if the background save has failed; a save still being written is
+        waited for only with ``wait``. Once reported, the failed step is forgotten: the previous
+        checkpoint stays the newest (Orbax removes the failed step's temporary directory later)."""
+        step = self._pending
+        if step is None or (not wait and self._manager.is_saving_in_progress()):
+            return
+        self._pending = None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(step, e) from e
 
     def restore_latest(self, abstract_state, data_iterator=None):
-        """The newest state shaped, typed and sharded like ``abstract_state`` (arrays or
+        """The newest readable state shaped, typed and sharded like ``abstract_state`` (arrays or
         ``jax.ShapeDtypeStruct``s; leaves without a sharding go to the default device), or None when
-        there is no checkpoint. ``data_iterator`` is moved, in place, to the saved position."""
-        step = self.latest_step()
-        if step is None:
-            return None
+        there is no checkpoint. ``data_iterator`` is moved, in place, to the saved position. Newer
+        steps that cannot be read while an older one can are corrupt: each is named in a warning and
+        moved to ``checkpoints_corrupt/`` beside this directory (kept for inspection, never resumed)."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        failures = []
+        for step in steps:
+            try:
+                restored = self._restore(step, abstract_state, data_iterator)
+            except Exception as e:  # noqa: BLE001 - which failures are corruption shows below
+                failures.append((step, e))
+                continue
+            for bad, error in failures:  # an older step reads: the newer ones are damaged, not this run's
+                self._set_aside(bad, error, step)
+            return restored
+        if failures:  # not one step reads: the run's config, not the files, is what differs
+            raise failures[0][1]
+        return None
+
+    def _set_aside(self, step: int, error: BaseException, resumed: int) -> None:
+        source = self._manager.directory / str(step)
+        target = os.path.join(os.path.dirname(str(self._manager.directory)), CORRUPT, str(step))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(source, target)
+        self._manager.reload()
+        log.warning("checkpoint %s is unreadable (%s): moved to %s; resuming from step %d", source, cause(error),
+                    target, resumed)
+
+    def _restore(self, step: int, abstract_state, data_iterator):
         items = {STATE: ocp.args.StandardRestore(_restore_target(abstract_state))}
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -70,11 +156,16 @@ class Checkpointer:
                 f"than this run's (another model, optimiser or version): it cannot be resumed. Its "
                 f"parameters can start a new run: --config.init_from={self._manager.directory} with "
                 f"another --workdir. Orbax: {e}") from e
+        except KeyError as e:  # Grain's saved position lacks a field this pipeline's iterator reads
+            raise ValueError(
+                f"checkpoint {self._manager.directory / str(step)}: the data pipeline's saved position does "
+                f"not fit this run's (no {e}): resume with the data.num_workers and data.sources it was "
+                f"saved with (config.json)") from e
         return _data_to_keys(restored[STATE], abstract_state)
 
     def wait(self) -> None:
-        """Blocks until the pending asynchronous save is committed."""
-        self._manager.wait_until_finished()
+        """Blocks until the pending asynchronous save is committed; raises `SaveError` if it failed."""
+        self.check(wait=True)
 
     def close(self) -> None:
         self._manager.close()

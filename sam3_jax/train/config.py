@@ -19,6 +19,7 @@ from sam3_jax.train.losses.tracker import TrackerLossConfig
 from sam3_jax.train.tracker_prompts import PromptConfig
 
 VIDEO_VARIANTS = ("default", "demo", "davis", "sav", "ytvis", "coco", "tracker", "joint", "tracker_demo")
+IMAGE_VARIANTS = ("coco", "demo")
 # What a run trains: the detector's losses, the tracker's, or both on the same clips (one backbone pass).
 MODES = ("detector", "tracker", "joint")
 # Tracker-only training of a model trained from scratch: the detector's own parts (text encoder,
@@ -59,7 +60,8 @@ def base_config(model: ModelConfig, data: ml_collections.ConfigDict,
     # (jax runs what it finds there). "" leaves jax's own setting (JAX_COMPILATION_CACHE_DIR).
     c.compilation_cache_dir = ""
 
-    # Devices: clips over "data", the frames of each clip over "frame"; data=-1 takes the rest.
+    # Devices: clips over "data", the frames of each clip over "frame"; a -1 (on one of them) takes
+    # as many as fit and split the batch (data) or the frames (frame) evenly (train/mesh_plan.py).
     # shard_params: parameters and optimiser state sharded over every device (FSDP; see
     # sam3_jax.train.sharding) instead of a whole copy on each: for models that do not fit otherwise.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, frame=1, shard_params=False))
@@ -162,8 +164,8 @@ def video_config(variant: str = "default") -> ml_collections.ConfigDict:
 
 def image_config(variant: str = "coco") -> ml_collections.ConfigDict:
     """The same trainer on 1-frame clips (the detector alone), as the reference fine-tunes on images."""
-    if variant not in ("coco", "demo"):
-        raise ValueError(f"unknown variant {variant!r}; one of coco, demo")
+    if variant not in IMAGE_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; one of {', '.join(IMAGE_VARIANTS)}")
     c = video_config(variant)
     c.data.num_frames = 1
     if variant == "demo":

@@ -25,6 +25,7 @@ from sam3_jax.model import detector
 from sam3_jax.model.tracker import tracker as tracker_lib
 from sam3_jax.train import checkpoint, metrics, optim, program, reporting, sharding
 from sam3_jax.train import mesh as mesh_lib
+from sam3_jax.train import mesh_plan, stop, validate
 from sam3_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,23 @@ def check_finite(pending, consecutive_bad: int, policy: str, max_consecutive: in
     return consecutive_bad
 
 
-def write_config(config, workdir: str) -> None:
-    """The resolved config as JSON, written whole (temp file + rename)."""
-    path = os.path.join(workdir, "config.json")
+def write_config(config, workdir: str, step: int = 0) -> None:
+    """The resolved config as ``config.json``, written whole (temp file + rename). A run resumed at
+    ``step`` with another config keeps the earlier one as ``config.<step>.json``."""
+    path, text = os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True)
+    if step and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            earlier = f.read()
+        if earlier != text:
+            _write_whole(os.path.join(workdir, f"config.{step}.json"), earlier)
+            log.info("the config differs from the one this run used up to step %d, kept as config.%d.json",
+                     step, step)
+    _write_whole(path, text)
+
+
+def _write_whole(path: str, text: str) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        f.write(text)
     os.replace(path + ".tmp", path)
 
 
@@ -108,10 +121,8 @@ class Trainer:
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
         os.makedirs(workdir, exist_ok=True)
-        if self.is_main:
-            write_config(config, workdir)
         check_keep_best(config)
-        self.mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.frame)
+        self.mesh = mesh_plan.make_mesh(config)
         mesh_lib.check_divisible(self.mesh, config.data.batch_size * jax.process_count(), config.data.num_frames)
         self.program = program.build(config, self.mesh)
         self.abstract_state = self.program.abstract_state
@@ -131,6 +142,8 @@ class Trainer:
         else:
             log.info("resumed from %s at step %d", workdir, int(state["step"]))
         self.state = state
+        if self.is_main:  # only now: the checkpoint resumed (if any) has accepted this config
+            write_config(config, workdir, int(state["step"]))
         log.info("%s", optim.summarize(self.program.abstract_params, config.optim, config.total_steps))
         total, per_device = sharding.sharded_bytes(self.program.abstract_params, self.program.param_specs, self.mesh)
         log.info("parameters: %.2f GiB, %.2f GiB a device (mesh.shard_params=%s)", total / 2**30,
@@ -187,8 +200,19 @@ class Trainer:
                 last.update({f"val_{k}": v for k, v in self.evaluate(0, writer).items()})
             for step in range(start + 1, config.total_steps + 1):
                 batch = next(self.data)
+                if step == start + 1:
+                    log.info("step %d: compiling the train step (minutes at official size)", step)
+                    compile_start = time.perf_counter()
                 with jax.set_mesh(self.mesh):
                     self.state, step_metrics = self.train_step(self.state, mesh_lib.shard_batch(self.mesh, batch))
+                if step == start + 1:
+                    jax.block_until_ready(step_metrics)
+                    log.info("step %d: compiled and run in %s", step,
+                             reporting.format_duration(time.perf_counter() - compile_start))
+                stop.check()  # a SIGTERM whose exception was lost on the way
+                self.checkpoints.check()  # a background save that failed stops the run here
+                if self.best:
+                    self.best.check()
                 pending.append((step, step_metrics["finite"], {k: batch[k] for k in BATCH_IDS}))
                 log_now = step % config.log_every == 0 or step in (start + 1, config.total_steps)
                 save_now = step % config.checkpoint_every == 0 or step == config.total_steps
@@ -295,6 +319,13 @@ def video_scores(pred, gt, tracked, frame_valid) -> list[jf.VideoScores]:
 
 def train(config, workdir: str) -> dict[str, float]:
     """``train.py``'s body, callable from Python (tests, notebooks)."""
+    return start(config, workdir).run()
+
+
+def start(config, workdir: str) -> Trainer:
+    """The config checked (`validate.ConfigError`), this process joined to its cluster and
+    compilation cache, and the run built, resumed from ``workdir`` when it has a checkpoint."""
+    validate.check(config)
     if config.distributed:
         cluster = config.cluster
         jax.distributed.initialize(coordinator_address=cluster.coordinator_address or None,
@@ -303,5 +334,5 @@ def train(config, workdir: str) -> dict[str, float]:
     if config.compilation_cache_dir:
         compilation_cache.set_cache_dir(os.path.expanduser(config.compilation_cache_dir))
         compilation_cache.reset_cache()  # jax opens its cache once per process: take this one
-    return Trainer(config, workdir).run()
+    return Trainer(config, workdir)
 

@@ -199,3 +199,17 @@ def overlay_clip(frames, pred_masks, pred_scores, gt_masks=None, max_frames: int
     if gt_masks is not None:
         rows.append(np.concatenate(gt_row, axis=1))
     return np.concatenate(rows, axis=0)
+
+
+# The headline figures of a finished run, in this order; every val_* key follows them.
+SUMMARY_KEYS = ("loss", "grad_norm", "lr", "frames_per_s", "nonfinite_steps", "skipped_samples")
+
+
+def summary(values: Mapping[str, float], step: int, total_steps: int, workdir: str) -> str:
+    """The end of a run as a short table: the last logged headline figures and evaluation (the
+    rest of each step's values are in metrics.jsonl and TensorBoard)."""
+    keys = [k for k in SUMMARY_KEYS if k in values] + sorted(k for k in values if k.startswith("val_"))
+    width = max((len(k) for k in keys), default=0)
+    rows = [f"  {k:<{width}}  {values[k]:.4g}" for k in keys]
+    head = f"finished at step {step} of {total_steps} in {workdir}"
+    return "\n".join([head + (":" if rows else ""), *rows, f"  (every value: {os.path.join(workdir, METRICS_FILE)})"])
