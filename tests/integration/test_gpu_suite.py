@@ -1,6 +1,7 @@
 """``benchmarks/gpu_suite.py --smoke`` end to end: the suite that is run first whenever a GPU is at hand
 must not be found broken on that day. Every part of the smoke list runs (tiny model) and leaves a
-JSON line with finite, positive figures; a mistaken budget is refused in one line."""
+JSON line with finite, positive figures; a part that outruns the budget is killed and its line says
+so; a mistaken budget is refused in one line."""
 import json
 import math
 import os
@@ -76,3 +77,17 @@ def test_bad_budget_is_one_line_and_exit_2(tmp_path):
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_part_over_its_time_is_killed_and_said_so(tmp_path):
+    """A part that outruns the budget is killed with its process group, its line says so, and the run
+    ends within the budget (plus the kill's grace), the header's line kept."""
+    out = tmp_path / "suite.jsonl"
+    proc = subprocess.run([sys.executable, SUITE, "--smoke", "--parts=train_joint_2", "--budget=30", f"--out={out}"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["part"], r["side"], r["status"]) for r in records] == [
+        ("header", "jax", "ok"), ("train_joint_2", "jax", "timeout"),
+        ("train_joint_2", "torch", "skipped: no time left")]
+    assert records[1]["wall_s"] < 40 and (tmp_path / "suite_logs" / "train_joint_2_jax.log").exists()
