@@ -254,23 +254,32 @@ def test_tracked_rows_follow_the_live_count(scenario):
 
 
 def test_two_calls_at_once_keep_their_own_state(scenario):
-    """Two ``propagate_iter`` generators of one predictor, advanced in turn (different object counts, so
-    different padded rows, and one with a seed bank for its backward pass), give what each gives alone."""
-    params, (mcfg, tcfg, cfg), frames, want, _ = scenario
-    pred = dt.DetectTrackPredictor(params, mcfg, tcfg, cfg)
-    other = list(pred.propagate_iter(frames[::-1], "a red ball", 5, "both"))
-    calls = {0: pred.propagate_iter(frames, "a red ball"),
-             1: pred.propagate_iter(frames[::-1], "a red ball", 5, "both")}
-    got = {0: [], 1: []}
+    """Two ``propagate_iter`` generators of one predictor, advanced in turn, give what each gives alone. With
+    outputs not held back (``hotstart_delay`` 1) each step is one frame; the calls track 3 and 4 objects at
+    once (different padded rows), one with a seed bank for its backward pass."""
+    params, (mcfg, tcfg, cfg), frames, _, _ = scenario
+    pred = dt.DetectTrackPredictor(params, mcfg, tcfg, dataclasses.replace(cfg, hotstart_delay=1))
+    args = ((frames, "a red ball"), (frames[::-1], "a red ball", 5, "both"))
+    alone = [list(pred.propagate_iter(*a)) for a in args]
+    rows, track = [], pred._track
+
+    def spy(params, pix, high_res, bank, *args, **kwargs):
+        rows.append(bank.frame.shape[0])
+        return track(params, pix, high_res, bank, *args, **kwargs)
+
+    pred._track = spy
+    calls = {k: pred.propagate_iter(*a) for k, a in enumerate(args)}
+    together = {k: [] for k in calls}
     while calls:
         for k in list(calls):
             result = next(calls[k], None)
             if result is None:
                 del calls[k]
             else:
-                got[k].append(result)
-    for alone, together in ((want, got[0]), (other, got[1])):
-        assert [r.frame_idx for r in together] == [r.frame_idx for r in alone]
-        for a, b in zip(alone, together):
+                together[k].append(result)
+    assert any(a != b for a, b in zip(rows, rows[1:]))  # the two calls' steps alternated at different sizes
+    for want, got in zip(alone, together.values()):
+        assert [r.frame_idx for r in got] == [r.frame_idx for r in want]
+        for a, b in zip(want, got):
             assert b.obj_ids.tolist() == a.obj_ids.tolist() and np.array_equal(b.masks, a.masks)
             np.testing.assert_array_equal(b.probs, a.probs)
