@@ -153,22 +153,11 @@ def pad_n_queries(size: str) -> int | None:
 def make_batch(size: str, frames: int, phrases: int, objects: int, path: str) -> None:
     """One clip of the generated demo videos at the model's image size, saved to ``path`` (.npz),
     with the phrases as text for the reference's text encoder."""
-    from sam3_jax.data import config as data_config
-    from sam3_jax.data import pipeline
-    from sam3_jax.model.tokenizer import SimpleTokenizer
+    from sam3_jax.testing.train_reference import demo_clip
 
-    data = data_config.get_config("demo")
-    data.synthetic.output_dir = os.path.join(os.path.dirname(path), "videos")
-    data.image_size = model_config(size, "float32").image_size
-    data.num_frames, data.batch_size, data.max_phrases, data.num_workers = frames, 1, phrases, 0
-    data.max_objects = objects
-    batch = next(iter(pipeline.build_dataset(data, seed=0, shard_index=0, shard_count=1)))
-    tok = SimpleTokenizer()
-    texts = []
-    for ids, valid in zip(batch["phrase_tokens"][0], batch["phrase_token_valid"][0]):
-        ids = [i for i in ids[valid] if i not in (tok.sot_token_id, tok.eot_token_id)]
-        texts.append(tok.decode(ids).strip())
-    np.savez(path, phrase_text=np.array(texts), **batch)
+    clip = demo_clip(model_config(size, "float32").image_size, frames, phrases, objects,
+                     os.path.join(os.path.dirname(path), "videos"))
+    np.savez(path, **clip)
 
 
 def load_batch(path: str) -> dict[str, np.ndarray]:
@@ -307,98 +296,12 @@ def report_compile_only(args, j: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------- PyTorch
-def reference_inputs(torch, batch: dict, device: str):
-    """The clip as the reference's ``BatchedDatapoint``: one find query per valid (frame, phrase),
-    targets packed (valid slots first in the padded views), as its collator builds them."""
-    from sam3.model.data_misc import BatchedDatapoint, BatchedFindTarget, FindStage
-
-    from sam3_jax.data import schema
-
-    frames = batch["frames"][0]  # (T, S, S, 3) uint8
-    t_, p_ = batch["query_positives"].shape[1:3]
-    n_max = batch["object_valid"].shape[-1]
-    img_ids, text_ids, num_boxes, exhaustive = [], [], [], []
-    boxes, masks, obj_ids, boxes_padded, ids_padded = [], [], [], [], []
-    for t in range(t_):
-        for p in range(p_):
-            if not (batch["frame_valid"][0, t] and batch["phrase_valid"][0, p]):
-                continue
-            slots = np.flatnonzero(batch["query_positives"][0, t, p] & batch["object_valid"][0, t])
-            img_ids.append(t)
-            text_ids.append(p)
-            num_boxes.append(len(slots))
-            exhaustive.append(bool(batch["query_exhaustive"][0, t, p]))
-            boxes.append(batch["boxes"][0, t, slots])
-            masks.append(schema.unpack_masks(batch["masks"][0, t, slots]))
-            obj_ids.append(batch["object_ids"][0, slots])
-            pad = np.zeros((n_max, 4), np.float32)
-            pad[:len(slots)] = batch["boxes"][0, t, slots]
-            boxes_padded.append(pad)
-            ids = np.full(n_max, -1, np.int64)
-            ids[:len(slots)] = batch["object_ids"][0, slots]
-            ids_padded.append(ids)
-    q = len(img_ids)
-
-    def tensor(x, dtype=None):
-        return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
-
-    packed_boxes = tensor(np.concatenate(boxes), torch.float32)
-    target = BatchedFindTarget(
-        num_boxes=tensor(num_boxes, torch.long), boxes=packed_boxes,
-        boxes_padded=tensor(np.stack(boxes_padded), torch.float32), repeated_boxes=None,
-        segments=tensor(np.concatenate(masks), torch.bool), semantic_segments=None,
-        is_valid_segment=torch.ones(len(packed_boxes), dtype=torch.bool, device=device),
-        is_exhaustive=tensor(exhaustive, torch.bool), object_ids=tensor(np.concatenate(obj_ids), torch.long),
-        object_ids_padded=tensor(np.stack(ids_padded), torch.long))
-    find = FindStage(
-        img_ids=tensor(img_ids, torch.long), text_ids=tensor(text_ids, torch.long),
-        input_boxes=torch.zeros(0, q, 4, device=device), input_boxes_mask=torch.zeros(q, 0, dtype=torch.bool, device=device),
-        input_boxes_label=torch.zeros(0, q, dtype=torch.long, device=device), input_points=None, input_points_mask=None)
-    img = tensor(frames, torch.float32).permute(0, 3, 1, 2) / 127.5 - 1.0  # as step.normalize_frames
-    return BatchedDatapoint(img_batch=img.contiguous(), find_text_batch=[str(s) for s in batch["phrase_text"]],
-                            find_inputs=[find], find_targets=[target], find_metadatas=[None])
-
-
 def detector_reference(args, torch, device: str):
     """The reference ``Sam3Image`` at ``--size`` with random weights and its training loss, as the
     training configs set them up: (model in train mode, ``Sam3LossWrapper``)."""
-    from sam3.train import matcher as tmatcher  # after reference.load() and install_loss_shims (run_torch)
-    from sam3.train.loss import loss_fns, sam3_loss
+    from sam3_jax.testing.train_reference import detector_reference as build
 
-    from sam3_jax.testing import reference
-    from sam3_jax.testing.parity import randomize_
-
-    model = reference.build_image_model(model_config(args.size, "float32"))
-    randomize_(model, seed=0)  # some of its parameters are torch.empty until a checkpoint is loaded
-    # Activation checkpointing where model_builder switches it on (the ViT and text encoder have it already).
-    model.transformer.encoder.use_act_checkpoint = True
-    model.transformer.decoder.use_act_checkpoint = True
-    model.segmentation_head.act_ckpt = True
-    model.geometry_encoder.use_act_ckpt = True
-    if device == "cuda":
-        # Checkpointed, its text encoder fails the backward pass on CUDA (torch 2.11: CheckpointError,
-        # nn.MultiheadAttention recomputes with another attention-mask shape); its 24 layers over 32
-        # tokens hold little memory, so there it runs without.
-        for module in model.backbone.language_backbone.modules():
-            if hasattr(module, "grad_checkpointing"):
-                module.grad_checkpointing = False
-    hungarian = tmatcher.BinaryHungarianMatcherV2(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, focal=True,
-                                                  alpha=0.25, gamma=2, stable=False)
-    model.matcher = hungarian
-    model = model.to(device).train()
-    decoder = model.transformer.decoder
-    if device == "cuda" and decoder.compilable_cord_cache is not None:  # built on the CPU by reference.load()'s shim
-        decoder.compilable_cord_cache = tuple(c.to(device) for c in decoder.compilable_cord_cache)
-    loss = sam3_loss.Sam3LossWrapper(
-        [loss_fns.IABCEMdetr(pos_weight=10.0, weight_dict={"loss_ce": 20.0, "presence_loss": 20.0}, gamma=2,
-                             alpha=0.25, weak_loss=False, use_presence=True, pad_n_queries=pad_n_queries(args.size)),
-         loss_fns.Boxes(weight_dict={"loss_bbox": 5.0, "loss_giou": 2.0}),
-         loss_fns.Masks(weight_dict={"loss_mask": 200.0, "loss_dice": 10.0}, focal_alpha=0.25, focal_gamma=2.0,
-                        compute_aux=False)],
-        normalization="local", matcher=hungarian,
-        o2m_matcher=tmatcher.BinaryOneToManyMatcher(alpha=0.3, threshold=0.4, topk=4), o2m_weight=2.0,
-        use_o2m_matcher_on_o2m_aux=False, scale_by_find_batch_size=True)
-    return model, loss
+    return build(model_config(args.size, "float32"), device, pad_n_queries=pad_n_queries(args.size), seed=0)
 
 
 def run_torch(args, batch_path: str) -> dict:
@@ -409,7 +312,7 @@ def run_torch(args, batch_path: str) -> dict:
     clipping and AdamW as the trainer."""
     import reference_tracker_step as rts
 
-    from sam3_jax.testing import reference
+    from sam3_jax.testing import reference, train_reference
     from sam3_jax.testing.parity import randomize_
     from sam3_jax.train.losses.tracker import TrackerLossConfig
 
@@ -421,7 +324,7 @@ def run_torch(args, batch_path: str) -> dict:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     batch = load_batch(batch_path)
-    datapoint = reference_inputs(torch, batch, device)
+    datapoint = train_reference.reference_inputs(torch, batch, device)
     detect, track = args.mode != "tracker", args.mode != "detector"
     if detect:
         model, det_loss = detector_reference(args, torch, device)
@@ -452,9 +355,7 @@ def run_torch(args, batch_path: str) -> dict:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
             total = torch.zeros((), device=device)
             if detect:
-                stages = model(datapoint)
-                targets = [model.back_convert(t) for t in datapoint.find_targets]
-                total = total + det_loss(stages, targets)["core_loss"]
+                total = total + train_reference.reference_train_forward(model, det_loss, datapoint)["core_loss"]
                 sam2_out = stash.get("backbone_out", {}).get("sam2_backbone_out")
             elif track:
                 with torch.no_grad():
