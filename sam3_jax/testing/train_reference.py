@@ -83,11 +83,11 @@ def reference_inputs(torch, batch: dict, device: str):
                             find_inputs=[find], find_targets=[target], find_metadatas=[None])
 
 
-def detector_reference(cfg, device: str = "cpu", *, pad_n_queries: int | None, seed: int = 0, act_ckpt: bool = True):
+def detector_reference(cfg, device: str = "cpu", *, pad_n_queries: int | None, seed: int = 0):
     """The reference ``Sam3Image`` at the sizes of ``cfg`` (a ``ModelConfig``) with seeded random
     weights, in train mode with its matcher, and its training loss as the fine-tuning configs set
-    it up: (model, ``Sam3LossWrapper``). ``act_ckpt``: activation checkpointing where the official
-    builder switches it on (it does not change the values)."""
+    it up: (model, ``Sam3LossWrapper``). Activation checkpointing is on where the official builder
+    switches it on (its fusion encoder asserts it in training mode)."""
     from sam3.train import matcher as tmatcher
     from sam3.train.loss import loss_fns, sam3_loss
 
@@ -96,11 +96,11 @@ def detector_reference(cfg, device: str = "cpu", *, pad_n_queries: int | None, s
 
     model = reference.build_image_model(cfg)
     randomize_(model, seed=seed)  # some of its parameters are torch.empty until a checkpoint is loaded
-    if act_ckpt:  # the ViT and text encoder have it already
-        model.transformer.encoder.use_act_checkpoint = True
-        model.transformer.decoder.use_act_checkpoint = True
-        model.segmentation_head.act_ckpt = True
-        model.geometry_encoder.use_act_ckpt = True
+    # The ViT and text encoder have it already.
+    model.transformer.encoder.use_act_checkpoint = True
+    model.transformer.decoder.use_act_checkpoint = True
+    model.segmentation_head.act_ckpt = True
+    model.geometry_encoder.use_act_ckpt = True
     if device == "cuda":
         # Checkpointed, its text encoder fails the backward pass on CUDA (torch 2.11: CheckpointError,
         # nn.MultiheadAttention recomputes with another attention-mask shape); its 24 layers over 32

@@ -32,10 +32,10 @@ SIZE = os.environ.get("SAM3_TRAIN_PARITY_SIZE", "tiny")
 # frames, phrases, objects per clip; pad_n_queries of the CE mean (the tiny decoder has 16 queries).
 CLIP = {"tiny": dict(frames=2, phrases=2, objects=3, pad_n_queries=None),
         "official": dict(frames=1, phrases=1, objects=3, pad_n_queries=200)}[SIZE]
-SEED = 3
+SEED = 9  # at the tiny size, weights whose final layer has one-to-many matches (o2m box and mask terms)
 # Metrics of the step that are not loss terms.
 NOT_TERMS = ("loss", "grad_norm", "finite", "num_boxes", "num_queries", "skipped_samples")
-# Relative errors seen at the tiny size: at most 7e-7 (loss terms), 2e-7 (gradient norm). The
+# Relative errors seen at the tiny size: at most 8e-7 (loss terms), 4e-7 (gradient norm). The
 # official size's are provisional (the detector parity test's 1e-4) until measured.
 RTOL_TERMS = {"tiny": 5e-6, "official": 1e-4}[SIZE]
 RTOL_GRAD_NORM = {"tiny": 5e-6, "official": 1e-4}[SIZE]
@@ -152,6 +152,8 @@ def test_step_one_loss_terms_match_reference(our_step, reference_step):
     print(f"{'total':28} ours {our_step['loss']:.7g}  reference {reference_step.terms['core_loss']:.7g}  "
           f"rel err {total:.1e}")
     assert our_step["finite"] == 1.0 and our_step["num_boxes"] > 0
+    if SIZE == "tiny":  # every term exercised, the final layer's one-to-many matches included
+        assert all(v > 0 for v in want.values()), [k for k, v in want.items() if not v > 0]
     assert max(errors.values()) < RTOL_TERMS, max(errors.items(), key=lambda kv: kv[1])
     assert total < RTOL_TERMS
 
