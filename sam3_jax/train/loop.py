@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
+from sam3_jax.convert import checkpoint as converted
 from sam3_jax.data import pipeline, schema
 from sam3_jax.evaluation import jf
 from sam3_jax.model import detector
@@ -171,7 +172,9 @@ class Trainer:
             replicated = mesh_lib.replicated(self.mesh)
             target = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract[k])
                       for k in loaded}
-            params = jax.device_put(checkpoint.load_params(config.init_from, target), {k: placed[k] for k in loaded})
+            params = checkpoint.load_params(config.init_from, target)
+            converted.check_finite(params, f"init_from={config.init_from}")
+            params = jax.device_put(params, {k: placed[k] for k in loaded})
             log.info("initialised %s from %s", " and ".join(sorted(loaded)), config.init_from)
         for name in sorted(abstract.keys() - loaded):
             if config.init_from:

@@ -335,3 +335,24 @@ def test_full_disk_stops_the_run_in_one_line(tmp_path, shared):
     assert f"error: step 1: saving the checkpoint {disk / 'run' / 'checkpoints' / '1'} failed: " \
            "no space left on device" in err
     assert "Traceback" not in err and "Event loop is closed" not in err and len(err.splitlines()) < 20, err
+
+
+def test_nonfinite_init_from_is_refused_naming_the_parameter(tmp_path):
+    """A checkpoint with a NaN weight does not start a run (which would train NaN steps and write
+    NaN checkpoints): ``init_from`` names the parameter."""
+    from sam3_jax.convert import checkpoint as converted
+    from sam3_jax.model import detector
+    from sam3_jax.train import config as config_lib
+    from sam3_jax.train import program
+
+    config = config_lib.video_config("demo")
+    config.data.synthetic.output_dir = str(tmp_path / "videos")
+    params = detector.init_params(program.model_config(config), jax.random.key(0))
+    params["transformer"]["decoder"]["query_embed"]["embedding"] = (
+        params["transformer"]["decoder"]["query_embed"]["embedding"].at[0, 0].set(jnp.nan))
+    source = checkpoint.Checkpointer(str(tmp_path / "source"), async_save=False)
+    source.save(1, {"params": {"detector": params}})
+    source.close()
+    config.init_from = str(tmp_path / "source")
+    with pytest.raises(converted.NonFiniteError, match="detector/transformer/decoder/query_embed/embedding"):
+        loop.Trainer(config, str(tmp_path / "run"))
