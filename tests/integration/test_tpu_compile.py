@@ -1,0 +1,47 @@
+"""The train step compiles for a TPU: ``benchmarks/aot_compile.py`` compiles the tiny model's joint
+step (detector and tracker losses: everything the detector and tracker modes compile; layer stacks
+scanned, parameters sharded) for a 4-chip TPU v5e topology with the real TPU compiler, on this
+CPU-only machine, so a change that breaks TPU compilation fails here. XLA's optimisations are
+turned down (``JAX_DISABLE_MOST_OPTIMIZATIONS``): what is checked is that it compiles, not how well."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason='libtpu (the TPU compiler) is not installed: pip install -e ".[tpu-aot]"')]
+
+SCANNED = [f"--config.model.{part}={True}" for part in (
+    "vit.scan_blocks", "text.scan_blocks", "encoder.scan_layers", "decoder.scan_layers", "geometry.scan_layers")]
+TINY = ["--config=configs/video.py:demo", "--topology=v5e:2x2", "--config.mesh.shard_params=True",
+        "--config.mesh.frame=2", "--config.data.num_frames=2", "--config.data.batch_size=2",
+        "--config.data.max_objects=4", "--config.tracker.model.scan_layers=True", *SCANNED]
+
+
+def _aot(*args, timeout):
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    return subprocess.run([sys.executable, "benchmarks/aot_compile.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_train_step_compiles_for_tpu():
+    mode = "joint"
+    run = _aot(f"--mode={mode}", *TINY, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["device_kind"] == "TPU v5 lite" and result["chips"] == 4 and result["mode"] == mode
+    assert result["mesh"] == {"data": 2, "frame": 2} and result["shard_params"]
+    assert result["fits"] and 0 < result["per_chip_bytes"] < result["hbm_bytes"]
+    assert result["flops"] > 0 and result["per_chip_param_bytes"] > 0
+
+
+def test_a_config_the_mesh_refuses_is_one_line():
+    run = _aot("--mode=detector", *TINY, "--config.data.num_frames=3", timeout=600)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "num_frames=3 is not divisible by mesh.frame=2" in run.stderr.strip().splitlines()[-1]
