@@ -30,15 +30,6 @@ from sam3_jax.data.errors import DataError
 from sam3_jax.data.sources.base import read_name_list
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("predictions", None, "Predictions: a directory of PNG videos (jf) or a JSON file.")
-flags.DEFINE_string("gt", None, "Ground truth: a directory of PNG videos or DAVIS root (jf), or a JSON file.")
-flags.DEFINE_enum("metric", None, ["jf", "coco", "ytvis"], "Which benchmark to compute.")
-flags.DEFINE_string("output", None, "Optional JSON file for the numbers.")
-flags.DEFINE_string("videos", None, "jf: score only these videos: comma-separated names, or a file "
-                    "of one name per line (e.g. DAVIS's ImageSets/2017/val.txt).")
-flags.DEFINE_enum("coco_iou_type", "auto", ["auto", "bbox", "segm"],
-                  "coco: box AP, mask AP, or auto (box AP, plus mask AP when every detection has "
-                  "a segmentation).")
 
 
 def annotation_dir(root: str) -> str:
@@ -212,6 +203,20 @@ def write_json(path: str, value: dict) -> None:
     os.replace(tmp, path)
 
 
+def define_flags() -> None:
+    """The command line's flags: defined when run as a program, so that importing the module (the
+    library functions above) defines none that another entry point defines too."""
+    flags.DEFINE_string("predictions", None, "Predictions: a directory of PNG videos (jf) or a JSON file.")
+    flags.DEFINE_string("gt", None, "Ground truth: a directory of PNG videos or DAVIS root (jf), or a JSON file.")
+    flags.DEFINE_enum("metric", None, ["jf", "coco", "ytvis"], "Which benchmark to compute.")
+    flags.DEFINE_string("output", None, "Optional JSON file for the numbers.")
+    flags.DEFINE_string("videos", None, "jf: score only these videos: comma-separated names, or a file "
+                        "of one name per line (e.g. DAVIS's ImageSets/2017/val.txt).")
+    flags.DEFINE_enum("coco_iou_type", "auto", ["auto", "bbox", "segm"],
+                      "coco: box AP, mask AP, or auto (box AP, plus mask AP when every detection has "
+                      "a segmentation).")
+
+
 def parse_flags(argv):
     """absl's flag errors (a missing, unknown or mistyped flag) as one line, exit code 2."""
     try:
@@ -246,5 +251,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["predictions", "gt", "metric"])
     app.run(main, flags_parser=parse_flags)
