@@ -212,7 +212,7 @@ class Trainer:
                     jax.block_until_ready(step_metrics)
                     log.info("step %d: compiled and run in %s", step,
                              reporting.format_duration(time.perf_counter() - compile_start))
-                stop.check()  # a SIGTERM whose exception was lost on the way
+                stop.check()  # a SIGTERM stops the run here, between steps
                 self.checkpoints.check()  # a background save that failed stops the run here
                 if self.best:
                     self.best.check()
