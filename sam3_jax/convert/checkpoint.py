@@ -114,10 +114,12 @@ class _WriterFailureLogs(logging.Filter):
 
 def _drop_closed_loop_errors(hook):
     """``sys.unraisablehook`` without the "Event loop is closed" RuntimeErrors that TensorStore's write
-    callbacks report, one per write in flight, once a failed save has closed Orbax's event loop."""
+    callbacks report, one per write in flight, once a failed save has closed Orbax's event loop, nor
+    the error of Orbax's event loop collected at interpreter exit after an interrupted run."""
     def unraisablehook(unraisable):
         value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+        closed = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+        if not closed and getattr(unraisable.object, "__qualname__", "") != "BaseEventLoop.__del__":
             hook(unraisable)
     return unraisablehook
 

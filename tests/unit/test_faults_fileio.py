@@ -111,3 +111,21 @@ def test_live_pid_check():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     assert fileio._pid_alive(os.getpid()) and not fileio._pid_alive(proc.pid)
+
+
+def test_exit_time_event_loop_errors_are_dropped():
+    """After an interrupted run, Orbax's event loop collected at exit must not print a traceback;
+    any other unraisable error still reaches the hook."""
+    import asyncio
+    import types
+
+    from sam3_jax.convert import checkpoint as converted
+
+    seen = []
+    hook = converted._drop_closed_loop_errors(seen.append)  # noqa: SLF001
+    hook(types.SimpleNamespace(exc_value=ValueError("Invalid file descriptor: -1"),
+                               object=asyncio.BaseEventLoop.__del__))
+    hook(types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None))
+    other = types.SimpleNamespace(exc_value=ValueError("something else"), object=print)
+    hook(other)
+    assert seen == [other]
