@@ -12,7 +12,6 @@ import resource
 import time
 
 import numpy as np
-
 import sides
 
 
@@ -24,9 +23,9 @@ def run_jax(dtype: str, repeats: int, checkpoint: str, size: str = "official") -
     import jax
     import jax.numpy as jnp
 
-    from sam3_jax import compiler
     from sam3_jax.infer import weights
     from sam3_jax.model import detector
+    from sam3_jax.nn import compiler
 
     params, cfg, _ = weights.read(checkpoint, tracker=False)  # every stack scanned, as the predictors run it
     params, cfg = params["detector"], cfg.replace(compute_dtype=dtype)

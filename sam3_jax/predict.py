@@ -60,7 +60,7 @@ def main(argv):
     del argv
     from sam3_jax import fileio
     from sam3_jax.convert.checkpoint import NonFiniteError
-    from sam3_jax.infer.image_io import ImageError
+    from sam3_jax.data.image_io import ImageError
 
     try:
         run()
@@ -77,7 +77,8 @@ def run():
 
     from sam3_jax import fileio
     from sam3_jax.convert import checkpoint
-    from sam3_jax.infer import image_io, overlay
+    from sam3_jax.data import image_io
+    from sam3_jax.evaluation import overlay
     from sam3_jax.infer.image_predictor import ImagePredictor, Prompt
 
     boxes = [parse_box(b) for b in FLAGS.box]

@@ -95,7 +95,7 @@ def read_init_mask(path: str):
     """-> (ids (H, W) uint8, palette list or None)."""
     from PIL import UnidentifiedImageError
 
-    from sam3_jax.infer import image_io
+    from sam3_jax.data import image_io
 
     if not os.path.isfile(path):
         raise InputError(f"init mask not found: {path}")
@@ -218,7 +218,7 @@ def check_outputs(output: str, overlay: str | None, overwrite: bool) -> str:
 def check_frames(frames, video: str, init_frame: int) -> None:
     """``init_frame`` is a frame of the video, and its frames (all of the first one's size) are within
     ``image_io.MAX_PIXELS``: refused from the headers, before any frame is decoded."""
-    from sam3_jax.infer import image_io
+    from sam3_jax.data import image_io
 
     if not 0 <= init_frame < len(frames):
         raise InputError(f"--init_frame={init_frame} is outside the video's {len(frames)} frames")
@@ -337,7 +337,7 @@ def main(argv):
     del argv
     from sam3_jax.convert.checkpoint import NonFiniteError
     from sam3_jax.data.errors import DataError
-    from sam3_jax.infer.image_io import ImageError
+    from sam3_jax.data.image_io import ImageError
     from sam3_jax.infer.video_predictor import VideoInputError
 
     try:

@@ -20,8 +20,6 @@ import numpy as np
 from flax import traverse_util
 
 CONV_TRANSPOSE = re.compile(r"(^|\.)(dconv_2x2(_[01])?|output_upscaling\.[03])\.weight$")
-# The same kernels as Flax paths ("/"-joined), for code that starts from our parameter tree.
-CONV_TRANSPOSE_FLAX = re.compile(r"(^|/)(dconv_2x2(_[01])?|output_upscaling_[03])/kernel$")
 
 # Buffers recomputed from the config (the converter checks them against the stored values).
 RECOMPUTED = {

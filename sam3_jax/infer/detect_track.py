@@ -36,7 +36,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sam3_jax import compiler
 from sam3_jax.infer import objects
 from sam3_jax.infer.detect_track_state import TrackState, commit_frame
 from sam3_jax.infer.heuristics import (ALWAYS_OCCLUDED, NEVER_OCCLUDED, Association, DetectTrackConfig,
@@ -51,7 +50,7 @@ from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.model.tracker.memory_bank import bank_capacity, compact_memory, select_memory, slots_in_use
 from sam3_jax.model.tracker.memory_score import presence
 from sam3_jax.model.tracker.tracker import NO_OBJ_SCORE, Tracker
-from sam3_jax.nn import ops
+from sam3_jax.nn import compiler, ops
 
 # The predictor, and the heuristics and kernels of its loop (defined in `heuristics` and `objects`).
 __all__ = ["ALWAYS_OCCLUDED", "NEVER_OCCLUDED", "Association", "DetectTrackConfig", "DetectTrackFrame",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sam3_jax import compiler
+from sam3_jax.nn import ops
 
 NEVER_OCCLUDED = -1
 ALWAYS_OCCLUDED = 100000  # an object removed by hot-start: later than any frame
@@ -56,7 +56,7 @@ def padded_rows(n: int) -> int:
     """The static row count for ``n`` live objects: the least 2^k or 3 * 2^k >= n (1, 2, 3, 4, 6, 8, 12,
     16, 24, ...). Under a third of the rows are padding, where powers of two alone pad up to half
     (20 objects: 24 rows, not 32), for at most twice as many sizes to compile."""
-    power = compiler.power_of_two_at_least(n)
+    power = ops.power_of_two_at_least(n)
     three_quarters = 3 * power // 4
     return three_quarters if power >= 4 and three_quarters >= n else power
 

@@ -21,13 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam3_jax import compiler
 from sam3_jax.convert import checkpoint
-from sam3_jax.infer import image_io, weights
+from sam3_jax.data import image_io
+from sam3_jax.infer import weights
 from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tokenizer import SimpleTokenizer
-from sam3_jax.nn import ops
+from sam3_jax.nn import compiler, ops
 
 VISUAL_PROMPT = "visual"  # the reference's text for box-only prompting
 
@@ -105,7 +105,7 @@ class ImagePredictor:
         """The model's outputs for each prompt (a row each, in order) on its image (any size, uint8 RGB)."""
         if not len(images_uint8) or not len(prompts):
             raise ValueError("give at least one image and one prompt")
-        n_img, n_q = compiler.power_of_two_at_least(len(images_uint8)), compiler.power_of_two_at_least(len(prompts))
+        n_img, n_q = ops.power_of_two_at_least(len(images_uint8)), ops.power_of_two_at_least(len(prompts))
         images = np.zeros((n_img, self.cfg.image_size, self.cfg.image_size, 3), np.float32)
         for i, image in enumerate(images_uint8):
             images[i] = ops.normalize_pixels(image_io.resize_square(image, self.cfg.image_size))

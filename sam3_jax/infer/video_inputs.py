@@ -7,7 +7,8 @@ from typing import Protocol
 
 import numpy as np
 
-from sam3_jax.infer import image_io, weights
+from sam3_jax.data import image_io
+from sam3_jax.infer import weights
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.nn import ops

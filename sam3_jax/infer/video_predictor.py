@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam3_jax import compiler
 from sam3_jax.infer import objects
 from sam3_jax.infer.objects import in_object_chunks
 from sam3_jax.infer.video_inputs import (
@@ -53,7 +52,7 @@ from sam3_jax.model.tracker.memory_bank import (
 )
 from sam3_jax.model.tracker.memory_score import presence
 from sam3_jax.model.tracker.tracker import Tracker
-from sam3_jax.nn import ops
+from sam3_jax.nn import compiler, ops
 
 # The predictor, its prompts and results, and what it shares with the detect-and-track predictor.
 __all__ = ["DIRECTIONS", "Box", "Clicks", "FrameResult", "FrameSource", "ImageFolderFrames", "Prompt",

@@ -29,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sam3_jax.convert import keymap
 from sam3_jax.model import stacking
+
+# The transposed convolutions' kernels (`nn.layers.ConvTranspose2x2`), whose fan-in torch counts differently.
+_CONV_TRANSPOSE = re.compile(r"(^|/)(dconv_2x2(_[01])?|output_upscaling_[03])/kernel$")
 
 # (pattern on the "/"-joined path, rule); the first match wins. timm's trunc_normal_(std=0.02) cuts
 # at +-2, i.e. 100 standard deviations: a plain normal. Blocks are ``blocks_i`` or, scanned,
@@ -144,7 +146,7 @@ def _fan_in(path, shape) -> int:
         return shape[0]
     kh, kw, cin, cout = shape  # Conv (kh, kw, in, out); a transposed conv's torch weight is
     # (in, out, kh, kw), and torch takes its fan_in from dim 1: out x kh x kw.
-    return kh * kw * (cout if keymap.CONV_TRANSPOSE_FLAX.search("/".join(path)) else cin)
+    return kh * kw * (cout if _CONV_TRANSPOSE.search("/".join(path)) else cin)
 
 
 def _xavier_bound(shape) -> float:

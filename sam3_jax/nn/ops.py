@@ -10,7 +10,9 @@
   ``resize_masks``: the bilinear one on a stack of single-channel maps.
 
 Also the small array helpers every model part shares: ``where_rows`` (a per-row choice between two
-pytrees) and ``normalize_pixels`` (uint8 RGB to the model's [-1, 1] input range).
+pytrees), ``normalize_pixels`` (uint8 RGB to the model's [-1, 1] input range) and
+``power_of_two_at_least`` (the static size that counts varying at run time, such as objects, images
+or memories, are padded to, so that a handful of compiled shapes serve every count).
 """
 from __future__ import annotations
 
@@ -137,3 +139,8 @@ def normalize_pixels(image, dtype=np.float32):
     x = (image if isinstance(image, jax.Array) else np.asarray(image)).astype(np.float32) / np.float32(255.0)
     half = np.dtype(dtype).type(0.5)
     return ((x.astype(dtype) - half) / half).astype(np.float32)
+
+
+def power_of_two_at_least(n: int) -> int:
+    """The least power of two >= ``n`` (1 for ``n`` <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()

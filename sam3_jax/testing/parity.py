@@ -10,9 +10,8 @@ from sam3_jax.convert import keymap
 def randomize_(module, seed: int, std: float = 0.02) -> None:
     """Overwrites every parameter of a torch module with seeded noise, so no weight is a trivial
     zero or one (torch inits many biases to zero and norms to one, which would hide bugs)."""
-    from sam3_jax.testing import reference
+    import torch  # the caller built ``module`` with it (`reference.load`)
 
-    torch = reference.load().torch
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():

@@ -78,7 +78,7 @@ def reference_inputs(torch, batch: dict, device: str):
         img_ids=tensor(img_ids, torch.long), text_ids=tensor(text_ids, torch.long),
         input_boxes=torch.zeros(0, q, 4, device=device), input_boxes_mask=torch.zeros(q, 0, dtype=torch.bool, device=device),
         input_boxes_label=torch.zeros(0, q, dtype=torch.long, device=device), input_points=None, input_points_mask=None)
-    img = tensor(frames, torch.float32).permute(0, 3, 1, 2) / 127.5 - 1.0  # as step.normalize_frames
+    img = tensor(frames, torch.float32).permute(0, 3, 1, 2) / 255.0 * 2.0 - 1.0  # mean = std = 0.5
     return BatchedDatapoint(img_batch=img.contiguous(), find_text_batch=[str(s) for s in batch["phrase_text"]],
                             find_inputs=[find], find_targets=[target], find_metadatas=[None])
 

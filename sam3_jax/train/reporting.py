@@ -1,5 +1,5 @@
 """What the trainer reports: ``metrics.jsonl`` + TensorBoard (``MetricsWriter``), a console line with
-an ETA (``Progress``) and mask overlays of predictions on a few frames (``overlay_clip``).
+an ETA (``Progress``) and overlays of the top predictions on a few frames (``overlay_clip``).
 
 Steps here are counted as the trainer's checkpoints count them: the metrics of step s are those of
 the s-th completed train step, so a checkpoint at step s covers every logged step <= s, and a run
@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import tensorboardX
 
-from sam3_jax.infer import overlay
+from sam3_jax.evaluation import overlay
 from sam3_jax.nn import ops
 
 METRICS_FILE = "metrics.jsonl"
@@ -173,15 +173,36 @@ def _binary(masks, size: tuple[int, int]) -> np.ndarray:
     return ops.resize_nearest(masks, size)
 
 
+def _draw_top(frame, masks, scores, boxes, shown, top_k: int, score_threshold: float) -> np.ndarray:
+    """One frame's ``top_k`` best-scoring queries among ``shown``, each with its mask, box and score:
+    those at or over the threshold solid, those under it faint (so that a model still learning
+    shows where it looks); the best is drawn last, on top. masks (Q, H, W) bool, scores (Q,),
+    boxes (Q, 4) pixels, shown (Q,) bool."""
+    candidates = np.flatnonzero(shown)
+    top = candidates[np.argsort(-scores[candidates], kind="stable")[:top_k]][::-1]
+    faint, solid = top[scores[top] < score_threshold], top[scores[top] >= score_threshold]
+    out = frame
+    for picked, alpha, width in ((faint, 0.2, 1), (solid, 0.5, 2)):
+        if picked.size:
+            out = overlay.draw(out, masks[picked], boxes[picked], scores[picked], alpha=alpha, ids=picked,
+                               width=width)
+    return out
+
+
 def overlay_clip(frames, pred_masks, pred_scores, gt_masks=None, max_frames: int = 4,
-                 score_threshold: float = 0.5) -> np.ndarray:
-    """Predicted masks (score >= ``score_threshold``) drawn over up to ``max_frames`` frames, spread
-    evenly over the clip and laid side by side: uint8 (H, n * W, 3).
+                 score_threshold: float = 0.5, pred_boxes=None, top_k: int = 3, title: str = "predictions"
+                 ) -> np.ndarray:
+    """Each frame's ``top_k`` best predictions (mask, box, score; solid at or over
+    ``score_threshold``, faint under it) over up to ``max_frames`` frames, spread evenly over the
+    clip and laid side by side under a caption naming the row: uint8 (C + H, n * W, 3), C =
+    ``overlay.CAPTION_HEIGHT``.
 
     frames: uint8 (T, H, W, 3); pred_masks: bool or float probabilities (T, Q, h, w), at any
-    resolution; pred_scores: (T, Q) probabilities; gt_masks: optional (T, N, H', W') drawn as a
-    second row (output (2H, n * W, 3)). Query q keeps one colour over the frames, so that a tracked
-    object can be followed; ground-truth colours are by annotation index and need not match.
+    resolution; pred_scores: (T, Q) probabilities; pred_boxes: optional (T, Q, 4) xyxy in [0, 1]
+    (without them each mask's extent is its box, and an empty mask is not shown); gt_masks:
+    optional (T, N, H', W') drawn as a second, captioned row (output (2C + 2H, n * W, 3)). Query q
+    keeps one colour over the frames, so that a tracked object can be followed; ground-truth
+    colours are by annotation index and need not match.
     """
     frames, pred_masks = np.asarray(frames), np.asarray(pred_masks)
     t, h, w = frames.shape[:3]
@@ -190,14 +211,18 @@ def overlay_clip(frames, pred_masks, pred_scores, gt_masks=None, max_frames: int
     gt_masks = None if gt_masks is None else np.asarray(gt_masks)
     pred_row, gt_row = [], []
     for i in picks:
-        # Below-threshold queries are blanked rather than removed, so indices (colours) stay put.
-        masks = _binary(pred_masks[i], (h, w)) & (scores[i] >= score_threshold)[:, None, None]
-        pred_row.append(overlay.draw(frames[i], masks))
+        masks = _binary(pred_masks[i], (h, w))
+        if pred_boxes is None:  # a mask without a pixel then has nothing to show
+            boxes, shown = overlay.mask_boxes(masks), masks.any((1, 2))
+        else:
+            boxes, shown = np.asarray(pred_boxes[i]) * [w, h, w, h], np.ones(len(masks), bool)
+        pred_row.append(_draw_top(frames[i], masks, scores[i], boxes, shown, top_k, score_threshold))
         if gt_masks is not None:
             gt_row.append(overlay.draw(frames[i], _binary(gt_masks[i], (h, w))))
-    rows = [np.concatenate(pred_row, axis=1)]
+    rows = [overlay.caption(np.concatenate(pred_row, axis=1),
+                            f"{title}: top {top_k} scores, faint < {score_threshold:.2f}")]
     if gt_masks is not None:
-        rows.append(np.concatenate(gt_row, axis=1))
+        rows.append(overlay.caption(np.concatenate(gt_row, axis=1), "ground truth"))
     return np.concatenate(rows, axis=0)
 
 

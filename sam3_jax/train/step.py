@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from sam3_jax.data import schema
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.detector import Sam3Detector
+from sam3_jax.nn import ops
 from sam3_jax.train import mesh as mesh_lib
 from sam3_jax.train import metrics, sharding
 from sam3_jax.train.losses.detector import DetectorLossConfig, detector_loss
@@ -39,11 +40,6 @@ CLIP_DETECTIONS = ("pred_logits", "pred_boxes", "presence_logit_dec")
 # them up over the whole mesh (so a stage may divide its work, e.g. the clip's objects, over the
 # "frame" devices). `tracker_stage.make_tracker_stage` is the tracker's.
 ClipStage = Callable[[Any, dict, dict, jax.Array], tuple[jax.Array, dict]]
-
-
-def normalize_frames(frames):
-    """uint8 RGB -> [-1, 1] (the reference's mean 0.5, std 0.5)."""
-    return frames.astype(jnp.float32) / 127.5 - 1.0
 
 
 def query_targets(batch: Mapping[str, jax.Array]) -> tuple[dict, jax.Array]:
@@ -70,7 +66,7 @@ def query_targets(batch: Mapping[str, jax.Array]) -> tuple[dict, jax.Array]:
 def _encode_frames(model: Sam3Detector, params, batch, *, deterministic: bool, rngs: dict) -> dict:
     """The backbone's features of the local frames (b * t, ...)."""
     frames = batch["frames"]
-    return model.apply({"params": params}, normalize_frames(frames.reshape((-1,) + frames.shape[2:])),
+    return model.apply({"params": params}, ops.normalize_pixels(frames.reshape((-1,) + frames.shape[2:])),
                        deterministic, method=Sam3Detector.encode_image, rngs=rngs)
 
 

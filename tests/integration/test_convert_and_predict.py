@@ -93,7 +93,7 @@ def predictor(tiny_ckpt):
 
 
 def test_predict_cli_several_images_and_prompts(tiny_ckpt, predictor, tmp_path):
-    from sam3_jax.infer import image_io
+    from sam3_jax.data import image_io
 
     rng = np.random.default_rng(2)
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
@@ -135,7 +135,7 @@ def _awkward_image(mode, tmp_path):
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "exif", "tiny"])
 def test_predict_accepts_awkward_images(predictor, tmp_path, mode):
-    from sam3_jax.infer import image_io
+    from sam3_jax.data import image_io
 
     image = image_io.load_image(str(_awkward_image(mode, tmp_path)))
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sam3_jax import compiler
 from sam3_jax.convert import keymap
 from sam3_jax.convert.sam3_checkpoint import check_rope
-from sam3_jax.infer import image_io
+from sam3_jax.data import image_io
 from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tokenizer import SimpleTokenizer
+from sam3_jax.nn import compiler, ops
 from sam3_jax.testing import reference
 from sam3_jax.testing.parity import randomize_, state_dict_numpy, t2n
 
@@ -92,7 +92,7 @@ def test_official_detector_on_a_photograph(ref):
 
     cfg = ModelConfig.official()
     photo = image_io.resize_square(data.astronaut(), cfg.image_size)
-    image = image_io.normalize(photo)[None]
+    image = ops.normalize_pixels(photo)[None]
     errors = compare(cfg, image, "a person", [[0.5, 0.45, 0.4, 0.8]], [1])
     print("official-size parity errors (max abs, max |ref|):", errors)
     for key in ("pred_logits", "pred_boxes", "presence_logit_dec"):

@@ -3,8 +3,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sam3_jax import compiler
 from sam3_jax.model.config import ModelConfig
+from sam3_jax.nn import compiler
 
 
 def test_full_width_encoder_jits_compile_without_ynn_fusions():

@@ -14,10 +14,10 @@ from PIL import Image
 from test_data_sources import copy, data_cfg, edit_ytvis, generated, ytvis  # noqa: F401,F811 (fixtures)
 from test_predict_video import REPO, _main, davis_video  # noqa: F401 (fixture)
 
+from sam3_jax.data import image_io
 from sam3_jax.data.clips import ClipBuilder
 from sam3_jax.data.errors import DataError
 from sam3_jax.data.sources.base import read_frame
-from sam3_jax.infer import image_io
 from sam3_jax.infer.video_predictor import FrameResult, VideoPredictor
 
 

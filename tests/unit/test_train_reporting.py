@@ -18,7 +18,7 @@ from PIL import Image
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from sam3_jax.infer import overlay
+from sam3_jax.evaluation import overlay
 from sam3_jax.train import reporting
 
 
@@ -162,36 +162,74 @@ def test_progress_without_elapsed_steps():
     assert progress.line(10, {}) == "step 10/10 (100%) | ETA ?"
 
 
+C = overlay.CAPTION_HEIGHT
+
+
 def _clip():
-    frames = np.full((6, 8, 10, 3), 100, np.uint8)
-    masks = np.zeros((6, 3, 4, 5), np.float32)  # half resolution, probabilities
-    masks[:, 0, :2] = 0.9  # query 0: top half
-    masks[:, 1, 2:] = 0.9  # query 1: bottom half, but scored below the threshold
-    masks[:, 2] = 0.2  # query 2: scored high, but no pixel in its mask
+    frames = np.full((6, 40, 48, 3), 100, np.uint8)
+    masks = np.zeros((6, 3, 20, 24), np.float32)  # half resolution, probabilities
+    masks[:, 0, :10] = 0.9  # query 0: top half
+    masks[:, 1, 10:] = 0.9  # query 1: bottom half, scored under the threshold
+    masks[:, 2] = 0.2  # query 2: scored highest, but no pixel in its mask
     scores = np.tile(np.array([0.8, 0.3, 0.9], np.float32), (6, 1))
     return frames, masks, scores
 
 
-def test_overlay_clip_draws_only_confident_masks():
+def _tinted(k, alpha):
+    """A grey-100 pixel under palette colour k at ``alpha``, as overlay.draw blends it."""
+    return ((1 - alpha) * np.float32(100) + alpha * overlay.PALETTE[k].astype(np.float32)).astype(np.uint8)
+
+
+def _has_text(band):
+    """A caption band: mostly its background, with (anti-aliased) white text on it."""
+    return (band >= 200).all(-1).sum() > 20 and (band == overlay.CAPTION_BACKGROUND).all(-1).mean() > 0.5
+
+
+def test_overlay_clip_draws_the_top_predictions_solid_and_faint_with_a_caption():
     frames, masks, scores = _clip()
     out = reporting.overlay_clip(frames, masks, scores, max_frames=4)
-    assert out.dtype == np.uint8 and out.shape == (8, 40, 3)
-    top = overlay.draw(frames[0], np.ones((1, 8, 10), bool))[0, 0]
-    assert not np.array_equal(top, frames[0, 0, 0])
-    assert (out[:4] == top).all()  # query 0's colour over the top half (4 of 8 rows), every frame
-    assert (out[4:] == 100).all()  # query 1 below threshold, query 2 empty: untouched
+    assert out.dtype == np.uint8 and out.shape == (C + 40, 4 * 48, 3)
+    assert _has_text(out[:C])  # the row is labelled
+    assert np.array_equal(out[:C], overlay.caption(out[C:], "predictions: top 3 scores, faint < 0.50")[:C])
+    row = out[C:].reshape(40, 4, 48, 3)
+    # Inside each mask, away from its box outline and its score: query 0 (0.8) solid, query 1 (0.3)
+    # faint; query 2 has no pixel, so neither mask nor box.
+    assert (row[15, :, 40] == _tinted(0, 0.5)).all() and (row[30, :, 40] == _tinted(1, 0.2)).all()
+    # Each box's outline in its query's colour: query 0's top-left corner, query 1's left edge.
+    assert (row[0, :, 0] == overlay.PALETTE[0]).all() and (row[30, :, 0] == overlay.PALETTE[1]).all()
+    # The score is written in the box's colour: "0.80" at query 0's top-left corner.
+    near = np.abs(row[2:14, 0, 2:28].astype(int) - overlay.PALETTE[0]).max(-1) <= 30
+    assert near.sum() > 10
+
+
+def test_overlay_clip_top_k_and_given_boxes():
+    frames, masks, scores = _clip()
+    only_best = reporting.overlay_clip(frames, masks, scores, max_frames=1, top_k=1)
+    assert (only_best[C + 22:] == 100).all()  # query 1 is not among the top 1 of the drawable ones
+    boxes = np.tile(np.array([[0, 0, 1, .5], [0, .5, 1, 1], [.5, .5, 1, 1]], np.float32), (6, 1, 1))
+    out = reporting.overlay_clip(frames, masks, scores, pred_boxes=boxes, max_frames=1, score_threshold=0.85)
+    # Query 2 (0.9) shows with its given box although its mask is empty, solid, drawn last.
+    assert (out[C + 20, 30:46] == overlay.PALETTE[2]).all()
+    assert (out[C + 15, 40] == _tinted(0, 0.2)).all()  # query 0 (0.8) is faint under 0.85
 
 
 def test_overlay_clip_with_ground_truth_and_few_frames():
     frames, masks, scores = _clip()
     frames[1] = 50  # picked frames are spread over the clip: 0 and 5 of 6 with max_frames=2
-    gt = np.zeros((6, 2, 8, 10), bool)
-    gt[:, 1, :, :5] = True  # annotation 1 (palette colour 1): left half
+    gt = np.zeros((6, 2, 40, 48), bool)
+    gt[:, 1, :, :24] = True  # annotation 1 (palette colour 1): left half
     out = reporting.overlay_clip(jnp.asarray(frames), jnp.asarray(masks > 0.5), scores,
-                                 gt_masks=gt, max_frames=2, score_threshold=0.85)
-    assert out.shape == (16, 20, 3)
-    assert (out[:8] == 100).all()  # query 0 (0.8) is below 0.85 now
-    left = overlay.draw(frames[0], np.stack([np.zeros((8, 10), bool), np.ones((8, 10), bool)]))[0, 0]
-    gt_row = out[8:].reshape(8, 2, 10, 3)
-    assert (gt_row[:, :, :5] == left).all() and (gt_row[:, :, 5:] == 100).all()
-    assert reporting.overlay_clip(frames[:1], masks[:1], scores[:1]).shape == (8, 10, 3)
+                                 gt_masks=gt, max_frames=2)
+    assert out.shape == (2 * (C + 40), 2 * 48, 3)
+    assert not (out[C:C + 40] == 50).all(-1).any()  # frame 1 is not picked
+    band = out[C + 40:2 * C + 40]
+    assert _has_text(band) and np.array_equal(band, overlay.caption(out[:40], "ground truth")[:C])
+    gt_row = out[2 * C + 40:].reshape(40, 2, 48, 3)
+    assert (gt_row[:, :, :24] == _tinted(1, 0.5)).all() and (gt_row[:, :, 24:] == 100).all()
+    assert reporting.overlay_clip(frames[:1], masks[:1], scores[:1]).shape == (C + 40, 48, 3)
+
+
+def test_mask_boxes():
+    masks = np.zeros((2, 6, 8), bool)
+    masks[0, 1:3, 2:7] = True
+    assert overlay.mask_boxes(masks).tolist() == [[2, 1, 7, 3], [0, 0, 0, 0]]

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sam3_jax.data import image_io
 from sam3_jax.data.errors import DataError
 from sam3_jax.data.phrases import PhraseVocabulary
-from sam3_jax.infer import image_io
 
 
 class FrameAnnotation(abc.ABC):

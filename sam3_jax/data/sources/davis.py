@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sam3_jax.data import image_io
 from sam3_jax.data.errors import DataError
 from sam3_jax.data.sources.base import ClassAgnosticSource, FrameAnnotation, Video, frame_number
 from sam3_jax.data.transforms import pixels
-from sam3_jax.infer import image_io
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 VOID_ID = 255  # palette index that DAVIS-style datasets use for "ignore", never an object

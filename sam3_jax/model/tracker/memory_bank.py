@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from sam3_jax import compiler
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.model.tracker.tracker import SelectedMemory
 from sam3_jax.nn import ops
@@ -213,7 +212,7 @@ def compact_memory(memory: SelectedMemory, slots: int) -> SelectedMemory:
 def spatial_slots(used: int, capacity: int) -> int:
     """Slots to compile for when at most ``used`` spatial memories are valid: the next power of two, at
     most ``capacity`` (at least 1), so a video costs a handful of compilations, not one per count."""
-    return min(capacity, compiler.power_of_two_at_least(used))
+    return min(capacity, ops.power_of_two_at_least(used))
 
 
 @partial(jax.jit, static_argnames=("cfg", "reverse"))

@@ -10,9 +10,6 @@ YNN fusions off on CPUs, and everything else keeps XLA's defaults.
 
 The option is experimental: where an XLA does not know it, nothing is set (checked once, by
 compiling a no-op with it). ``SAM3_JAX_CPU_YNN=1`` keeps XLA's defaults everywhere (to compare).
-
-Also here: `power_of_two_at_least`, the static size that counts varying at run time (objects, images,
-memories) are padded to, so that a handful of compiled shapes serve every count.
 """
 from __future__ import annotations
 
@@ -22,7 +19,6 @@ import os
 import jax
 import jax.numpy as jnp
 
-from sam3_jax.model.config import ModelConfig
 from sam3_jax.nn import platform
 
 YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -39,14 +35,11 @@ def _known(option: str, value: str) -> bool:
     return True
 
 
-def encoder_options(cfg: ModelConfig) -> dict:
-    """``compiler_options`` for a jit whose cost is ``cfg``'s image encoder (see module docstring)."""
+def encoder_options(cfg) -> dict:
+    """``compiler_options`` for a jit whose cost is the image encoder of ``cfg`` (a ``ModelConfig``;
+    see the module docstring)."""
     if (platform.current() != "cpu" or cfg.vit.embed_dim < FULL_WIDTH
             or os.environ.get("SAM3_JAX_CPU_YNN") == "1"):
         return {}
     return {k: v for k, v in YNN_OFF.items() if _known(k, v)}
 
-
-def power_of_two_at_least(n: int) -> int:
-    """The least power of two >= ``n`` (1 for ``n`` <= 1)."""
-    return 1 << max(n - 1, 0).bit_length()
