@@ -2,12 +2,16 @@
 
   python convert_torch_ckpt.py --torch_ckpt=sam3.pt --output_dir=ckpt/sam3 [--bpe_path=...]
   python convert_torch_ckpt.py --direction=to_torch --checkpoint=ckpt/sam3 --torch_ckpt=out.pt
-  python convert_torch_ckpt.py --direction=from_run --run=WORKDIR --checkpoint=ckpt/sam3 --output_dir=ckpt/tuned
+  python convert_torch_ckpt.py --direction=to_torch --checkpoint=WORKDIR --torch_ckpt=tuned.pt
+  python convert_torch_ckpt.py --direction=from_run --run=WORKDIR --output_dir=ckpt/tuned [--checkpoint=ckpt/sam3]
 
-``from_run`` writes a training run's newest parameters as a converted checkpoint directory (the
-manifest, dead weights and vocabulary come from ``--checkpoint``, the one the run started from), which
-the predictors read and ``to_torch`` exports. ``to_torch`` writes ``{"model": state_dict}`` with exactly the keys of the original file (dead
-weights carried through, RoPE buffers recomputed), loadable by ``build_sam3_video_model``.
+``to_torch`` writes ``{"model": state_dict}`` with exactly the keys of the original file (dead
+weights carried through, RoPE buffers recomputed), loadable by ``build_sam3_video_model``, from a
+converted checkpoint or from a training run (its workdir: the newest step; ``WORKDIR/checkpoints_best``
+or ``WORKDIR/checkpoints/STEP``). A run is exported with the key layout, dead weights and dtypes of the
+converted checkpoint it started from (its ``init_from``). ``from_run`` writes a run's parameters as a
+converted checkpoint directory in the same way (``--checkpoint`` names another converted checkpoint
+of the same sizes to take those from, e.g. for a run trained from scratch).
 
 Every direction checks its output before the work (it must not exist unless ``--overwrite``, and its
 folder must be writable) and refuses tensors holding NaN or Inf, naming each, unless
@@ -23,9 +27,11 @@ flags.DEFINE_enum("direction", "to_jax", ["to_jax", "to_torch", "from_run"],
                   "from_run: --run (+ --checkpoint) -> --output_dir.")
 flags.DEFINE_string("torch_ckpt", None, "The official sam3.pt (or a state_dict file); the output with to_torch.")
 flags.DEFINE_string("output_dir", None, "Directory to write (must not exist unless --overwrite).")
-flags.DEFINE_string("checkpoint", None, "Converted sam3-jax checkpoint directory to export (to_torch), or the "
-                    "one a training run started from (from_run).")
-flags.DEFINE_string("run", None, "A training run's workdir (from_run): its newest checkpoint's parameters.")
+flags.DEFINE_string("checkpoint", None, "What to export (to_torch): a converted checkpoint or a training run's "
+                    "workdir (or one of its checkpoints); from_run: a converted checkpoint of the run's sizes "
+                    "(default: the one the run started from).")
+flags.DEFINE_string("run", None, "A training run's workdir (from_run): its newest checkpoint's parameters (or "
+                    "WORKDIR/checkpoints_best, WORKDIR/checkpoints/STEP).")
 flags.DEFINE_string("bpe_path", None, "CLIP BPE vocabulary; defaults to the one shipped with sam3_jax.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing output (directory, or --torch_ckpt file with to_torch), "
                   "atomically; a file is never replaced by a directory nor the reverse.")
@@ -40,8 +46,8 @@ def convert() -> str:
     if FLAGS.direction == "from_run":
         from sam3_jax.convert.from_run import write_from_run
 
-        if FLAGS.run is None or FLAGS.checkpoint is None or FLAGS.output_dir is None:
-            raise app.UsageError("--direction=from_run needs --run, --checkpoint and --output_dir")
+        if FLAGS.run is None or FLAGS.output_dir is None:
+            raise app.UsageError("--direction=from_run needs --run and --output_dir")
         manifest = write_from_run(FLAGS.run, FLAGS.checkpoint, FLAGS.output_dir, overwrite=FLAGS.overwrite,
                                   allow_nonfinite=FLAGS.allow_nonfinite)
         return f"wrote {FLAGS.output_dir}: {', '.join(manifest['trained']['models'])} from {FLAGS.run}"

@@ -15,9 +15,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sam3_jax.train import checkpoint, loop, overrides, reporting, stop, validate
-from sam3_jax.train import config as config_lib
+from sam3_jax.checkpoint import save_errors, training
 from sam3_jax.data.errors import DataError
+from sam3_jax.train import config as config_lib
+from sam3_jax.train import loop, overrides, reporting, stop, validate
 
 DEFAULT_CONFIG = "configs/video.py"
 __doc__ += (f"\nVariants: configs/video.py:{{{','.join(config_lib.VIDEO_VARIANTS)}}} (default: default),\n"
@@ -71,7 +72,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     std_logging.getLogger("sam3_jax").setLevel(std_logging.INFO)
     stop.install()
-    with checkpoint.failed_saves_reported_once():
+    with save_errors.failed_saves_reported_once():
         _train(config, workdir)
 
 
@@ -97,7 +98,7 @@ def _train(config, workdir: str) -> None:
             names = ", ".join(f"--config.data.sources.{name}.image_dir=..." for name in config.data.sources)
             hint = f" (point the config at your data: {names}, .annotations, .file_list)"
         fail(str(e).splitlines()[0] + hint)
-    except (checkpoint.SaveError, loop.NonFiniteLoss) as e:
+    except (training.SaveError, loop.NonFiniteLoss) as e:
         fail(str(e), code=1)
     except KeyboardInterrupt as e:
         if trainer:  # the workers stop and unlink their shared memory now

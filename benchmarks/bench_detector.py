@@ -23,11 +23,11 @@ def run_jax(dtype: str, repeats: int, checkpoint: str, size: str = "official") -
     import jax
     import jax.numpy as jnp
 
-    from sam3_jax.infer import weights
+    from sam3_jax.checkpoint import weights
     from sam3_jax.model import detector
     from sam3_jax.nn import compiler
 
-    params, cfg, _ = weights.read(checkpoint, tracker=False)  # every stack scanned, as the predictors run it
+    params, cfg, _, _ = weights.read(checkpoint, tracker=False)  # every stack scanned, as the predictors run it
     params, cfg = params["detector"], cfg.replace(compute_dtype=dtype)
     model = detector.Sam3Detector(cfg)
     inputs = [jnp.asarray(x) for x in detector.example_inputs(cfg)]

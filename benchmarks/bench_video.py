@@ -46,7 +46,6 @@ import resource
 import time
 
 import numpy as np
-
 import sides
 
 PROMPT = "a red ball"
@@ -121,7 +120,7 @@ def time_frames(start, count, repeats: int, sync=lambda: None, first_timed: int 
 def jax_track(args, objects: int):
     from sam3_jax.infer.video_predictor import VideoPredictor, read_video_checkpoint
 
-    params, model_cfg, tracker_cfg = read_video_checkpoint(args.checkpoint, "the track task")
+    params, model_cfg, tracker_cfg, _ = read_video_checkpoint(args.checkpoint, "the track task")
     model_cfg = model_cfg.replace(compute_dtype=args.dtype)
     pred = VideoPredictor(params, model_cfg, tracker_cfg)
     frames = video(model_cfg.image_size, args.frames)
@@ -130,15 +129,14 @@ def jax_track(args, objects: int):
 
 
 def jax_text(args, objects: int):
-    from sam3_jax.convert import checkpoint
     from sam3_jax.infer.detect_track import DetectTrackPredictor
     from sam3_jax.infer.video_predictor import read_video_checkpoint
     from sam3_jax.model.tokenizer import SimpleTokenizer
 
-    params, model_cfg, tracker_cfg = read_video_checkpoint(args.checkpoint, "the text task")
+    params, model_cfg, tracker_cfg, vocab = read_video_checkpoint(args.checkpoint, "the text task")
     model_cfg = model_cfg.replace(joint_box_scores=True, compute_dtype=args.dtype)
     pred = DetectTrackPredictor(params, model_cfg, tracker_cfg, detect_track_config(objects),
-                                SimpleTokenizer(f"{args.checkpoint}/{checkpoint.VOCAB}"))
+                                SimpleTokenizer(vocab))
     frames = video(model_cfg.image_size, args.frames)
     return lambda: pred.propagate_iter(frames, PROMPT), lambda r: len(r.obj_ids)
 

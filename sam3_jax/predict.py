@@ -23,7 +23,8 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory (convert_torch_ckpt.py).")
+flags.DEFINE_string("checkpoint", None, "A converted checkpoint (convert_torch_ckpt.py) or a training run's workdir "
+                    "(its newest step), WORKDIR/checkpoints_best or WORKDIR/checkpoints/STEP.")
 flags.DEFINE_multi_string("image", None, "Input image file; repeat for several.")
 flags.DEFINE_multi_string("prompt", [], "Text prompt (noun phrase); repeat for several. May be left out when "
                           "--box is given.")
@@ -59,7 +60,7 @@ def main(argv):
     message, exit code 2, nothing written."""
     del argv
     from sam3_jax import fileio
-    from sam3_jax.convert.checkpoint import NonFiniteError
+    from sam3_jax.checkpoint.finite import NonFiniteError
     from sam3_jax.data.image_io import ImageError
 
     try:
@@ -76,7 +77,7 @@ def run():
     from PIL import Image
 
     from sam3_jax import fileio
-    from sam3_jax.convert import checkpoint
+    from sam3_jax.checkpoint import finite
     from sam3_jax.data import image_io
     from sam3_jax.evaluation import overlay
     from sam3_jax.infer.image_predictor import ImagePredictor, Prompt
@@ -94,7 +95,7 @@ def run():
                                     FLAGS.threshold)
     for (i, j), pred in zip(queries, preds):  # all checked before anything is written
         raw = {k: getattr(pred, k) for k in RAW_OUTPUTS}
-        checkpoint.check_finite(raw, f"{FLAGS.image[i]} | {texts[j] or '(boxes)'}: the model's outputs")
+        finite.check_finite(raw, f"{FLAGS.image[i]} | {texts[j] or '(boxes)'}: the model's outputs")
     several = len(queries) > 1
     for (i, j), pred in zip(queries, preds):
         path = output_paths(FLAGS.output, i, j, several)

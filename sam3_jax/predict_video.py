@@ -49,10 +49,12 @@ import numpy as np
 from absl import app, flags, logging
 
 from sam3_jax import fileio
+from sam3_jax.checkpoint import finite
 from sam3_jax.infer import video_outputs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory with a tracker (convert_torch_ckpt.py).")
+flags.DEFINE_string("checkpoint", None, "A converted video checkpoint (convert_torch_ckpt.py) or a training run's "
+                    "workdir (its newest step), WORKDIR/checkpoints_best or WORKDIR/checkpoints/STEP.")
 flags.DEFINE_string("video", None, "Directory of the video's JPEG / PNG frames, or a video file.")
 flags.DEFINE_string("init_mask", None, "Palette PNG of object ids on --init_frame (DAVIS annotation).")
 flags.DEFINE_multi_string("box", [], "ID:x0,y0,x1,y1: a box prompt for object ID on --init_frame, in pixels.")
@@ -231,9 +233,7 @@ def check_frames(frames, video: str, init_frame: int) -> None:
 def check_finite(outputs: dict, frame: str) -> None:
     """The predictor's outputs on a frame hold no NaN or Inf, else an error that says so (rather than
     reporting no object)."""
-    from sam3_jax.convert import checkpoint
-
-    checkpoint.check_finite(outputs, f"frame {frame}: the predictor's outputs")
+    finite.check_finite(outputs, f"frame {frame}: the predictor's outputs")
 
 
 def label_map(result, obj_ids: list[int]) -> np.ndarray:
@@ -335,7 +335,7 @@ def run_text(checkpoint: str, video: str, prompt: str, output: str, overwrite: b
 
 def main(argv):
     del argv
-    from sam3_jax.convert.checkpoint import NonFiniteError
+    from sam3_jax.checkpoint.finite import NonFiniteError
     from sam3_jax.data.errors import DataError
     from sam3_jax.data.image_io import ImageError
     from sam3_jax.infer.video_predictor import VideoInputError

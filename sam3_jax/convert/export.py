@@ -17,7 +17,8 @@ import numpy as np
 from flax import traverse_util
 
 from sam3_jax import fileio
-from sam3_jax.convert import checkpoint, keymap, sam3_checkpoint, torch_io
+from sam3_jax.checkpoint import converted, finite
+from sam3_jax.convert import from_run, keymap, sam3_checkpoint, torch_io
 from sam3_jax.model import stacking
 from sam3_jax.nn import rope
 
@@ -28,7 +29,7 @@ def export_params(params: dict, manifest: dict, dead: dict[str, np.ndarray]) -> 
     """``params`` ({"detector": ..., ["tracker": ...]}) -> torch state_dict of the manifest's keys.
 
     Raises ConversionError listing every key it cannot fill and every parameter no key reads."""
-    cfg, _ = sam3_checkpoint.configs(manifest)
+    cfg, _ = converted.configs(manifest)
     params = stacking.relayout(params, {})  # the torch layout
     flat = traverse_util.flatten_dict(params)
     used, problems, out = set(), [], {}
@@ -43,7 +44,7 @@ def export_params(params: dict, manifest: dict, dead: dict[str, np.ndarray]) -> 
             out[key] = np.ascontiguousarray(keymap.to_torch(local, path[-1], np.asarray(flat[path])))
         elif fate.startswith("dead"):
             if key not in dead:
-                problems.append(f"{key}: missing from {checkpoint.DEAD}")
+                problems.append(f"{key}: missing from {converted.DEAD}")
                 continue
             out[key] = np.asarray(dead[key])
         elif fate.startswith("recomputed"):
@@ -75,11 +76,11 @@ def _freqs_cis(*args) -> np.ndarray:
 
 def export_checkpoint(checkpoint_dir: str, params: dict | None = None) -> dict[str, np.ndarray]:
     """The state_dict of a converted checkpoint directory (its own params unless ``params`` is given)."""
-    manifest = checkpoint.read_manifest(checkpoint_dir)
+    manifest = converted.read_manifest(checkpoint_dir)
     if params is None:
-        abstract = sam3_checkpoint.abstract_params(*sam3_checkpoint.configs(manifest))
-        params = checkpoint.read_params(checkpoint_dir, abstract)
-    with np.load(os.path.join(checkpoint_dir, checkpoint.DEAD)) as npz:
+        abstract = converted.abstract_params(*converted.configs(manifest))
+        params = converted.read_params(checkpoint_dir, abstract)
+    with np.load(os.path.join(checkpoint_dir, converted.DEAD)) as npz:
         dead = {k: npz[k] for k in npz.files}
     return export_params(params, manifest, dead)
 
@@ -87,12 +88,18 @@ def export_checkpoint(checkpoint_dir: str, params: dict | None = None) -> dict[s
 def write_torch(checkpoint_dir: str, torch_ckpt: str, params: dict | None = None, *, overwrite: bool = False,
                 allow_nonfinite: bool = False) -> int:
     """Writes ``{"model": state_dict}`` to ``torch_ckpt`` atomically, each tensor in the dtype the
-    source file had; returns the number of keys. An existing ``torch_ckpt`` is refused, before any
-    work, unless ``overwrite``; tensors holding NaN or Inf are refused, all named, unless
-    ``allow_nonfinite``."""
+    source file had; returns the number of keys. ``checkpoint_dir``: a converted checkpoint, or a
+    training run (its workdir or one of its checkpoints) exported with what the converted checkpoint
+    it started from holds beside parameters (`from_run.base_of`). An existing ``torch_ckpt`` is
+    refused, before any work, unless ``overwrite``; tensors holding NaN or Inf are refused, all
+    named, unless ``allow_nonfinite``."""
     fileio.check_output(torch_ckpt, overwrite, directory=False)
+    if params is None and not os.path.isfile(os.path.join(checkpoint_dir, converted.MANIFEST)):
+        base = from_run.base_of(checkpoint_dir)
+        params, _ = from_run.run_params(checkpoint_dir, base, allow_nonfinite=allow_nonfinite)
+        checkpoint_dir = base
     state_dict = export_checkpoint(checkpoint_dir, params)
-    checkpoint.check_finite(state_dict, checkpoint_dir, allow=allow_nonfinite, hint=sam3_checkpoint.ALLOW_HINT)
-    dtypes = checkpoint.read_manifest(checkpoint_dir).get("source_dtypes", {})
+    finite.check_finite(state_dict, checkpoint_dir, allow=allow_nonfinite, hint=sam3_checkpoint.ALLOW_HINT)
+    dtypes = converted.read_manifest(checkpoint_dir).get("source_dtypes", {})
     torch_io.write_state_dict(state_dict, torch_ckpt, dtypes)
     return len(state_dict)

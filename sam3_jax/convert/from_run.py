@@ -1,44 +1,73 @@
 """A training run's parameters as a converted checkpoint directory, so that a fine-tuned model goes
-wherever a converted one goes: the predictors, ``init_from`` and the export to a PyTorch ``sam3.pt``.
+wherever a converted one goes: ``init_from``, the export to a PyTorch ``sam3.pt`` and any tool that
+reads only converted checkpoints (the predictors read a run's workdir directly).
 
 The run's checkpoints hold parameters and optimiser state but none of what the export needs beside
 them (the key map, the dead weights, the source dtypes, the vocabulary), so those come from the
-converted checkpoint the run started from (or any converted checkpoint of the same sizes). Every
-layer stack is written unrolled, the layout of a converted checkpoint, however the run scanned it.
+converted checkpoint the run started from (its ``init_from``, followed through runs started from
+runs) or any converted checkpoint of the same sizes. Every layer stack is written unrolled, the
+layout of a converted checkpoint, however the run scanned it.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 
-from sam3_jax.convert import checkpoint, sam3_checkpoint
-from sam3_jax.train import checkpoint as run_checkpoint
+from sam3_jax.checkpoint import converted, finite, restore, weights
+from sam3_jax.convert import sam3_checkpoint
 
 
-def write_from_run(run_dir: str, base_dir: str, output_dir: str, *, overwrite: bool = False,
-                   allow_nonfinite: bool = False) -> dict:
-    """Writes ``output_dir`` (atomically): the newest parameters of ``run_dir`` (a workdir or its
-    ``checkpoints``) for each model the run holds (detector, tracker), ``base_dir``'s for a model it
-    does not, and ``base_dir``'s manifest, dead weights and vocabulary. Returns the manifest, which
-    records both sources under ``"trained"``. A parameter of another shape than the base's is an
-    error naming it; so are parameters holding NaN or Inf, unless ``allow_nonfinite``. The output is
-    checked before anything is read."""
-    checkpoint.check_output(output_dir, overwrite)
-    manifest = checkpoint.read_manifest(base_dir)
-    abstract = sam3_checkpoint.abstract_params(*sam3_checkpoint.configs(manifest))
-    trained = sorted(run_checkpoint.stored_models(run_dir) & set(abstract))
+def base_of(run_dir: str) -> str:
+    """The converted checkpoint ``run_dir`` (a workdir, or a checkpoint of one) started from."""
+    directory, seen = run_dir, []
+    while True:
+        workdir = weights.run_dir(os.path.abspath(directory))
+        with open(os.path.join(workdir, weights.CONFIG), encoding="utf-8") as f:
+            init_from = json.load(f).get("init_from") or ""
+        if not init_from:
+            raise ValueError(f"{run_dir}: trained from scratch (no init_from), so there is no converted checkpoint "
+                             f"to take the torch key layout and the unused weights from: give one of the same sizes "
+                             f"(--checkpoint=DIR with --direction=from_run)")
+        if os.path.isfile(os.path.join(init_from, converted.MANIFEST)):
+            return init_from
+        if workdir in seen:
+            raise ValueError(f"{run_dir}: its init_from chain ({' -> '.join(seen)}) comes back to {workdir}")
+        seen.append(workdir)
+        directory = init_from
+
+
+def run_params(run_dir: str, base_dir: str, *, allow_nonfinite: bool = False) -> tuple[dict, dict]:
+    """(params, manifest): the newest parameters of ``run_dir`` (or the step it names) for each model
+    the run holds (detector, tracker), ``base_dir``'s for a model it does not; ``base_dir``'s manifest
+    with both sources recorded under ``"trained"``. A parameter of another shape than the base's is an
+    error naming it; so are parameters holding NaN or Inf, unless ``allow_nonfinite``."""
+    manifest = converted.read_manifest(base_dir)
+    abstract = converted.abstract_params(*converted.configs(manifest))
+    trained = sorted(restore.stored_models(run_dir) & set(abstract))
     if not trained:
         raise ValueError(f"{run_dir}: holds no parameters of the models of {base_dir} ({', '.join(sorted(abstract))})")
-    params = run_checkpoint.load_params(run_dir, {k: abstract[k] for k in trained})
+    params = restore.load_params(run_dir, {k: abstract[k] for k in trained})
     kept = {k: v for k, v in abstract.items() if k not in trained}
     if kept:
-        params.update(run_checkpoint.load_params(base_dir, kept))
-    checkpoint.check_finite(params, run_dir, allow=allow_nonfinite, hint=sam3_checkpoint.ALLOW_HINT)
-    with np.load(os.path.join(base_dir, checkpoint.DEAD)) as npz:
-        dead = {k: npz[k] for k in npz.files}
+        params.update(restore.load_params(base_dir, kept))
+    finite.check_finite(params, run_dir, allow=allow_nonfinite, hint=sam3_checkpoint.ALLOW_HINT)
     manifest = {**manifest, "trained": {"run": os.path.abspath(run_dir), "models": trained,
                                         "base": os.path.abspath(base_dir)}}
-    checkpoint.write(output_dir, params, manifest=manifest, dead=dead,
-                     vocab_path=os.path.join(base_dir, checkpoint.VOCAB), overwrite=overwrite)
+    return params, manifest
+
+
+def write_from_run(run_dir: str, base_dir: str | None, output_dir: str, *, overwrite: bool = False,
+                   allow_nonfinite: bool = False) -> dict:
+    """Writes ``output_dir`` (atomically) from `run_params` and ``base_dir``'s dead weights and
+    vocabulary; ``base_dir`` None: `base_of` the run. Returns the manifest. The output is checked
+    before anything is read."""
+    converted.check_output(output_dir, overwrite)
+    base_dir = base_dir or base_of(run_dir)
+    params, manifest = run_params(run_dir, base_dir, allow_nonfinite=allow_nonfinite)
+    with np.load(os.path.join(base_dir, converted.DEAD)) as npz:
+        dead = {k: npz[k] for k in npz.files}
+    converted.write(output_dir, params, manifest=manifest, dead=dead,
+                    vocab_path=os.path.join(base_dir, converted.VOCAB), overwrite=overwrite)
     return manifest

@@ -1,4 +1,4 @@
-"""Official ``sam3.pt`` -> converted directory (see ``checkpoint.py`` for its layout).
+"""Official ``sam3.pt`` -> converted directory (its layout: `sam3_jax.checkpoint.converted`).
 
 The params become ``{"detector": ..., "tracker": ...}``, mirroring the ``detector.*`` / ``tracker.*``
 prefixes of ``sam3.pt`` (a bare image-model state_dict gives only "detector"; a file in the video
@@ -16,7 +16,8 @@ import re
 import numpy as np
 
 from sam3_jax import __version__
-from sam3_jax.convert import checkpoint, keymap, torch_io
+from sam3_jax.checkpoint import converted, finite
+from sam3_jax.convert import keymap, torch_io
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.nn import rope
@@ -70,49 +71,24 @@ def check_rope(recomputed: dict[str, np.ndarray], cfg: ModelConfig) -> list[str]
     return problems
 
 
-def tracker_abstract_params(tracker_cfg: TrackerConfig):
-    from sam3_jax.model.tracker.tracker import abstract_params as tracker_params
-
-    return tracker_params(tracker_cfg)
-
-
-def configs(manifest: dict) -> tuple[ModelConfig, TrackerConfig | None]:
-    """(model config, tracker config or None) as recorded in a converted checkpoint's manifest."""
-    cfg = ModelConfig.from_dict(manifest["model_config"])
-    tracker = manifest.get("tracker_config")
-    if tracker is None:
-        return cfg, None
-    names = {f.name for f in dataclasses.fields(TrackerConfig)}
-    return cfg, TrackerConfig(**{k: v for k, v in tracker.items() if k in names})
-
-
-def abstract_params(cfg: ModelConfig, tracker_cfg: TrackerConfig | None) -> dict:
-    """The converted checkpoint's params tree (shapes and dtypes only)."""
-    from sam3_jax.model import detector
-
-    tree = {"detector": detector.abstract_params(cfg)}
-    if tracker_cfg is not None:
-        tree["tracker"] = tracker_abstract_params(tracker_cfg)
-    return tree
-
-
 def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = None,
                  tracker_cfg: TrackerConfig | None = None, bpe_path: str | None = None,
                  overwrite: bool = False, allow_nonfinite: bool = False) -> dict:
     """Converts ``torch_ckpt`` and writes ``output_dir`` atomically; returns the manifest.
     ``cfg`` / ``tracker_cfg`` give the sizes the file holds (default: official). The output is checked
-    first (``checkpoint.check_output``); tensors holding NaN or Inf are refused, all named, unless
+    first (``converted.check_output``); tensors holding NaN or Inf are refused, all named, unless
     ``allow_nonfinite`` (then the manifest lists them under ``"nonfinite"``)."""
     from sam3_jax.model import detector, stacking, tokenizer
+    from sam3_jax.model.tracker import tracker
 
     cfg = cfg or ModelConfig.official()
     tracker_cfg = tracker_cfg or TrackerConfig.official()
     vocab = bpe_path or tokenizer.DEFAULT_BPE_PATH
     if not os.path.isfile(vocab):
         raise FileNotFoundError(f"BPE vocabulary not found: {vocab}")
-    checkpoint.check_output(output_dir, overwrite)
+    converted.check_output(output_dir, overwrite)
     state_dict, source_dtypes = torch_io.read_state_dict(torch_ckpt)
-    nonfinite = checkpoint.check_finite(state_dict, torch_ckpt, allow=allow_nonfinite, hint=ALLOW_HINT)
+    nonfinite = finite.check_finite(state_dict, torch_ckpt, allow=allow_nonfinite, hint=ALLOW_HINT)
     num_keys = len(state_dict)
     det_sd, trk_sd = split_layout(state_dict, torch_ckpt)
     video_layout = any(k.startswith(DETECTOR) for k in state_dict)
@@ -131,7 +107,7 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
     params = {"detector": conversion.params}
     del det_sd, conversion
     if video_layout:
-        tracked = keymap.convert(trk_sd, tracker_abstract_params(stacking.set_scans(tracker_cfg, False)),
+        tracked = keymap.convert(trk_sd, tracker.abstract_params(stacking.set_scans(tracker_cfg, False)),
                                  source=f"{torch_ckpt} (tracker.*)", consume=True)
         if tracked.recomputed:  # the tracker's RoPE tables are not buffers of the state_dict
             raise keymap.ConversionError(f"{torch_ckpt}: unexpected tracker buffers: " + ", ".join(tracked.recomputed))
@@ -143,10 +119,10 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
         "format": "sam3-jax converted checkpoint",
         "sam3_jax_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": os.path.abspath(torch_ckpt), "sha256": checkpoint.sha256(torch_ckpt),
+        "source": {"path": os.path.abspath(torch_ckpt), "sha256": converted.sha256(torch_ckpt),
                    "num_keys": num_keys},
-        "model_config": checkpoint.config_to_json(cfg),
-        "tracker_config": checkpoint.config_to_json(tracker_cfg) if video_layout else None,
+        "model_config": converted.config_to_json(cfg),
+        "tracker_config": converted.config_to_json(tracker_cfg) if video_layout else None,
         "keys": fate,
         "summary": _summary(fate),
         "source_dtypes": source_dtypes,  # keys stored in another float type than float32
@@ -154,7 +130,7 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
     if nonfinite:
         manifest["nonfinite"] = nonfinite  # converted with allow_nonfinite
     params = stacking.relayout(params, stacking.group_sizes(cfg, tracker_cfg if video_layout else None))
-    checkpoint.write(output_dir, params, manifest=manifest, dead=dead, vocab_path=vocab, overwrite=overwrite)
+    converted.write(output_dir, params, manifest=manifest, dead=dead, vocab_path=vocab, overwrite=overwrite)
     return manifest
 
 

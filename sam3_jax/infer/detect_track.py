@@ -38,10 +38,25 @@ from jax.sharding import PartitionSpec as P
 
 from sam3_jax.infer import objects
 from sam3_jax.infer.detect_track_state import TrackState, commit_frame
-from sam3_jax.infer.heuristics import (ALWAYS_OCCLUDED, NEVER_OCCLUDED, Association, DetectTrackConfig,
-                                      DetectTrackFrame, Hotstart, Pending, associate, boxes_xywh, frame_output,
-                                      mask_iou, nms_keep, object_wise_non_overlap, occlusion_suppression,
-                                      padded_rows, recondition_rows, suppress_occluded)
+from sam3_jax.infer.heuristics import (
+    ALWAYS_OCCLUDED,
+    NEVER_OCCLUDED,
+    Association,
+    DetectTrackConfig,
+    DetectTrackFrame,
+    Hotstart,
+    Pending,
+    associate,
+    boxes_xywh,
+    frame_output,
+    mask_iou,
+    nms_keep,
+    object_wise_non_overlap,
+    occlusion_suppression,
+    padded_rows,
+    recondition_rows,
+    suppress_occluded,
+)
 from sam3_jax.infer.objects import NO_OBJ_LOGIT, component_areas, encode_memories, fill_holes, group_mean, non_overlap
 from sam3_jax.infer.video_inputs import DIRECTIONS, FrameSource, VideoInputError, preprocess, read_video_checkpoint
 from sam3_jax.model import detector
@@ -107,12 +122,11 @@ class DetectTrackPredictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str, cfg: DetectTrackConfig | None = None) -> DetectTrackPredictor:
-        from sam3_jax.convert import checkpoint
         from sam3_jax.model.tokenizer import SimpleTokenizer
 
-        params, model_cfg, tracker_cfg = read_video_checkpoint(checkpoint_dir, "text-prompted video")
-        model_cfg = model_cfg.replace(joint_box_scores=True)  # the video detector's scores
-        return cls(params, model_cfg, tracker_cfg, cfg, SimpleTokenizer(f"{checkpoint_dir}/{checkpoint.VOCAB}"))
+        read = read_video_checkpoint(checkpoint_dir, "text-prompted video")
+        model_cfg = read.model_cfg.replace(joint_box_scores=True)  # the video detector's scores
+        return cls(read.params, model_cfg, read.tracker_cfg, cfg, SimpleTokenizer(read.vocab))
 
     @property
     def capacity(self) -> int:

@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam3_jax.convert import checkpoint
+from sam3_jax.checkpoint import weights
 from sam3_jax.data import image_io
-from sam3_jax.infer import weights
 from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tokenizer import SimpleTokenizer
@@ -74,10 +73,8 @@ class ImagePredictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str, **kwargs) -> "ImagePredictor":
-        params, cfg, _ = weights.read(checkpoint_dir, tracker=False)
-        params = params["detector"]
-        vocab = f"{checkpoint_dir}/{checkpoint.VOCAB}"
-        return cls(cfg, params, SimpleTokenizer(vocab), **kwargs)
+        read = weights.read(checkpoint_dir, tracker=False)
+        return cls(read.model_cfg, read.params["detector"], SimpleTokenizer(read.vocab), **kwargs)
 
     def _geometry(self, prompt: Prompt, where: str) -> tuple[str, np.ndarray, np.ndarray]:
         """(text, boxes (max_boxes, 4), labels (max_boxes,)) of one prompt, checked."""

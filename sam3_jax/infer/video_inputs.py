@@ -7,10 +7,8 @@ from typing import Protocol
 
 import numpy as np
 
+from sam3_jax.checkpoint import weights
 from sam3_jax.data import image_io
-from sam3_jax.infer import weights
-from sam3_jax.model.config import ModelConfig
-from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.nn import ops
 
 DIRECTIONS = ("forward", "backward", "both")
@@ -98,12 +96,12 @@ def preprocess(frame: np.ndarray, image_size: int) -> np.ndarray:
     return ops.normalize_pixels(image_io.resize_square(np.asarray(frame, np.uint8), image_size), np.float16)
 
 
-def read_video_checkpoint(checkpoint_dir: str, task: str) -> tuple[dict, ModelConfig, TrackerConfig]:
-    """(params, detector config, tracker config) of a converted video-model checkpoint, every stack
+def read_video_checkpoint(checkpoint_dir: str, task: str) -> weights.Weights:
+    """The weights of a video model (a converted video checkpoint or a training run), every stack
     scanned (`weights.read`); one without a tracker is refused, naming the directory and ``task``
     (what needed the tracker)."""
-    params, cfg, tracker_cfg = weights.read(checkpoint_dir, tracker=True)
-    if tracker_cfg is None:
+    read = weights.read(checkpoint_dir, tracker=True)
+    if read.tracker_cfg is None:
         raise VideoInputError(f"{checkpoint_dir}: the converted checkpoint has no tracker (converted from an "
                               f"image-model file?); {task} needs the video model's sam3.pt")
-    return params, cfg, tracker_cfg
+    return read

@@ -139,7 +139,8 @@ class VideoPredictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str, objects_per_step: int = 4) -> VideoPredictor:
-        return cls(*read_video_checkpoint(checkpoint_dir, "video tracking"), objects_per_step=objects_per_step)
+        read = read_video_checkpoint(checkpoint_dir, "video tracking")
+        return cls(read.params, read.model_cfg, read.tracker_cfg, objects_per_step=objects_per_step)
 
     # ----------------------------------------------------------------------------------- jitted parts
     def _apply(self, params, *args, method, **kwargs):

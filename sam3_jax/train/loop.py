@@ -1,8 +1,9 @@
 """The training loop behind ``train.py``: config -> mesh, state, data -> jitted steps -> logs and checkpoints.
 
-Everything the run writes lives in ``workdir``: ``config.json`` (the resolved config),
-``checkpoints/`` (Orbax: state + Grain iterator), ``checkpoints_best/`` (with ``eval.keep_best``:
-the evaluated step that scored best), ``metrics.jsonl`` and ``tensorboard/``. Running again with
+Everything the run writes lives in ``workdir``: ``config.json`` (the resolved config), ``model.json``
+(the model sizes, which make the workdir a checkpoint the predictors read), ``checkpoints/`` (Orbax:
+state + Grain iterator), ``checkpoints_best/`` (with ``eval.keep_best``: the evaluated step that scored
+best), ``metrics.jsonl`` and ``tensorboard/``. Running again with
 the same workdir resumes from the newest checkpoint in ``checkpoints/``, with the data stream and
 random numbers exactly where they were; with ``compilation_cache_dir`` it also skips the compiles.
 """
@@ -19,14 +20,11 @@ import ml_collections
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
-from sam3_jax.convert import checkpoint as converted
+from sam3_jax.checkpoint import finite, restore, training, weights
 from sam3_jax.data import pipeline, schema
 from sam3_jax.evaluation import jf
-from sam3_jax.model import detector
-from sam3_jax.model.tracker import tracker as tracker_lib
-from sam3_jax.train import checkpoint, metrics, optim, program, reporting, sharding
 from sam3_jax.train import mesh as mesh_lib
-from sam3_jax.train import mesh_plan, stop, validate
+from sam3_jax.train import mesh_plan, metrics, optim, program, reporting, sharding, stop, validate
 from sam3_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -129,13 +127,13 @@ class Trainer:
         self.abstract_state = self.program.abstract_state
         self.detects, self.tracks = self.program.detects, self.program.tracks
         self.data = iter(pipeline.build_dataset(config.data, config.seed))
-        self.checkpoints = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINTS),
-                                                   max_to_keep=config.keep_checkpoints,
-                                                   async_save=config.checkpoint_async)
+        self.checkpoints = training.Checkpointer(os.path.join(workdir, training.CHECKPOINTS),
+                                            max_to_keep=config.keep_checkpoints,
+                                            async_save=config.checkpoint_async)
         self.best = None
         if config.eval.keep_best:
-            self.best = checkpoint.BestCheckpointer(
-                os.path.join(workdir, checkpoint.BEST_CHECKPOINTS), config.eval.keep_best,
+            self.best = training.BestCheckpointer(
+                os.path.join(workdir, training.BEST_CHECKPOINTS), config.eval.keep_best,
                 config.eval.keep_best_mode, async_save=config.checkpoint_async)
         state = self.checkpoints.restore_latest(self.abstract_state, self.data)
         if state is None:
@@ -145,6 +143,7 @@ class Trainer:
         self.state = state
         if self.is_main:  # only now: the checkpoint resumed (if any) has accepted this config
             write_config(config, workdir, int(state["step"]))
+            weights.write_run_models(workdir, self.program.model_cfg, self._tracker_cfg())
         log.info("%s", optim.summarize(self.program.abstract_params, config.optim, config.total_steps))
         total, per_device = sharding.sharded_bytes(self.program.abstract_params, self.program.param_specs, self.mesh)
         log.info("parameters: %.2f GiB, %.2f GiB a device (mesh.shard_params=%s)", total / 2**30,
@@ -153,18 +152,26 @@ class Trainer:
         self.eval_step, self.track_eval = self.program.eval_step, self.program.track_eval
         self.coco_top_k = self.program.coco_top_k
 
+    def _tracker_cfg(self):
+        """The run's tracker; for a detector run, the one ``tracker.model`` describes (what a video
+        predictor reading this run runs beside the detector), or None if it does not fit the backbone."""
+        if self.program.tracker_cfg is not None:
+            return self.program.tracker_cfg
+        try:
+            return program.tracker_config(self.config, self.program.model_cfg)
+        except ValueError:
+            return None
+
     def _fresh_state(self):
         """Parameters from ``init_from`` (the models it holds) or random, laid out as the program's
         ``param_specs``; then a fresh optimiser."""
         config, prog = self.config, self.program
         abstract, placed = prog.abstract_params, prog.param_shardings()
-        keys = dict(zip(("detector", "tracker"), jax.random.split(jax.random.key(config.seed))))
-        inits = {"detector": (detector.init_params, prog.model_cfg),
-                 "tracker": (tracker_lib.init_params, prog.tracker_cfg)}
+        keys, cfgs = weights.init_keys(config.seed), {"detector": prog.model_cfg, "tracker": prog.tracker_cfg}
         loaded = set()
         params = {}
         if config.init_from:
-            loaded = checkpoint.stored_models(config.init_from) & abstract.keys()
+            loaded = restore.stored_models(config.init_from) & abstract.keys()
             if not loaded:
                 raise ValueError(f"init_from={config.init_from} holds none of the models this run trains "
                                  f"({', '.join(sorted(abstract))})")
@@ -172,15 +179,15 @@ class Trainer:
             replicated = mesh_lib.replicated(self.mesh)
             target = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract[k])
                       for k in loaded}
-            params = checkpoint.load_params(config.init_from, target)
-            converted.check_finite(params, f"init_from={config.init_from}")
+            params = restore.load_params(config.init_from, target)
+            finite.check_finite(params, f"init_from={config.init_from}")
             params = jax.device_put(params, {k: placed[k] for k in loaded})
             log.info("initialised %s from %s", " and ".join(sorted(loaded)), config.init_from)
         for name in sorted(abstract.keys() - loaded):
             if config.init_from:
                 log.warning("%s: not in %s, initialised at random", name, config.init_from)
-            init, cfg = inits[name]
-            params[name] = jax.jit(init, static_argnums=0, out_shardings=placed[name])(cfg, keys[name])
+            init = jax.jit(weights.INITS[name], static_argnums=0, out_shardings=placed[name])
+            params[name] = init(cfgs[name], keys[name])
         with jax.set_mesh(self.mesh):
             init = jax.jit(lambda p: step_lib.init_state(p, prog.tx, config.seed),
                            out_shardings=sharding.shardings(self.abstract_state))
@@ -242,7 +249,7 @@ class Trainer:
                         score = evaluated.get(self.best.metric, float("nan"))
                         if self.best.offer(step, score, self.state, self.data):
                             log.info("step %d: best %s so far (%.4g), kept in %s", step, self.best.metric,
-                                     score, checkpoint.BEST_CHECKPOINTS)
+                                     score, training.BEST_CHECKPOINTS)
                 if save_now:
                     self.checkpoints.save(step, self.state, self.data)
         finally:

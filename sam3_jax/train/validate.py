@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from sam3_jax.checkpoint import training
 from sam3_jax.data.sources import KINDS
-from sam3_jax.train import checkpoint
 from sam3_jax.train import config as config_lib
 
 # (dotted field, rule, what the rule asks for): the integer ranges.
@@ -21,7 +21,7 @@ AT_LEAST = (("total_steps", 1), ("checkpoint_every", 1), ("log_every", 1), ("kee
             ("data.max_retries", 0), ("optim.warmup_steps", 0), ("optim.accumulate_steps", 1))
 # (dotted field, the values it may take).
 ONE_OF = (("nonfinite", ("skip", "stop")), ("mode", config_lib.MODES),
-          ("optim.schedule", ("inverse_sqrt", "cosine")), ("eval.keep_best_mode", checkpoint.BEST_MODES),
+          ("optim.schedule", ("inverse_sqrt", "cosine")), ("eval.keep_best_mode", training.BEST_MODES),
           ("data.on_error", ("raise", "skip")))
 
 

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sam3_jax.train import checkpoint, loop, mesh_plan, overrides, reporting, validate
+from sam3_jax.checkpoint import finite, training
+from sam3_jax.train import loop, mesh_plan, overrides, reporting, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The tiny demo on 2-frame clips of one video, a checkpoint every step. Every run here trains the
@@ -153,7 +154,7 @@ ABSTRACT = {"x": jax.ShapeDtypeStruct((64,), jnp.float32), "big": jax.ShapeDtype
 
 
 def test_corrupt_newest_checkpoint_is_set_aside(tmp_path, caplog):
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    ckpt = training.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
     for step in (1, 2, 3):
         ckpt.save(step, _state(float(step)))
     ckpt.close()
@@ -162,7 +163,7 @@ def test_corrupt_newest_checkpoint_is_set_aside(tmp_path, caplog):
                  if os.sep + "d" + os.sep in os.path.join(d, f)]
         with open(max(files, key=os.path.getsize), "r+b") as f:
             f.truncate(10)
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt = training.Checkpointer(str(tmp_path / "checkpoints"))
     with caplog.at_level(logging.WARNING, logger="sam3_jax"):
         restored = ckpt.restore_latest(ABSTRACT)
     np.testing.assert_array_equal(restored["x"], np.full(64, 1.0))
@@ -179,7 +180,7 @@ def test_corrupt_newest_checkpoint_is_set_aside(tmp_path, caplog):
 
 def test_rejected_state_is_not_corruption(tmp_path):
     """Not one step reads: the config differs, the files are fine and stay where they are."""
-    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    ckpt = training.Checkpointer(str(tmp_path), async_save=False)
     ckpt.save(1, _state(1.0))
     with pytest.raises(ValueError, match="another layout"):
         ckpt.restore_latest({"y": ABSTRACT["x"]})
@@ -195,13 +196,13 @@ def test_failed_background_save_is_one_error(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)]).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        ckpt = checkpoint.Checkpointer(str(disk / "checkpoints"))
+        ckpt = training.Checkpointer(str(disk / "checkpoints"))
         ckpt.save(1, _state(1.0))
         ckpt.wait()
         big = {"x": jnp.zeros((64,)), "big": jax.random.normal(jax.random.key(0), (1 << 17,))}  # 512 KB
         ckpt.save(2, big)
         deadline = time.time() + 60
-        with pytest.raises(checkpoint.SaveError) as error:
+        with pytest.raises(training.SaveError) as error:
             while time.time() < deadline:  # as the trainer does once a step
                 ckpt.check()
                 time.sleep(0.05)
@@ -210,7 +211,7 @@ def test_failed_background_save_is_one_error(tmp_path):
         assert ckpt.latest_step() == 1
         ckpt.wait()  # reported once: the end of the run does not raise it again
         ckpt.close()
-        reopened = checkpoint.Checkpointer(str(disk / "checkpoints"))
+        reopened = training.Checkpointer(str(disk / "checkpoints"))
         assert reopened.latest_step() == 1 and [s for s in os.listdir(disk / "checkpoints") if s.isdigit()] == ["1"]
         np.testing.assert_array_equal(reopened.restore_latest(ABSTRACT)["x"], np.ones(64))
         reopened.close()
@@ -340,7 +341,6 @@ def test_full_disk_stops_the_run_in_one_line(tmp_path, shared):
 def test_nonfinite_init_from_is_refused_naming_the_parameter(tmp_path):
     """A checkpoint with a NaN weight does not start a run (which would train NaN steps and write
     NaN checkpoints): ``init_from`` names the parameter."""
-    from sam3_jax.convert import checkpoint as converted
     from sam3_jax.model import detector
     from sam3_jax.train import config as config_lib
     from sam3_jax.train import program
@@ -350,9 +350,9 @@ def test_nonfinite_init_from_is_refused_naming_the_parameter(tmp_path):
     params = detector.init_params(program.model_config(config), jax.random.key(0))
     params["transformer"]["decoder"]["query_embed"]["embedding"] = (
         params["transformer"]["decoder"]["query_embed"]["embedding"].at[0, 0].set(jnp.nan))
-    source = checkpoint.Checkpointer(str(tmp_path / "source"), async_save=False)
+    source = training.Checkpointer(str(tmp_path / "source"), async_save=False)
     source.save(1, {"params": {"detector": params}})
     source.close()
     config.init_from = str(tmp_path / "source")
-    with pytest.raises(converted.NonFiniteError, match="detector/transformer/decoder/query_embed/embedding"):
+    with pytest.raises(finite.NonFiniteError, match="detector/transformer/decoder/query_embed/embedding"):
         loop.Trainer(config, str(tmp_path / "run"))

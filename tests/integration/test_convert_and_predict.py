@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import REPO, write_torch
 
+from sam3_jax.checkpoint import converted
 from sam3_jax.convert import keymap, torch_io
 from sam3_jax.convert.sam3_checkpoint import convert_file
 from sam3_jax.model.config import ModelConfig
@@ -52,10 +53,9 @@ def test_manifest_accounts_for_every_key(tiny_ckpt):
 
 
 def test_params_round_trip_through_orbax(tiny_ckpt):
-    from sam3_jax.convert import checkpoint, sam3_checkpoint
 
     out, sd = tiny_ckpt
-    params = checkpoint.read_params(str(out), sam3_checkpoint.abstract_params(ModelConfig.tiny(), TrackerConfig.tiny()))
+    params = converted.read_params(str(out), converted.abstract_params(ModelConfig.tiny(), TrackerConfig.tiny()))
     kernel = np.asarray(params["detector"]["backbone"]["vision_backbone"]["trunk"]["blocks_0"]["attn"]["qkv"]["kernel"])
     np.testing.assert_array_equal(kernel, sd["detector.backbone.vision_backbone.trunk.blocks.0.attn.qkv.weight"].T)
     np.testing.assert_array_equal(np.asarray(params["tracker"]["no_obj_ptr"]), sd["tracker.no_obj_ptr"])
@@ -224,13 +224,12 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(tiny_state_dict, tmp_pat
 
 
 def test_scanned_layouts_are_converted(tiny_state_dict, tmp_path):
-    from sam3_jax.convert import checkpoint, sam3_checkpoint
     from sam3_jax.model import stacking
 
     cfg = stacking.set_scans(ModelConfig.tiny(), True)
     src = write_torch(tiny_state_dict, tmp_path / "in.pt")
     convert_file(src, str(tmp_path / "scan"), cfg=cfg, tracker_cfg=TrackerConfig.tiny())
-    params = checkpoint.read_params(str(tmp_path / "scan"), sam3_checkpoint.abstract_params(cfg, TrackerConfig.tiny()))
+    params = converted.read_params(str(tmp_path / "scan"), converted.abstract_params(cfg, TrackerConfig.tiny()))
     stacked = np.asarray(params["detector"]["backbone"]["vision_backbone"]["trunk"]["block_groups"]["blocks_1"]["attn"]["qkv"]["kernel"])
     # torch block 3 = group 1, position 1 of the [windowed, global] pattern.
     np.testing.assert_array_equal(stacked[1], tiny_state_dict["detector.backbone.vision_backbone.trunk.blocks.3.attn.qkv.weight"].T)

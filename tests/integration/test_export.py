@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import REPO, write_torch
 
-from sam3_jax.convert import checkpoint, export, keymap, sam3_checkpoint
+from sam3_jax.checkpoint import converted
+from sam3_jax.convert import export, keymap, sam3_checkpoint, torch_io
 from sam3_jax.convert.sam3_checkpoint import convert_file
 from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
@@ -62,8 +63,8 @@ def test_cli_export_loads_strictly_into_the_reference(ref, tiny_state_dict, tmp_
 def test_fine_tuned_params_are_exported(tiny_state_dict, tmp_path):
     """Changed params (as after fine-tuning) come out in torch layout under their original keys."""
     ckpt = _converted(tiny_state_dict, tmp_path)
-    manifest = checkpoint.read_manifest(str(ckpt))
-    params = checkpoint.read_params(str(ckpt), sam3_checkpoint.abstract_params(*sam3_checkpoint.configs(manifest)))
+    manifest = converted.read_manifest(str(ckpt))
+    params = converted.read_params(str(ckpt), converted.abstract_params(*converted.configs(manifest)))
     params["tracker"]["obj_ptr_proj"]["layers_0"]["kernel"] = params["tracker"]["obj_ptr_proj"]["layers_0"]["kernel"] + 1
     out = export.export_checkpoint(str(ckpt), params)
     key = "tracker.obj_ptr_proj.layers.0.weight"
@@ -71,7 +72,7 @@ def test_fine_tuned_params_are_exported(tiny_state_dict, tmp_path):
 
 
 def _save_run(run_dir, detector_params):
-    from sam3_jax.train.checkpoint import Checkpointer
+    from sam3_jax.checkpoint.training import Checkpointer
 
     ckpt = Checkpointer(str(run_dir), async_save=False)
     ckpt.save(7, {"params": {"detector": detector_params}, "step": np.int32(7)})
@@ -84,16 +85,16 @@ def test_a_training_run_exports_through_from_run(tiny_state_dict, tmp_path):
     weights and the RoPE buffers the base checkpoint's; and the new directory loads like any
     converted one."""
     base = _converted(tiny_state_dict, tmp_path)
-    manifest = checkpoint.read_manifest(str(base))
-    abstract = sam3_checkpoint.abstract_params(*sam3_checkpoint.configs(manifest))
-    tuned = jax.tree.map(lambda x: np.asarray(x) + 1.0, checkpoint.read_params(str(base), abstract)["detector"])
+    manifest = converted.read_manifest(str(base))
+    abstract = converted.abstract_params(*converted.configs(manifest))
+    tuned = jax.tree.map(lambda x: np.asarray(x) + 1.0, converted.read_params(str(base), abstract)["detector"])
     scanned = stacking.relayout({"detector": tuned}, stacking.group_sizes(stacking.set_scans(ModelConfig.tiny(), True)))
     assert len(stacking.layout(scanned)) == len(stacking.STACKS) - 1  # all but the tracker's
     _save_run(tmp_path / "run", scanned["detector"])
     out_dir = tmp_path / "tuned"
     subprocess.run([sys.executable, os.path.join(REPO, "convert_torch_ckpt.py"), "--direction=from_run",
                     f"--run={tmp_path / 'run'}", f"--checkpoint={base}", f"--output_dir={out_dir}"], check=True, cwd=REPO)
-    assert checkpoint.read_manifest(str(out_dir))["trained"]["models"] == ["detector"]
+    assert converted.read_manifest(str(out_dir))["trained"]["models"] == ["detector"]
     out = export.export_checkpoint(str(out_dir))
     assert sorted(out) == sorted(tiny_state_dict)
     mapped = [k for k, fate in manifest["keys"].items() if k.startswith("detector.") and fate.startswith(export.MAPPED)]
@@ -103,11 +104,45 @@ def test_a_training_run_exports_through_from_run(tiny_state_dict, tmp_path):
         np.testing.assert_allclose(value, want, rtol=1e-6, err_msg=key)
 
 
+def test_a_run_exports_to_torch_through_the_checkpoint_it_started_from(tiny_state_dict, tmp_path):
+    """``to_torch --checkpoint=WORKDIR`` of a run fine-tuned from a converted checkpoint: the run's
+    detector, the base's tracker, dead weights and RoPE buffers; ``from_run`` finds the same base by
+    itself; a run trained from scratch is refused in one line that says what to give instead."""
+    from sam3_jax.checkpoint import weights
+    from sam3_jax.convert.from_run import write_from_run
+
+    base = _converted(tiny_state_dict, tmp_path)
+    abstract = converted.abstract_params(*converted.configs(converted.read_manifest(str(base))))
+    tuned = jax.tree.map(lambda x: np.asarray(x) + 1.0, converted.read_params(str(base), abstract)["detector"])
+    for name, init_from in (("run", str(base)), ("scratch", "")):
+        workdir = tmp_path / name
+        _save_run(workdir / "checkpoints", tuned)
+        (workdir / "config.json").write_text(f'{{"init_from": "{init_from}", "seed": 0}}')
+        weights.write_run_models(str(workdir), ModelConfig.tiny(), TrackerConfig.tiny())
+    target = tmp_path / "tuned.pt"
+    cli = [sys.executable, os.path.join(REPO, "convert_torch_ckpt.py"), "--direction=to_torch"]
+    subprocess.run([*cli, f"--checkpoint={tmp_path / 'run'}", f"--torch_ckpt={target}"], check=True, cwd=REPO)
+    out = torch_io.read_state_dict(str(target))[0]
+    assert sorted(out) == sorted(tiny_state_dict)
+    manifest = converted.read_manifest(str(base))
+    mapped = {k for k, fate in manifest["keys"].items() if k.startswith("detector.") and fate.startswith(export.MAPPED)}
+    for key, value in out.items():
+        np.testing.assert_allclose(value, tiny_state_dict[key] + 1 if key in mapped else tiny_state_dict[key],
+                                   rtol=1e-6, err_msg=key)
+    found = write_from_run(str(tmp_path / "run"), None, str(tmp_path / "tuned"))
+    assert found["trained"]["base"] == str(base) and found["trained"]["models"] == ["detector"]
+    refused = subprocess.run([*cli, f"--checkpoint={tmp_path / 'scratch'}", f"--torch_ckpt={tmp_path / 'x.pt'}"],
+                             cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "trained from scratch (no init_from)" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_from_run_names_a_parameter_of_another_shape(tiny_state_dict, tmp_path):
     from sam3_jax.convert.from_run import write_from_run
 
     base = _converted(tiny_state_dict, tmp_path)
-    abstract = sam3_checkpoint.abstract_params(*sam3_checkpoint.configs(checkpoint.read_manifest(str(base))))
+    abstract = converted.abstract_params(*converted.configs(converted.read_manifest(str(base))))
     params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract["detector"])
     params["dot_prod_scoring"]["hs_proj"]["kernel"] = np.zeros((3, 3), np.float32)
     _save_run(tmp_path / "run", params)
@@ -128,7 +163,7 @@ def test_half_precision_file_keeps_its_dtypes(ref, tiny_state_dict, tmp_path):
     halves = [k for k, v in sd.items() if v.dtype == torch.bfloat16]
     assert manifest["source_dtypes"] == dict.fromkeys(halves, "bfloat16") and halves
     key = "tracker.obj_ptr_proj.layers.0.weight"
-    params = checkpoint.read_params(str(tmp_path / "ckpt"), sam3_checkpoint.abstract_params(*sam3_checkpoint.configs(manifest)))
+    params = converted.read_params(str(tmp_path / "ckpt"), converted.abstract_params(*converted.configs(manifest)))
     kernel = params["tracker"]["obj_ptr_proj"]["layers_0"]["kernel"]
     assert kernel.dtype == np.float32
     np.testing.assert_array_equal(kernel, sd[key].float().numpy().T)
@@ -141,8 +176,8 @@ def test_half_precision_file_keeps_its_dtypes(ref, tiny_state_dict, tmp_path):
 
 def test_export_errors_list_every_key(tiny_state_dict, tmp_path):
     ckpt = _converted(tiny_state_dict, tmp_path)
-    manifest = checkpoint.read_manifest(str(ckpt))
-    params = checkpoint.read_params(str(ckpt), sam3_checkpoint.abstract_params(*sam3_checkpoint.configs(manifest)))
+    manifest = converted.read_manifest(str(ckpt))
+    params = converted.read_params(str(ckpt), converted.abstract_params(*converted.configs(manifest)))
     del params["tracker"]["no_obj_ptr"], params["tracker"]["maskmem_tpos_enc"]
     params["tracker"]["extra"] = np.zeros(2, np.float32)
     with pytest.raises(keymap.ConversionError) as err:

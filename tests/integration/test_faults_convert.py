@@ -14,7 +14,9 @@ from conftest import REPO, write_torch
 from PIL import Image
 
 from sam3_jax import fileio
-from sam3_jax.convert import checkpoint, export, keymap, sam3_checkpoint, torch_io
+from sam3_jax.checkpoint import converted as converted_format
+from sam3_jax.checkpoint import finite, weights
+from sam3_jax.convert import export, keymap, torch_io
 from sam3_jax.convert.sam3_checkpoint import convert_file
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
@@ -63,15 +65,14 @@ def converted(source, tmp_path_factory):
 def test_nonfinite_keys_finds_nan_and_inf_in_numpy_and_jax_leaves():
     tree = {"a": {"b": np.array([1.0, np.nan], np.float32), "c": np.ones(3, np.float16)},
             "d": jnp.array([np.inf, 0.0]), "e": np.arange(3), "f": jnp.zeros((2, 2))}
-    assert checkpoint.nonfinite_keys(tree) == ["a/b", "d"]
-    assert checkpoint.nonfinite_keys({"x.weight": np.full(2, -np.inf, np.float32)}) == ["x.weight"]
-    with pytest.raises(checkpoint.NonFiniteError, match=r"where: NaN or Inf in 2 tensor\(s\):\n  a/b\n  d"):
-        checkpoint.check_finite(tree, "where")
-    assert checkpoint.check_finite(tree, "where", allow=True) == ["a/b", "d"]
+    assert finite.nonfinite_keys(tree) == ["a/b", "d"]
+    assert finite.nonfinite_keys({"x.weight": np.full(2, -np.inf, np.float32)}) == ["x.weight"]
+    with pytest.raises(finite.NonFiniteError, match=r"where: NaN or Inf in 2 tensor\(s\):\n  a/b\n  d"):
+        finite.check_finite(tree, "where")
+    assert finite.check_finite(tree, "where", allow=True) == ["a/b", "d"]
 
 
 def test_nonfinite_weights_are_refused_by_the_converter_and_the_predictors(tiny_state_dict, tmp_path):
-    from sam3_jax.infer import weights
 
     sd = dict(tiny_state_dict)
     sd[NAN_KEY] = np.where(np.arange(sd[NAN_KEY].size).reshape(sd[NAN_KEY].shape) == 5, np.nan, sd[NAN_KEY])
@@ -83,11 +84,11 @@ def test_nonfinite_weights_are_refused_by_the_converter_and_the_predictors(tiny_
     assert not out.exists() and not _hidden(tmp_path)
     manifest = _convert(src, out, allow_nonfinite=True)  # let through on request, and recorded
     assert sorted(manifest["nonfinite"]) == sorted([NAN_KEY, INF_KEY])
-    with pytest.raises(checkpoint.NonFiniteError) as e:
+    with pytest.raises(finite.NonFiniteError) as e:
         weights.read(str(out), tracker=True)
     assert "detector/transformer/decoder/query_embed/embedding" in str(e.value)
     assert "tracker/no_obj_ptr" in str(e.value) and str(out) in str(e.value)
-    with pytest.raises(checkpoint.NonFiniteError, match="query_embed.weight"):  # and exporting it back
+    with pytest.raises(finite.NonFiniteError, match="query_embed.weight"):  # and exporting it back
         export.write_torch(str(out), str(tmp_path / "back.pt"))
     assert not (tmp_path / "back.pt").exists()
     assert export.write_torch(str(out), str(tmp_path / "back.pt"), allow_nonfinite=True) == len(sd)
@@ -120,7 +121,7 @@ def test_to_torch_refuses_an_existing_file_before_exporting(converted, tmp_path,
         with pytest.raises(FileExistsError, match="not a file"):
             export.write_torch(str(converted), str(tmp_path), overwrite=True)
     export.write_torch(str(converted), str(target), overwrite=True)
-    assert set(torch_io.read_state_dict(str(target))[0]) == set(checkpoint.read_manifest(str(converted))["keys"])
+    assert set(torch_io.read_state_dict(str(target))[0]) == set(converted_format.read_manifest(str(converted))["keys"])
     assert not _hidden(tmp_path)
 
 
@@ -135,7 +136,7 @@ def test_overwrite_is_checked_before_converting(source, tmp_path, monkeypatch):
             _convert(source, tmp_path / "ckpt")
     (tmp_path / "ckpt.old" / "mine").mkdir(parents=True)  # a stale (or the user's) X.old is not in the way
     _convert(source, tmp_path / "ckpt", overwrite=True)
-    assert (tmp_path / "ckpt.old" / "mine").is_dir() and (tmp_path / "ckpt" / checkpoint.MANIFEST).is_file()
+    assert (tmp_path / "ckpt.old" / "mine").is_dir() and (tmp_path / "ckpt" / converted_format.MANIFEST).is_file()
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "ckpt.old", "file"]
 
 
@@ -156,7 +157,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(source, tmp_path, monkeypatc
         raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.x/0": Failed to write 11440128 bytes to file 7: '
                          "No space left on device [os_error_code='28']")
 
-    monkeypatch.setattr(checkpoint.ocp.Checkpointer, "save", fill)
+    monkeypatch.setattr(converted_format.ocp.Checkpointer, "save", fill)
     with pytest.raises(OSError) as e:
         _convert(source, out)
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(out)

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 
-from sam3_jax.train import checkpoint
+from sam3_jax.checkpoint import training
 
 # A small, fast run: 1 device, 2-frame clips, a loss logged and a checkpoint saved every few steps.
 SMALL = ["--config=configs/video.py:demo", "--config.total_steps=6", "--config.log_every=1",
@@ -89,14 +89,14 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     for key in ("step", "loss", "loss_ce", "presence_loss", "loss_mask_o2m", "lr", "lr/vision", "grad_norm",
                 "frames_per_s", "skipped_samples"):
         assert key in record, key
-    for name in ("config.json", "tensorboard"):
+    for name in ("config.json", "model.json", "tensorboard"):
         assert os.path.exists(run / name)
     best_step, best = _best(tmp_path / "whole")
     assert _best(run) == (best_step, best)
     assert [r["step"] for r in _records(run) if "val_box_ap" in r] == [0, 2, 4, 6]
     for workdir in (tmp_path / "whole", run):  # the best step is kept, with its metric; resume used the newest
         assert os.listdir(workdir / "checkpoints_best") == [str(best_step)]
-        kept = checkpoint.BestCheckpointer(str(workdir / "checkpoints_best"), "val_best_box_iou")
+        kept = training.BestCheckpointer(str(workdir / "checkpoints_best"), "val_best_box_iou")
         assert kept.best() == (best_step, pytest.approx(best))
         kept.close()
 

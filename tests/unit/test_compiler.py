@@ -1,4 +1,4 @@
-"""The CPU compile options of full-width image-encoder jits (sam3_jax.compiler)."""
+"""The CPU compile options of full-width image-encoder jits (sam3_jax.nn.compiler)."""
 import jax
 import jax.numpy as jnp
 import pytest

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sam3_jax.convert import sam3_checkpoint
+from sam3_jax.checkpoint import converted
 from sam3_jax.data.synthetic import render_video
 from sam3_jax.infer import detect_track as dt
 from sam3_jax.model.config import ModelConfig
@@ -181,7 +181,7 @@ def _random_params(mcfg, tcfg, seed=0, score_bias=2.0):
             x = (path[-1].key == "scale") + 0.1 * rng.standard_normal(s.shape)
         return jnp.asarray(x, s.dtype)
 
-    params = jax.tree_util.tree_map_with_path(init, sam3_checkpoint.abstract_params(mcfg, tcfg))
+    params = jax.tree_util.tree_map_with_path(init, converted.abstract_params(mcfg, tcfg))
     head = params["tracker"]["sam_mask_decoder"]["pred_obj_score_head"]["layers_2"]
     head["bias"] = head["bias"] + score_bias
     return params

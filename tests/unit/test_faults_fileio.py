@@ -119,10 +119,10 @@ def test_exit_time_event_loop_errors_are_dropped():
     import asyncio
     import types
 
-    from sam3_jax.convert import checkpoint as converted
+    from sam3_jax.checkpoint import save_errors
 
     seen = []
-    hook = converted._drop_closed_loop_errors(seen.append)  # noqa: SLF001
+    hook = save_errors._drop_closed_loop_errors(seen.append)  # noqa: SLF001
     hook(types.SimpleNamespace(exc_value=ValueError("Invalid file descriptor: -1"),
                                object=asyncio.BaseEventLoop.__del__))
     hook(types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None))

@@ -19,12 +19,12 @@ import pytest
 from PIL import Image
 
 from sam3_jax import predict_video
-from sam3_jax.convert import checkpoint, sam3_checkpoint
+from sam3_jax.checkpoint import converted, weights
 from sam3_jax.data.sources.davis import DavisSource
 from sam3_jax.data.sources.json_video import ytvis_source
 from sam3_jax.data.synthetic import render_video
 from sam3_jax.evaluation import ytvis
-from sam3_jax.infer import video_io, video_predictor, weights
+from sam3_jax.infer import video_io, video_predictor
 from sam3_jax.infer.detect_track import DetectTrackFrame, DetectTrackPredictor
 from sam3_jax.infer.video_io import VideoFileFrames
 from sam3_jax.infer.video_predictor import Box, Clicks, VideoInputError, VideoPredictor
@@ -95,13 +95,13 @@ def test_bounded_bank_selects_what_a_full_bank_selects(memory_selection, directi
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """The tiny detector + tracker with seeded random parameters, as a converted checkpoint."""
-    abstract = sam3_checkpoint.abstract_params(MCFG, TCFG)
+    abstract = converted.abstract_params(MCFG, TCFG)
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), abstract)
     params = jax.tree.map(np.asarray, params)  # nested dicts of numpy arrays, consumed by write()
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    manifest = {"model_config": checkpoint.config_to_json(MCFG), "tracker_config": checkpoint.config_to_json(TCFG)}
-    checkpoint.write(str(out), params, manifest=manifest, dead={}, vocab_path=DEFAULT_BPE_PATH)
+    manifest = {"model_config": converted.config_to_json(MCFG), "tracker_config": converted.config_to_json(TCFG)}
+    converted.write(str(out), params, manifest=manifest, dead={}, vocab_path=DEFAULT_BPE_PATH)
     return str(out)
 
 
@@ -270,14 +270,15 @@ def test_truncated_frame_fails_cleanly(tmp_path, tiny_checkpoint):
 def test_checkpoints_are_read_with_every_stack_scanned(tiny_checkpoint):
     """The predictors run every layer stack scanned (a third of the compile time): a converted,
     unrolled checkpoint comes back stacked, with configs that scan."""
-    params, cfg, tracker_cfg = video_predictor.read_video_checkpoint(tiny_checkpoint, "a test")
+    params, cfg, tracker_cfg, _ = video_predictor.read_video_checkpoint(tiny_checkpoint, "a test")
     assert set(stacking.layout(params)) == set(stacking.STACKS)
     assert cfg == stacking.set_scans(cfg, True) and tracker_cfg.scan_layers
-    stored = checkpoint.read_params(tiny_checkpoint)
+    stored = converted.read_params(tiny_checkpoint)
     unrolled = stacking.relayout(params, {})
     assert jax.tree.structure(unrolled) == jax.tree.structure(stored)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(stored)))
-    detector_only, _, _ = weights.read(tiny_checkpoint, tracker=False)  # what the image predictor reads
+    detector_only = weights.read(tiny_checkpoint, tracker=False)  # what the image predictor reads
+    detector_only = detector_only.params
     assert detector_only.keys() == {"detector"}
     assert set(stacking.layout(detector_only)) == set(stacking.STACKS) - {stacking.MEMORY_ATTENTION}
 

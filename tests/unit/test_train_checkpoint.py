@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from sam3_jax.convert import checkpoint as converted
+from sam3_jax.checkpoint import converted, restore, training
 from sam3_jax.model import stacking
-from sam3_jax.train import checkpoint
 
 
 def _params(scale=1.0):
@@ -56,7 +56,7 @@ def test_state_roundtrip_and_latest_step(tmp_path):
     state = _state()
     assert any(isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(
         state["opt_state"], is_leaf=lambda x: isinstance(x, optax.MaskedNode)))
-    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3, async_save=True)
+    ckpt = training.Checkpointer(str(tmp_path), max_to_keep=3, async_save=True)
     abstract = jax.eval_shape(lambda: state)
     assert ckpt.latest_step() is None and ckpt.restore_latest(abstract) is None
     ckpt.save(7, state)
@@ -71,7 +71,7 @@ def test_state_roundtrip_and_latest_step(tmp_path):
 
 
 def test_resuming_a_state_of_another_layout_says_how_to_reuse_its_params(tmp_path):
-    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    ckpt = training.Checkpointer(str(tmp_path), async_save=False)
     ckpt.save(3, _state())
     abstract = jax.eval_shape(lambda: _state())
     abstract["opt_state"] = {"mu": {"rest/decay/float32": jax.ShapeDtypeStruct((12,), jnp.float32)}}
@@ -85,7 +85,7 @@ def test_restore_onto_abstract_shardings(tmp_path):
     mesh = jax.make_mesh((len(jax.devices()),), ("data",))
     state = _state()
     state["params"]["detector"]["w"] = jnp.arange(4.0 * len(jax.devices())).reshape(-1, 4)  # shardable
-    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    ckpt = training.Checkpointer(str(tmp_path), async_save=False)
     ckpt.save(1, state)
 
     def sharding(x):
@@ -105,7 +105,7 @@ def test_restore_onto_abstract_shardings(tmp_path):
 
 
 def test_data_iterator_position(tmp_path):
-    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt = training.Checkpointer(str(tmp_path))
     iterator = _iterator()
     for _ in range(3):
         next(iterator)
@@ -122,7 +122,7 @@ def test_data_iterator_position(tmp_path):
 
 
 def test_keeps_the_newest(tmp_path):
-    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2)
+    ckpt = training.Checkpointer(str(tmp_path), max_to_keep=2)
     for step in range(1, 6):
         ckpt.save(step, _state(step), _iterator())
     ckpt.wait()
@@ -134,7 +134,7 @@ def test_keeps_the_newest(tmp_path):
 _KILLED_SAVER = """
 import sys, time
 import jax.numpy as jnp
-from sam3_jax.train import checkpoint
+from sam3_jax.checkpoint import training
 
 class StuckIterator:
     # grain's handler asks a non-Dataset iterator for get_state(); this one never answers, so the
@@ -143,7 +143,7 @@ class StuckIterator:
         print("saving", flush=True)
         time.sleep(600)
 
-ckpt = checkpoint.Checkpointer(sys.argv[1], async_save=True)
+ckpt = training.Checkpointer(sys.argv[1], async_save=True)
 ckpt.save(1, {"x": jnp.ones((4,)), "big": jnp.zeros((8,))})
 ckpt.wait()
 ckpt.save(2, {"x": jnp.zeros((4,)), "big": jnp.ones((4 << 20,))}, StuckIterator())
@@ -160,7 +160,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt = training.Checkpointer(str(tmp_path))
     assert ckpt.latest_step() == 1
     abstract = {"x": jax.ShapeDtypeStruct((4,), jnp.float32), "big": jax.ShapeDtypeStruct((8,), jnp.float32)}
     restored = ckpt.restore_latest(abstract)
@@ -183,9 +183,9 @@ def test_load_params_from_converted_checkpoint(tmp_path):
     params = _params()
     converted.write(str(tmp_path / "converted"), jax.tree.map(np.asarray, params), manifest={}, dead={},
                     vocab_path=str(vocab))
-    detector = checkpoint.load_params(str(tmp_path / "converted"), {"detector": _abstract(params["detector"])})
+    detector = restore.load_params(str(tmp_path / "converted"), {"detector": _abstract(params["detector"])})
     _assert_same(detector, {"detector": params["detector"]})
-    both = checkpoint.load_params(str(tmp_path / "converted"), _abstract(params))
+    both = restore.load_params(str(tmp_path / "converted"), _abstract(params))
     _assert_same(both, params)
 
 
@@ -217,58 +217,58 @@ def test_load_params_converts_the_stack_layouts(tmp_path):
                                   unrolled["detector"]["transformer"]["encoder"]["layers_1"]["attn"]["qkv"]["kernel"])
     assert stacking.layout(scanned) == every
     converted.write(str(tmp_path / "converted"), unrolled, manifest={}, dead={}, vocab_path=str(vocab))
-    _assert_same(checkpoint.load_params(str(tmp_path / "converted"), _abstract(scanned)), scanned)
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), async_save=False)
+    _assert_same(restore.load_params(str(tmp_path / "converted"), _abstract(scanned)), scanned)
+    ckpt = training.Checkpointer(str(tmp_path / "run"), async_save=False)
     ckpt.save(1, {"params": scanned, "step": jnp.int32(1)})
     ckpt.close()
     for want in (unrolled, scanned, vision_only, {"detector": unrolled["detector"]}):
-        _assert_same(checkpoint.load_params(str(tmp_path / "run"), _abstract(want)), want)
+        _assert_same(restore.load_params(str(tmp_path / "run"), _abstract(want)), want)
 
 
 def test_load_params_from_training_checkpoint(tmp_path):
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt = training.Checkpointer(str(tmp_path / "checkpoints"))
     ckpt.save(1, _state(1, scale=1.0))
     ckpt.save(2, _state(2, scale=3.0))
     ckpt.close()
     expected = {"detector": _params(scale=3.0)["detector"]}
     for directory in (tmp_path, tmp_path / "checkpoints"):
-        _assert_same(checkpoint.load_params(str(directory), _abstract(expected)), expected)
+        _assert_same(restore.load_params(str(directory), _abstract(expected)), expected)
 
 
 def test_load_params_errors(tmp_path):
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), async_save=False)
+    ckpt = training.Checkpointer(str(tmp_path / "run"), async_save=False)
     ckpt.save(1, _state())
     ckpt.close()
     abstract = _abstract({"detector": _params()["detector"]})
     abstract["detector"]["w"] = jax.ShapeDtypeStruct((4, 4), jnp.float32)
     with pytest.raises(ValueError, match=r"detector/w: shape \(3, 4\) in the checkpoint, \(4, 4\) expected"):
-        checkpoint.load_params(str(tmp_path / "run"), abstract)
+        restore.load_params(str(tmp_path / "run"), abstract)
     with pytest.raises(ValueError, match=r"segmenter/w is not in the checkpoint"):
-        checkpoint.load_params(str(tmp_path / "run"), {"segmenter": {"w": jax.ShapeDtypeStruct((1,), jnp.float32)}})
+        restore.load_params(str(tmp_path / "run"), {"segmenter": {"w": jax.ShapeDtypeStruct((1,), jnp.float32)}})
     with pytest.raises(FileNotFoundError, match="missing"):
-        checkpoint.load_params(str(tmp_path / "missing"), abstract)
+        restore.load_params(str(tmp_path / "missing"), abstract)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither a converted checkpoint.*empty"):
-        checkpoint.load_params(str(tmp_path / "empty"), abstract)
+        restore.load_params(str(tmp_path / "empty"), abstract)
 
 
 def test_best_checkpoint_keeps_the_best_step_across_restarts(tmp_path):
-    best = checkpoint.BestCheckpointer(str(tmp_path), "val_jf", "max", async_save=False)
+    best = training.BestCheckpointer(str(tmp_path), "val_jf", "max", async_save=False)
     assert best.best() is None
     assert best.offer(1, 0.3, _state(1), _iterator())
     assert not best.offer(2, 0.2, _state(2)) and not best.offer(3, float("nan"), _state(3))
     assert best.offer(4, 0.5, _state(4, scale=2.0))
     assert sorted(os.listdir(tmp_path)) == ["4"] and best.best() == (4, 0.5)
     best.close()
-    again = checkpoint.BestCheckpointer(str(tmp_path), "val_jf", "max", async_save=False)  # a resumed run
+    again = training.BestCheckpointer(str(tmp_path), "val_jf", "max", async_save=False)  # a resumed run
     assert not again.offer(5, 0.4, _state(5))
     assert again.offer(4, 0.6, _state(4, scale=3.0))  # the kept step, evaluated again, did better
     assert again.best() == (4, 0.6)
     _assert_same(again.restore_latest(jax.eval_shape(lambda: _state(4))), _state(4, scale=3.0))
     again.close()
-    lowest = checkpoint.BestCheckpointer(str(tmp_path / "min"), "val_loss", "min", async_save=False)
+    lowest = training.BestCheckpointer(str(tmp_path / "min"), "val_loss", "min", async_save=False)
     for step, loss in ((1, 2.0), (2, 1.0), (3, 1.5)):
         lowest.offer(step, loss, _state(step))
     assert lowest.best() == (2, 1.0) and os.listdir(tmp_path / "min") == ["2"]
     with pytest.raises(ValueError, match="max, min"):
-        checkpoint.BestCheckpointer(str(tmp_path / "x"), "val_jf", "highest")
+        training.BestCheckpointer(str(tmp_path / "x"), "val_jf", "highest")

@@ -9,27 +9,20 @@ lists only committed steps and deletes leftover temporary directories when it is
 A `BestCheckpointer` keeps, beside them, the one step that scored best on a held-out metric
 (Orbax's ``best_fn``/``best_mode``), in its own directory (``checkpoints_best/``) so that the
 regular manager's keep-newest retention and resume never see it.
-
-``load_params`` serves the trainer's ``--config.init_from``: a converted official checkpoint
-(``sam3_jax.convert.checkpoint``) or a training checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import re
 import shutil
 
-from etils import epath
 import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from sam3_jax.convert import checkpoint as converted
-from sam3_jax.model import stacking
+from sam3_jax.checkpoint.save_errors import cause
 
 STATE, DATA, CHECKPOINTS, BEST_CHECKPOINTS = "state", "data", "checkpoints", "checkpoints_best"
 CORRUPT = "checkpoints_corrupt"  # beside CHECKPOINTS: unreadable steps moved out of the manager's sight
@@ -38,34 +31,8 @@ BEST_MODES = ("max", "min")
 log = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def failed_saves_reported_once():
-    """While training: a failed background save is reported by the `SaveError` the trainer raises,
-    not also by the traceback Orbax logs from each thread that waits on it, nor by the "Event loop
-    is closed" errors of its writers (the converter's filter, `converted`)."""
-    def quiet(record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
-
-    absl = logging.getLogger("absl")
-    absl.addFilter(quiet)
-    with converted._one_report_of_writer_failures():  # noqa: SLF001 - the one such filter
-        yield  # on an exception the filters stay: the writers may fail on until the process exits
-    absl.removeFilter(quiet)
-
-
 class SaveError(RuntimeError):
     """A checkpoint could not be written; the message names the step, its path and the cause."""
-
-
-def cause(error: BaseException) -> str:
-    """The short reason inside an Orbax/TensorStore error: the OS's words for an errno it carries
-    ("no space left on device"), else its message without TensorStore's spec dump."""
-    text = str(error)
-    code = getattr(error, "errno", None) or next(iter(re.findall(r"os_error_code='?(\d+)", text)), None)
-    if code:
-        return os.strerror(int(code)).lower()
-    text = text.split(" [tensorstore_spec")[0].strip() or type(error).__name__
-    return text if len(text) <= 300 else "..." + text[-300:]
 
 
 class Checkpointer:
@@ -143,7 +110,7 @@ class Checkpointer:
                     target, resumed)
 
     def _restore(self, step: int, abstract_state, data_iterator):
-        items = {STATE: ocp.args.StandardRestore(_restore_target(abstract_state))}
+        items = {STATE: ocp.args.StandardRestore(restore_target(abstract_state))}
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
@@ -200,84 +167,6 @@ class BestCheckpointer(Checkpointer):
         return True
 
 
-def load_params(directory: str, abstract_params: dict) -> dict:
-    """Parameters shaped like ``abstract_params`` (e.g. ``{"detector": ...}``) from ``directory``: a
-    converted checkpoint (``directory/params``; only the requested subtrees are read), a training
-    run's ``checkpoints`` directory or the run's workdir (the newest step's ``state["params"]``).
-    The ViT's blocks come stacked or unrolled as ``abstract_params`` has them, whichever was stored."""
-    return _restore_params(_params_item(directory), abstract_params)
-
-
-def stored_models(directory: str) -> set[str]:
-    """The models (``"detector"``, ``"tracker"``) whose parameters ``directory`` holds (as `load_params`
-    finds them): a detector-only run or image checkpoint can start a run that trains the tracker too."""
-    item = _params_item(directory)
-    return set(ocp.PyTreeCheckpointHandler().metadata(epath.Path(item)).tree.get("params", {}))
-
-
-def _params_item(directory: str) -> str:
-    """The Orbax pytree item that holds ``params`` in a converted checkpoint, run or checkpoints dir."""
-    directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"init_from directory does not exist: {directory}")
-    if os.path.isfile(os.path.join(directory, converted.MANIFEST)):
-        return os.path.join(directory, converted.PARAMS)
-    for candidate in (directory, os.path.join(directory, CHECKPOINTS)):
-        if os.path.isdir(candidate) and (latest := _latest_step_dir(candidate)):
-            return os.path.join(latest, STATE)
-    raise ValueError(f"neither a converted checkpoint ({converted.MANIFEST} + {converted.PARAMS}/) nor a training "
-                     f"checkpoint directory (or a workdir holding {CHECKPOINTS}/): {directory}")
-
-
-def _latest_step_dir(directory: str) -> str | None:
-    """The newest committed step directory, found as ``CheckpointManager`` finds it."""
-    latest = ocp.path.step.latest_step_metadata(directory, ocp.path.step.standard_name_format())
-    return None if latest is None else str(latest.path)
-
-
-def _restore_params(path: str, abstract_params: dict) -> dict:
-    """Restores ``{"params": abstract_params}`` from the pytree item at ``path``, which may hold more
-    (the other model's parameters, the optimiser state): Orbax's partial restore reads only these.
-    Layer stacks are read in the layout stored (unrolled as converted, or scanned) and given in the
-    one asked for (``stacking``)."""
-    handler = ocp.PyTreeCheckpointHandler()
-    saved = handler.metadata(epath.Path(path)).tree.get("params", {})
-    stored_abstract, to_target = _stack_layout(saved, abstract_params)
-    target = {"params": _restore_target(stored_abstract)}
-    _check_shapes(saved, target["params"])
-    with ocp.Checkpointer(handler) as checkpointer:
-        params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))["params"]
-    return to_target(params)
-
-
-def _stack_layout(saved, abstract_params: dict):
-    """(the abstract params with the layer stacks in the saved layout, params -> the layout asked
-    for): a converted checkpoint stores every stack unrolled, a training run's checkpoint stores
-    them as its config scanned them."""
-    stored, wanted = stacking.layout(saved), stacking.layout(abstract_params)
-    if stored == wanted:
-        return abstract_params, lambda params: params
-    shardings = {getattr(x, "sharding", None) for x in jax.tree.leaves(abstract_params)}
-    sharding = shardings.pop() if len(shardings) == 1 else None  # replicated params share one
-    stored_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                                   jax.eval_shape(lambda t: stacking.relayout(t, stored), abstract_params))
-    return stored_abstract, lambda params: stacking.relayout(params, wanted, owned=True)
-
-
-def _check_shapes(saved, target) -> None:
-    """Orbax reports a missing or misshapen parameter without its path; name it here."""
-    flat_saved = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
-    for key, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-        name = jax.tree_util.keystr(key, simple=True, separator="/")
-        if key not in flat_saved:
-            raise ValueError(f"parameter {name} is not in the checkpoint")
-        if tuple(flat_saved[key].shape) != tuple(leaf.shape):
-            raise ValueError(f"parameter {name}: shape {tuple(flat_saved[key].shape)} in the checkpoint, "
-                             f"{tuple(leaf.shape)} expected")
-
-
 def _is_key(x) -> bool:
     return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
@@ -298,7 +187,7 @@ def _data_to_keys(tree, abstract):
     return jax.tree.map(leaf, tree, abstract)
 
 
-def _restore_target(abstract):
+def restore_target(abstract):
     """``jax.ShapeDtypeStruct``s with a sharding each (the abstract leaf's, else the default device),
     and the raw-bits form of PRNG keys."""
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -13,23 +13,21 @@ half-written checkpoint where a complete one is expected.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
-import logging
 import os
 import shutil
-import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
 from sam3_jax import fileio
+from sam3_jax.checkpoint import save_errors
+from sam3_jax.model.config import ModelConfig
+from sam3_jax.model.tracker.config import TrackerConfig
 
 MANIFEST = "manifest.json"
 PARAMS = "params"
@@ -43,30 +41,6 @@ def sha256(path: str, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-class NonFiniteError(ValueError):
-    """Weights (or a model's outputs) hold NaN or Inf; the message names every such key."""
-
-
-def nonfinite_keys(tree) -> list[str]:
-    """The keys ("/"-joined paths of a nested dict, or the keys of a flat one such as a state_dict) of
-    the floating-point arrays (numpy or jax) that hold a NaN or an Inf. Checked on the host, one array
-    at a time: no compilation per shape, and no copy of a jax array on the CPU."""
-    bad = []
-    for path, value in traverse_util.flatten_dict(tree, sep="/").items():
-        if jnp.issubdtype(value.dtype, jnp.inexact) and not np.isfinite(np.asarray(value)).all():
-            bad.append(path)
-    return bad
-
-
-def check_finite(tree, what: str, *, allow: bool = False, hint: str = "") -> list[str]:
-    """Raises NonFiniteError naming every non-finite key of ``tree`` (see ``nonfinite_keys``), its
-    message starting with ``what`` and ending with ``hint``; with ``allow`` returns those keys instead."""
-    bad = nonfinite_keys(tree)
-    if bad and not allow:
-        raise NonFiniteError(f"{what}: NaN or Inf in {len(bad)} tensor(s){hint}:\n  " + "\n  ".join(bad))
-    return bad
 
 
 def check_output(output_dir: str, overwrite: bool) -> str:
@@ -86,7 +60,7 @@ def write(output_dir: str, params: dict, *, manifest: dict, dead: dict[str, np.n
     fileio.check_space(output_dir, sum(a.nbytes for a in arrays) * 21 // 20 + (1 << 20)
                        + os.path.getsize(vocab_path))
     try:
-        with fileio.atomic_directory(output_dir) as tmp, _one_report_of_writer_failures():
+        with fileio.atomic_directory(output_dir) as tmp, save_errors.writer_failures_reported_once():
             # Synchronous and with little in flight: the async checkpointer would snapshot every array
             # first, and unbounded concurrency stages all of them at once (each one more copy in RAM).
             handler = ocp.StandardCheckpointHandler(save_concurrent_gb=1)
@@ -97,57 +71,9 @@ def write(output_dir: str, params: dict, *, manifest: dict, dead: dict[str, np.n
             with open(os.path.join(tmp, MANIFEST), "w") as f:
                 json.dump(manifest, f, indent=1, sort_keys=True)
     except Exception as e:
-        if _disk_full(e):
+        if save_errors.disk_full(e):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), output_dir) from None
         raise
-
-
-class _WriterFailureLogs(logging.Filter):
-    """Drops the log records, a traceback each, of Orbax's writer threads failing and of asyncio
-    finding their failed futures at exit: the save raises the same error in the calling thread."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and (
-            record.pathname.endswith(os.path.join("futures", "future.py"))
-            or "exception was never retrieved" in record.getMessage()))
-
-
-def _drop_closed_loop_errors(hook):
-    """``sys.unraisablehook`` without the "Event loop is closed" RuntimeErrors that TensorStore's write
-    callbacks report, one per write in flight, once a failed save has closed Orbax's event loop, nor
-    the error of Orbax's event loop collected at interpreter exit after an interrupted run."""
-    def unraisablehook(unraisable):
-        value = unraisable.exc_value
-        closed = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
-        if not closed and getattr(unraisable.object, "__qualname__", "") != "BaseEventLoop.__del__":
-            hook(unraisable)
-    return unraisablehook
-
-
-@contextlib.contextmanager
-def _one_report_of_writer_failures():
-    """While Orbax saves, and after a failed save (its writers and callbacks keep failing until the
-    process exits), a failure of its writers is reported once: by the exception the save raises."""
-    loggers = [logging.getLogger("absl"), logging.getLogger("asyncio")]
-    quiet, hook = _WriterFailureLogs(), sys.unraisablehook
-    for logger in loggers:
-        logger.addFilter(quiet)
-    sys.unraisablehook = _drop_closed_loop_errors(hook)
-    yield  # on an exception the filters stay
-    sys.unraisablehook = hook
-    for logger in loggers:
-        logger.removeFilter(quiet)
-
-
-def _disk_full(e: BaseException | None) -> bool:
-    """Whether ENOSPC is the cause of ``e``, however deep in its chain (or only in its text)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _as_jax(params: dict) -> dict:
@@ -180,3 +106,25 @@ def read_params(checkpoint_dir: str, abstract_params=None):
 
 def config_to_json(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def configs(manifest: dict) -> tuple[ModelConfig, TrackerConfig | None]:
+    """(model config, tracker config or None) as recorded in a converted checkpoint's manifest."""
+    cfg = ModelConfig.from_dict(manifest["model_config"])
+    tracker = manifest.get("tracker_config")
+    if tracker is None:
+        return cfg, None
+    names = {f.name for f in dataclasses.fields(TrackerConfig)}
+    return cfg, TrackerConfig(**{k: v for k, v in tracker.items() if k in names})
+
+
+def abstract_params(cfg: ModelConfig, tracker_cfg: TrackerConfig | None) -> dict:
+    """The params tree of a checkpoint of these sizes (shapes and dtypes only): ``"detector"``, and
+    ``"tracker"`` when ``tracker_cfg`` is given."""
+    from sam3_jax.model import detector
+    from sam3_jax.model.tracker import tracker
+
+    tree = {"detector": detector.abstract_params(cfg)}
+    if tracker_cfg is not None:
+        tree["tracker"] = tracker.abstract_params(tracker_cfg)
+    return tree
