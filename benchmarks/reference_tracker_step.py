@@ -1,5 +1,6 @@
 """The PyTorch side of ``bench_train_step.py --mode=tracker|joint``: the tracker's training work on one
-clip, built from the reference's SAM 3 tracker modules under SAM 2's training recipe (SAM3_SPEC §5.4).
+clip, built from the reference's SAM 3 tracker modules under SAM 2's training recipe
+(docs/reference_model.md, 'Tracker training').
 
 Meta released no tracker training code for SAM 3 (``Sam3TrackerBase.forward`` raises), so this
 drives the reference's own ``track_step`` the way SAM 2's ``SAM2Train.forward_tracking`` does:

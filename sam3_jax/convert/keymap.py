@@ -1,7 +1,7 @@
 """The torch <-> Flax key map: one generic rule, and the few named exceptions.
 
-Our Flax modules mirror the reference's module tree (DESIGN §1.3), so a torch key becomes a Flax
-path mechanically:
+Our Flax modules mirror the reference's module tree (docs/architecture.md,
+'The parameter tree mirrors the reference'), so a torch key becomes a Flax path mechanically:
   * ``a.b.3.c`` -> ``a / b_3 / c`` (ModuleList / Sequential indices join their parent's name);
   * leaf ``weight`` -> ``kernel`` (Linear, Conv), ``scale`` (LayerNorm, GroupNorm) or ``embedding``
     (Embedding), whichever the target module has; ``in_proj_weight`` -> ``in_proj_kernel``;
@@ -26,7 +26,7 @@ RECOMPUTED = {
     "rope": re.compile(r"(^|\.)attn\.freqs_cis$"),
 }
 
-# Weights present in the official checkpoint that no forward pass reads (SAM3_SPEC §2.3, §2.12, §3.3).
+# Weights present in the official checkpoint that no forward pass reads (docs/reference_model.md, 'Checkpoint').
 DEAD = {
     "neck level 0.5 (dropped by scalp=1)": re.compile(r"(^|\.)(sam2_)?convs\.3\."),
     "third pixel-decoder stage (only two are used)": re.compile(r"(^|\.)pixel_decoder\.(conv_layers|norms)\.2\."),
@@ -74,6 +74,25 @@ def flax_path(torch_key: str, flax_paths) -> tuple[str, ...] | None:
         if candidate in flax_paths:
             return candidate
     return None
+
+
+# Module names of the reference that end in ``_<digit>`` themselves (not a ModuleList index joined
+# to its parent's name), which `torch_key` must keep whole.
+_NAMES_WITH_INDEX = re.compile(r"dconv_2x2_[01]|ln_[12]")
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "in_proj_kernel": "in_proj_weight"}
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """The torch key of a Flax path: the inverse of `flax_path` (``("a", "layers_0", "kernel")`` ->
+    ``a.layers.0.weight``), for a model no torch file was converted into."""
+    parts = []
+    for name in path[:-1]:
+        module, _, index = name.rpartition("_")
+        if module and index.isdigit() and not _NAMES_WITH_INDEX.fullmatch(name):
+            parts += [module, index]
+        else:
+            parts.append(name)
+    return ".".join(parts + [_TORCH_LEAF.get(path[-1], path[-1])])
 
 
 def to_flax(torch_key: str, leaf: str, value: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The batch contract between the data pipeline and the model/losses (DESIGN §4).
+"""The batch contract between the data pipeline and the model/losses.
 
 One example is a clip of ``T`` frames from one video (an image is a 1-frame clip). Every array has a
 static shape set by `Dims`, so a batch can cross ``jit`` unchanged; whatever a clip has fewer of

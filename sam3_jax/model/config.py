@@ -1,6 +1,6 @@
 """``ModelConfig``: every size and switch of the model, as frozen dataclasses.
 
-``ModelConfig.official()`` equals the reference (SAM3_SPEC §1.2); ``tiny()`` keeps every code path
+``ModelConfig.official()`` equals the reference (docs/reference_model.md, 'Sizes'); ``tiny()`` keeps every code path
 (windowed + global blocks, all heads) at sizes that run in seconds on a CPU, and builds the
 reference modules at the same sizes for parity tests.
 """

@@ -1,4 +1,5 @@
-"""The DETR decoder with a presence token, box-relative position bias and box refinement (SAM3_SPEC §2.10).
+"""The DETR decoder with a presence token, box-relative position bias and box refinement
+(docs/reference_model.md, 'Decoder').
 
 Batch-first: queries (B, Q, C), memory (B, HW, C). The decoder sequence is
 ``[presence, o2o queries..., o2m queries...]``: the presence token (if any) sits at index 0 with a

@@ -1,4 +1,4 @@
-"""The fusion encoder: image tokens attend to themselves and to the prompt (SAM3_SPEC §2.9).
+"""The fusion encoder: image tokens attend to themselves and to the prompt (docs/reference_model.md, 'Fusion encoder').
 
 The reference's ``TransformerEncoderFusion`` as SAM 3 builds it: one feature level (no level
 embedding), no pooled-text add (so no ``text_pooling_proj``), pre-norm layers and no final norm.

@@ -1,4 +1,5 @@
-"""The geometry prompt encoder (torch ``geometry_encoder``, ``SequenceGeometryEncoder``): SAM3_SPEC §2.8.
+"""The geometry prompt encoder (the reference's ``geometry_encoder``, ``SequenceGeometryEncoder``;
+docs/reference_model.md, 'Geometry encoder').
 
 Boxes and points become one token each: a direct projection of the coordinates, a projection of
 image features pooled at the prompt (RoIAlign 7x7 + a 7x7 VALID conv for boxes, a bilinear sample

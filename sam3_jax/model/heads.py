@@ -1,7 +1,7 @@
 """Heads on the decoder's queries: dot-product scoring, the segmentation head, and the output dict.
 
-SAM3_SPEC §2.11-2.12. Channels-last: FPN maps are (B, H, W, C); mask logits come out (B, Q, H, W)
-at the finest FPN level and the semantic map (B, H, W, 1).
+See docs/reference_model.md, 'Scoring and segmentation head'. Channels-last: FPN maps are (B, H, W, C); mask
+logits come out (B, Q, H, W) at the finest FPN level and the semantic map (B, H, W, 1).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The dual SimpleFPN neck (the reference's ``necks.Sam3DualViTDetNeck``): SAM3_SPEC §2.3.
+"""The dual SimpleFPN neck (the reference's ``necks.Sam3DualViTDetNeck``; docs/reference_model.md, 'Neck').
 
 One trunk, two identical stacks of per-scale convs with separate weights: ``convs`` feed the
 detector, ``sam2_convs`` the tracker. From the stride-14 trunk map each level is upsampled with

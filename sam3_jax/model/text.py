@@ -1,6 +1,6 @@
 """The text encoder (``backbone.language_backbone``): a causal CLIP text transformer and a resizer.
 
-Parameter tree (mirrors the reference's ``VETextEncoder``, SAM3_SPEC §2.6)::
+Parameter tree (mirrors the reference's ``VETextEncoder``, docs/reference_model.md, 'Text encoder')::
 
     encoder/token_embedding/embedding              (vocab, width)
     encoder/positional_embedding                   (context_length, width)

@@ -1,4 +1,4 @@
-"""CLIP byte-level BPE tokenizer producing exactly the reference's token ids (SAM3_SPEC §2.5).
+"""CLIP byte-level BPE tokenizer producing exactly the reference's token ids (docs/reference_model.md, 'Tokenizer').
 
 Text is cleaned (ftfy, HTML entities, whitespace, lower case), split into words by the CLIP
 pattern, each word's UTF-8 bytes are spelled with printable stand-in characters and merged by the

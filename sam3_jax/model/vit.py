@@ -1,4 +1,4 @@
-"""The ViTDet image trunk (the reference's ``vitdet.ViT`` as SAM 3 builds it): SAM3_SPEC §2.2.
+"""The ViTDet image trunk (the reference's ``vitdet.ViT`` as SAM 3 builds it; docs/reference_model.md, 'Image trunk').
 
 Patch embedding, a tiled absolute position embedding, ``ln_pre``, then pre-norm blocks with 2-D
 RoPE: most blocks attend inside non-overlapping windows, a few (``global_att_blocks``) over the

@@ -1,7 +1,7 @@
 """Meta's SAM 3 (PyPI ``sam3==0.1.4``) on CPU, as the parity oracle.
 
 Install it with ``scripts/install_reference.sh``. ``load()`` imports it once; on a machine without
-CUDA it applies the shims its CUDA-only code paths need (SAM3_SPEC §2.17): position-encoding caches and decoder coordinates built
+CUDA it applies the shims its CUDA-only code paths need: position-encoding caches and decoder coordinates built
 on CPU, ``Tensor.pin_memory``/``Tensor.cuda`` as identities, and stub packages for torchvision,
 triton and decord (see ``stubs/README.md``). The CLIP vocabulary comes from our own package data.
 """

@@ -1,4 +1,5 @@
-"""Matchers between predicted queries and padded ground-truth targets, on device (SAM3_SPEC §4.3).
+"""Matchers between predicted queries and padded ground-truth targets, on device
+(docs/reference_model.md, 'Detector training').
 
 * ``linear_sum_assignment``: an exact Hungarian solver (shortest augmenting paths with dual
   potentials, the Jonker-Volgenant / Kuhn-Munkres O(n^2 m) scheme) as ``lax`` loops over static

@@ -1,4 +1,4 @@
-"""The device mesh of training, built in one place: axes ("data", "frame") (DESIGN §3).
+"""The device mesh of training, built in one place: axes ("data", "frame") (docs/architecture.md, 'The train step').
 
 Clip ``b`` of a global batch lives on a "data" shard, frame ``t`` of each clip on a "frame" shard,
 so the expensive per-frame work (ViT, detector) is never duplicated. Both axes are Explicit: the

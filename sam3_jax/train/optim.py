@@ -1,4 +1,5 @@
-"""The optimiser: AdamW over SAM 3's parameter groups as one optax transformation (SAM3_SPEC §4.5, §5.4).
+"""The optimiser: AdamW over SAM 3's parameter groups as one optax transformation (docs/reference_model.md,
+'Detector training' and 'Tracker training').
 
 What the reference's fine-tuning configs build with torch param groups, decided here from each
 parameter's '/'-joined path:

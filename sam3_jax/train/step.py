@@ -1,4 +1,5 @@
-"""The video train step (DESIGN §3): ``jit(value_and_grad(shard_map(per-shard loss)))`` + optax.
+"""The video train step: ``jit(value_and_grad(shard_map(per-shard loss)))`` + optax
+(docs/architecture.md, 'The train step').
 
 Per shard (a block of clips x a block of their frames, see `mesh`):
   1. the ViT trunk and necks encode the local frames, the text encoder the clips' phrases;

@@ -1,4 +1,5 @@
-"""The tracker over whole clips in training (``SAM2Train.forward_tracking``, SAM3_SPEC §5.4), static shapes.
+"""The tracker over whole clips in training (``SAM2Train.forward_tracking``; docs/reference_model.md,
+'Tracker training'), static shapes.
 
 A prompt plan per clip (`tracker_prompts.sample_plan`) picks the initial conditioning frames, whether
 they get the GT mask or a click / noisy box, and the frames that receive corrective clicks. Every

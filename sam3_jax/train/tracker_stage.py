@@ -1,4 +1,5 @@
-"""The tracker as the train step's clip-level stage (DESIGN §3 step 4), and its held-out evaluation.
+"""The tracker as the train step's clip-level stage (docs/architecture.md, 'The train step', step 4),
+and its held-out evaluation.
 
 Inside the step's ``shard_map`` each device holds a block of clips and a block of their frames. The
 gathered tracker features already cover whole clips; the ground-truth masks are redistributed with

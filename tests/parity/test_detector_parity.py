@@ -87,7 +87,7 @@ def test_tiny_detector_matches_reference(ref, joint_box_scores):
 
 @pytest.mark.slow
 def test_official_detector_on_a_photograph(ref):
-    """SAM3_SPEC parity targets: boxes, presence and scores <= 1e-4; mask logits <= 1e-3 of max."""
+    """Parity targets: boxes, presence and scores <= 1e-4; mask logits <= 1e-3 of max."""
     from skimage import data
 
     cfg = ModelConfig.official()

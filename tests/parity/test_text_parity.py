@@ -1,4 +1,5 @@
-"""Tokenizer and text encoder against the reference (SAM3_SPEC §2.5, §2.6), end to end from strings."""
+"""Tokenizer and text encoder against the reference, end to end from strings (docs/reference_model.md,
+'Tokenizer', 'Text encoder')."""
 import dataclasses
 import re
 

@@ -434,7 +434,7 @@ def test_track_step_clip(ref, memory_selection):
     b = len(PROMPTS)
     abstract = jax.eval_shape(lambda: Tracker(cfg).init(jax.random.key(0), method=Tracker.all_paths))["params"]
     state = state_dict_numpy(trk)
-    state.pop("no_mem_pos_enc")  # never read by the reference (SAM3_SPEC §3.1); dead for the converter
+    state.pop("no_mem_pos_enc")  # never read by the reference; dead for the converter
     params = keymap.convert(state, abstract).params
     bank, got = jax.jit(_track_clip, static_argnums=(0, 4))(cfg, params, frames, _prompt_arrays(PROMPTS), b)
 
@@ -484,7 +484,7 @@ def test_track_step_clip_official_size(ref):
     prompts = [{0: (((yy - 0.4) ** 2 / 0.04 + (xx - 0.55) ** 2 / 0.02) < 1).astype(np.float32)}]
     wants = [_run_torch_clip(ref, trk, cfg, frames, prompts[0])]
     state = state_dict_numpy(trk)
-    state.pop("no_mem_pos_enc")  # never read by the reference (SAM3_SPEC §3.1); dead for the converter
+    state.pop("no_mem_pos_enc")  # never read by the reference; dead for the converter
     params = keymap.convert(state, jax.eval_shape(
         lambda: Tracker(cfg).init(jax.random.key(0), method=Tracker.all_paths))["params"]).params
     _, got = jax.jit(_track_clip, static_argnums=(0, 4))(cfg, params, frames, _prompt_arrays(prompts, cfg), 1)

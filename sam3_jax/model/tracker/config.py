@@ -1,4 +1,4 @@
-"""``TrackerConfig``: every size and switch of the SAM 3 tracker (SAM3_SPEC §1.1 build_tracker, §1.2).
+"""``TrackerConfig``: every size and switch of the SAM 3 tracker (docs/reference_model.md, 'Sizes').
 
 ``official()`` equals ``model_builder.build_tracker``; ``tiny()`` keeps every code path at sizes that
 run in seconds on a CPU (an 8x8 feature grid from a 112 px image) and is what the parity tests build

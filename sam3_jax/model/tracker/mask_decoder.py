@@ -1,5 +1,5 @@
 """SAM's mask decoder (``sam/mask_decoder.py:MaskDecoder`` + ``sam/transformer.py:TwoWayTransformer``),
-SAM3_SPEC §2.14 step 3, as the tracker builds it: high-resolution features, object-score token and
+docs/reference_model.md, 'Tracker', step 3, as the tracker builds it: high-resolution features, object-score token and
 MLP head, IoU head with sigmoid, multimask tokens for the object pointer, dynamic multimask via
 stability at eval.
 

@@ -1,4 +1,4 @@
-"""The tracker's memory attention (SAM3_SPEC §2.14 step 2): the current frame's tokens attend to the
+"""The tracker's memory attention (docs/reference_model.md, 'Tracker', step 2): the current frame's tokens attend to the
 spatial memories of past frames and to object pointers.
 
 Reference: ``decoder.py:TransformerEncoderCrossAttention`` with ``TransformerDecoderLayerv2`` layers

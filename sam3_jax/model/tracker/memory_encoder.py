@@ -1,4 +1,4 @@
-"""The tracker's memory encoder (``memory.py:SimpleMaskEncoder``, SAM3_SPEC §2.14 step 4): fuses the
+"""The tracker's memory encoder (``memory.py:SimpleMaskEncoder``, docs/reference_model.md, 'Tracker', step 4): fuses the
 current frame's raw features with its predicted mask into a ``mem_dim``-channel spatial memory.
 
 mask (B, S, S) -> resize to ``mask_interpol_size`` -> strided convs down to the feature grid ->

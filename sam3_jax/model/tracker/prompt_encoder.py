@@ -1,4 +1,4 @@
-"""SAM's prompt encoder (``sam/prompt_encoder.py:PromptEncoder``, SAM3_SPEC §2.14 step 3).
+"""SAM's prompt encoder (``sam/prompt_encoder.py:PromptEncoder``, docs/reference_model.md, 'Tracker', step 3).
 
 Sparse prompts are points in pixel coordinates of the input image with labels 0 (negative),
 1 (positive), 2/3 (box top-left / bottom-right corners; the predictor turns a box into these two

@@ -5,7 +5,8 @@
 ``mask_downsample`` and the raw parameters ``maskmem_tpos_enc``, ``no_mem_embed``, ``no_obj_ptr``,
 ``no_obj_embed_spatial``. (``no_mem_pos_enc`` is never read by the reference's forward pass.)
 
-``Tracker.track_step`` processes one frame for a batch of objects (SAM3_SPEC §2.14) with static shapes:
+``Tracker.track_step`` processes one frame for a batch of objects (docs/reference_model.md, 'Tracker') with
+static shapes:
 the memory it attends to is a ``SelectedMemory`` (fixed numbers of spatial-memory slots and object
 pointers with validity masks; ``memory_bank.select_memory`` builds it as the reference selects), and
 the per-object path is chosen with masks, not Python branches:

@@ -1,5 +1,5 @@
-"""The SAM 3 detector losses (SAM3_SPEC §4.4): ``Sam3LossWrapper`` over ``IABCEMdetr``, ``Boxes``
-and ``Masks``, on padded targets with static shapes.
+"""The SAM 3 detector losses (docs/reference_model.md, 'Detector training'): ``Sam3LossWrapper`` over
+``IABCEMdetr``, ``Boxes`` and ``Masks``, on padded targets with static shapes.
 
 Matches are dense (B, Q, N) booleans (query q answers target slot n), which covers both the
 one-to-one Hungarian matches and the one-to-many ones (a query may match several targets), so
