@@ -31,6 +31,10 @@ class ViTConfig:
     # ``nn.attention.attend``'s implementation: None picks cuDNN flash attention on a GPU in
     # bf16/fp16 and XLA elsewhere; "xla" or "cudnn" forces one.
     attention_impl: str | None = None
+    # XLA's CPU dot path in the jits whose cost is this encoder (``nn.compiler.encoder_options``):
+    # None turns YNNPACK's dot fusions off from ``compiler.FULL_WIDTH`` on, where XLA's own dots are
+    # faster, and keeps XLA's defaults below; True keeps XLA's defaults, False turns them off.
+    cpu_ynn: bool | None = None
     # Compile time: scan over the repeating [windowed..., global] groups of blocks (params stacked
     # per position in the group, see ``stacking``) instead of unrolling every block.
     scan_blocks: bool = False

@@ -5,8 +5,8 @@ bias (boxRPB, causal masks) and a boolean key-padding mask (True = ignore, torch
 Softmax runs in float32 whatever the compute dtype.
 
 On a GPU, attention in bf16/fp16 without bias, padding mask or dropout (the ViT's window and global
-blocks) goes to cuDNN's fused flash attention, which never materialises the (Lq, Lk) logits; set
-``SAM3_JAX_CUDNN_ATTENTION=0`` to keep XLA's einsum-softmax-einsum everywhere (e.g. to compare).
+blocks) goes to cuDNN's fused flash attention, which never materialises the (Lq, Lk) logits; the
+``implementation`` argument (``ViTConfig.attention_impl``) forces one or the other.
 Long attention that cuDNN does not take (dropout, a bias or padding mask, float32) goes as a loop
 over tiles (``lax.map``): a chunk of the queries at a time, each tile rematerialised in the backward
 pass (``jax.checkpoint``), so neither pass ever holds all (Lq, Lk) logits, the dropout bits or the
@@ -20,8 +20,6 @@ this halved the time of the ViT's windowed and global attention); elsewhere a ti
 (batch, head) pair and at most ``TILE_LOGITS`` logits.
 """
 from __future__ import annotations
-
-import os
 
 import flax.linen as nn
 import jax
@@ -57,9 +55,8 @@ def _use_cudnn(q, k, v, bias, key_padding_mask, dropout: bool, implementation: s
     decide; "xla" or "cudnn": forced)."""
     if implementation is not None:
         return implementation == "cudnn"
-    return (os.environ.get("SAM3_JAX_CUDNN_ATTENTION", "1") != "0" and platform.current() == "gpu"
-            and bias is None and key_padding_mask is None and not dropout and q.dtype in CUDNN_DTYPES
-            and q.dtype == k.dtype == v.dtype and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
+    return (platform.current() == "gpu" and bias is None and key_padding_mask is None and not dropout
+            and q.dtype in CUDNN_DTYPES and q.dtype == k.dtype == v.dtype and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
 
 
 def split_heads(x, num_heads: int):

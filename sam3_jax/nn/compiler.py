@@ -1,20 +1,17 @@
 """XLA compiler options for the jits that run the detector's image encoder at full width on CPUs.
 
 On CPUs, XLA (jaxlib 0.10) hands dots to YNNPACK ("YNN fusions") by default. Which of that and
-XLA's own dot is faster depends on the shape: on a 2-core AVX2 machine, XLA's own was 1.4x faster
-for the ViT's 5184x1024 @ 1024x{1024,4736} GEMMs and 1.5x slower for a 1024x256 @ 256x2048 one, and
-the tiny tracker train step got slower without YNN (0.54 -> 0.70 s). The official-size detector
-forward, almost all ViT, took 48.0 s without YNN against 58.6 s with it (benchmarks/README.md).
-So the jits dominated by a full-width image encoder (``ViTConfig.embed_dim`` >= 1024) turn the
-YNN fusions off on CPUs, and everything else keeps XLA's defaults.
+XLA's own dot is faster depends on the shape: XLA's own is faster for the full-width ViT's large
+GEMMs and slower for small ones (benchmarks/README.md). So the jits dominated by a full-width image
+encoder (``ViTConfig.embed_dim`` >= 1024) turn the YNN fusions off on CPUs, and everything else
+keeps XLA's defaults; ``ViTConfig.cpu_ynn`` overrides that choice.
 
 The option is experimental: where an XLA does not know it, nothing is set (checked once, by
-compiling a no-op with it). ``SAM3_JAX_CPU_YNN=1`` keeps XLA's defaults everywhere (to compare).
+compiling a no-op with it).
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +35,8 @@ def _known(option: str, value: str) -> bool:
 def encoder_options(cfg) -> dict:
     """``compiler_options`` for a jit whose cost is the image encoder of ``cfg`` (a ``ModelConfig``;
     see the module docstring)."""
-    if (platform.current() != "cpu" or cfg.vit.embed_dim < FULL_WIDTH
-            or os.environ.get("SAM3_JAX_CPU_YNN") == "1"):
+    ynn = cfg.vit.cpu_ynn if cfg.vit.cpu_ynn is not None else cfg.vit.embed_dim < FULL_WIDTH
+    if platform.current() != "cpu" or ynn:
         return {}
     return {k: v for k, v in YNN_OFF.items() if _known(k, v)}
 

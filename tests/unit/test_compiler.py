@@ -1,4 +1,6 @@
 """The CPU compile options of full-width image-encoder jits (sam3_jax.nn.compiler)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -17,10 +19,17 @@ def test_full_width_encoder_jits_compile_without_ynn_fusions():
     assert "dot" in text and "__ynn_fusion" not in text
 
 
-def test_small_encoders_and_the_opt_out_keep_xla_defaults(monkeypatch):
+def test_small_encoders_and_the_opt_out_keep_xla_defaults():
     assert compiler.encoder_options(ModelConfig.tiny()) == {}
-    monkeypatch.setenv("SAM3_JAX_CPU_YNN", "1")
-    assert compiler.encoder_options(ModelConfig.official()) == {}
+    official = ModelConfig.official()
+    assert compiler.encoder_options(official.replace(vit=dataclasses.replace(official.vit, cpu_ynn=True))) == {}
+
+
+def test_the_config_can_turn_ynn_fusions_off_at_any_width():
+    if not compiler._known(*next(iter(compiler.YNN_OFF.items()))):
+        pytest.skip("this XLA has no YNN fusion option")
+    tiny = ModelConfig.tiny()
+    assert compiler.encoder_options(tiny.replace(vit=dataclasses.replace(tiny.vit, cpu_ynn=False))) == compiler.YNN_OFF
 
 
 def test_an_option_this_xla_does_not_know_is_left_out():
