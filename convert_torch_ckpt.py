@@ -9,9 +9,10 @@
 weights carried through, RoPE buffers recomputed), loadable by ``build_sam3_video_model``, from a
 converted checkpoint or from a training run (its workdir: the newest step; ``WORKDIR/checkpoints_best``
 or ``WORKDIR/checkpoints/STEP``). A run is exported with the key layout, dead weights and dtypes of the
-converted checkpoint it started from (its ``init_from``). ``from_run`` writes a run's parameters as a
+converted checkpoint it started from (its ``init_from``), or, trained from scratch, with the layout
+of its sizes (float32, the unused weights zero). ``from_run`` writes a run's parameters as a
 converted checkpoint directory in the same way (``--checkpoint`` names another converted checkpoint
-of the same sizes to take those from, e.g. for a run trained from scratch).
+of the same sizes to take those from).
 
 Every direction checks its output before the work (it must not exist unless ``--overwrite``, and its
 folder must be writable) and refuses tensors holding NaN or Inf, naming each, unless

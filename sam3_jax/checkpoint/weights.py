@@ -52,10 +52,10 @@ def write_run_models(workdir: str, model_cfg: ModelConfig, tracker_cfg: TrackerC
     os.replace(path + ".tmp", path)
 
 
-def read(directory: str, *, tracker: bool) -> Weights:
+def read(directory: str, *, tracker: bool, allow_nonfinite: bool = False) -> Weights:
     """The weights in ``directory`` (a converted checkpoint, or a run as in the module docstring), the
     configs set to scan every stack. With ``tracker`` False, or sizes without one, params holds only
-    "detector". Non-finite weights raise ``finite.NonFiniteError``."""
+    "detector". Non-finite weights raise ``finite.NonFiniteError`` unless ``allow_nonfinite``."""
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory does not exist: {directory}")
@@ -73,7 +73,7 @@ def read(directory: str, *, tracker: bool) -> Weights:
         params = restore.load_params(directory, abstract)
     else:
         params = _read_run(directory, workdir, abstract, {"detector": stored_cfg, "tracker": stored_tracker_cfg})
-    finite.check_finite(params, f"checkpoint {directory}")
+    finite.check_finite(params, f"checkpoint {directory}", allow=allow_nonfinite)
     return Weights(params, cfg, tracker_cfg, vocab)
 
 

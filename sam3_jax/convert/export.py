@@ -89,17 +89,17 @@ def write_torch(checkpoint_dir: str, torch_ckpt: str, params: dict | None = None
                 allow_nonfinite: bool = False) -> int:
     """Writes ``{"model": state_dict}`` to ``torch_ckpt`` atomically, each tensor in the dtype the
     source file had; returns the number of keys. ``checkpoint_dir``: a converted checkpoint, or a
-    training run (its workdir or one of its checkpoints) exported with what the converted checkpoint
-    it started from holds beside parameters (`from_run.base_of`). An existing ``torch_ckpt`` is
+    training run (its workdir or one of its checkpoints) exported as `from_run.source` gives it (the
+    layout of the converted checkpoint it started from, or of its sizes). An existing ``torch_ckpt`` is
     refused, before any work, unless ``overwrite``; tensors holding NaN or Inf are refused, all
     named, unless ``allow_nonfinite``."""
     fileio.check_output(torch_ckpt, overwrite, directory=False)
     if params is None and not os.path.isfile(os.path.join(checkpoint_dir, converted.MANIFEST)):
-        base = from_run.base_of(checkpoint_dir)
-        params, _ = from_run.run_params(checkpoint_dir, base, allow_nonfinite=allow_nonfinite)
-        checkpoint_dir = base
-    state_dict = export_checkpoint(checkpoint_dir, params)
+        params, manifest, dead, _ = from_run.source(checkpoint_dir, allow_nonfinite=allow_nonfinite)
+        state_dict = export_params(params, manifest, dead)
+    else:
+        manifest, state_dict = converted.read_manifest(checkpoint_dir), export_checkpoint(checkpoint_dir, params)
     finite.check_finite(state_dict, checkpoint_dir, allow=allow_nonfinite, hint=sam3_checkpoint.ALLOW_HINT)
-    dtypes = converted.read_manifest(checkpoint_dir).get("source_dtypes", {})
+    dtypes = manifest.get("source_dtypes", {})
     torch_io.write_state_dict(state_dict, torch_ckpt, dtypes)
     return len(state_dict)

@@ -5,8 +5,9 @@ reads only converted checkpoints (the predictors read a run's workdir directly).
 The run's checkpoints hold parameters and optimiser state but none of what the export needs beside
 them (the key map, the dead weights, the source dtypes, the vocabulary), so those come from the
 converted checkpoint the run started from (its ``init_from``, followed through runs started from
-runs) or any converted checkpoint of the same sizes. Every layer stack is written unrolled, the
-layout of a converted checkpoint, however the run scanned it.
+runs) or any converted checkpoint of the same sizes; for a run trained from scratch, from the
+layout of its sizes (`torch_layout`). Every layer stack is written unrolled, the layout of a
+converted checkpoint, however the run scanned it.
 """
 from __future__ import annotations
 
@@ -16,20 +17,20 @@ import os
 import numpy as np
 
 from sam3_jax.checkpoint import converted, finite, restore, weights
-from sam3_jax.convert import sam3_checkpoint
+from sam3_jax.convert import sam3_checkpoint, torch_layout
+from sam3_jax.model import stacking
 
 
-def base_of(run_dir: str) -> str:
-    """The converted checkpoint ``run_dir`` (a workdir, or a checkpoint of one) started from."""
+def base_of(run_dir: str) -> str | None:
+    """The converted checkpoint ``run_dir`` (a workdir, or a checkpoint of one) started from; None
+    for a run trained from scratch."""
     directory, seen = run_dir, []
     while True:
         workdir = weights.run_dir(os.path.abspath(directory))
         with open(os.path.join(workdir, weights.CONFIG), encoding="utf-8") as f:
             init_from = json.load(f).get("init_from") or ""
         if not init_from:
-            raise ValueError(f"{run_dir}: trained from scratch (no init_from), so there is no converted checkpoint "
-                             f"to take the torch key layout and the unused weights from: give one of the same sizes "
-                             f"(--checkpoint=DIR with --direction=from_run)")
+            return None
         if os.path.isfile(os.path.join(init_from, converted.MANIFEST)):
             return init_from
         if workdir in seen:
@@ -58,16 +59,28 @@ def run_params(run_dir: str, base_dir: str, *, allow_nonfinite: bool = False) ->
     return params, manifest
 
 
+def source(run_dir: str, base_dir: str | None = None, *, allow_nonfinite: bool = False
+           ) -> tuple[dict, dict, dict[str, np.ndarray], str]:
+    """(params, manifest, dead weights, vocabulary file) of ``run_dir`` as a converted checkpoint:
+    `run_params` with ``base_dir``'s (default: `base_of` the run) dead weights and vocabulary; for a
+    run from scratch, all its models as `weights.read` gives them and the layout of its sizes."""
+    base_dir = base_dir or base_of(run_dir)
+    if base_dir is not None:
+        params, manifest = run_params(run_dir, base_dir, allow_nonfinite=allow_nonfinite)
+        with np.load(os.path.join(base_dir, converted.DEAD)) as npz:
+            dead = {k: npz[k] for k in npz.files}
+        return params, manifest, dead, os.path.join(base_dir, converted.VOCAB)
+    read = weights.read(run_dir, tracker=True, allow_nonfinite=allow_nonfinite)
+    manifest, dead = torch_layout.layout(read.model_cfg, read.tracker_cfg)
+    manifest["trained"] = {"run": os.path.abspath(run_dir), "models": sorted(read.params), "base": None}
+    return stacking.relayout(read.params, {}, owned=True), manifest, dead, read.vocab
+
+
 def write_from_run(run_dir: str, base_dir: str | None, output_dir: str, *, overwrite: bool = False,
                    allow_nonfinite: bool = False) -> dict:
-    """Writes ``output_dir`` (atomically) from `run_params` and ``base_dir``'s dead weights and
-    vocabulary; ``base_dir`` None: `base_of` the run. Returns the manifest. The output is checked
-    before anything is read."""
+    """Writes `source` as the directory ``output_dir`` (atomically); returns the manifest. The output
+    is checked before anything is read."""
     converted.check_output(output_dir, overwrite)
-    base_dir = base_dir or base_of(run_dir)
-    params, manifest = run_params(run_dir, base_dir, allow_nonfinite=allow_nonfinite)
-    with np.load(os.path.join(base_dir, converted.DEAD)) as npz:
-        dead = {k: npz[k] for k in npz.files}
-    converted.write(output_dir, params, manifest=manifest, dead=dead,
-                    vocab_path=os.path.join(base_dir, converted.VOCAB), overwrite=overwrite)
+    params, manifest, dead, vocab = source(run_dir, base_dir, allow_nonfinite=allow_nonfinite)
+    converted.write(output_dir, params, manifest=manifest, dead=dead, vocab_path=vocab, overwrite=overwrite)
     return manifest

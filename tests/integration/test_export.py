@@ -104,12 +104,14 @@ def test_a_training_run_exports_through_from_run(tiny_state_dict, tmp_path):
         np.testing.assert_allclose(value, want, rtol=1e-6, err_msg=key)
 
 
-def test_a_run_exports_to_torch_through_the_checkpoint_it_started_from(tiny_state_dict, tmp_path):
+def test_a_run_exports_to_torch_through_the_checkpoint_it_started_from(ref, tiny_state_dict, tmp_path):
     """``to_torch --checkpoint=WORKDIR`` of a run fine-tuned from a converted checkpoint: the run's
-    detector, the base's tracker, dead weights and RoPE buffers; ``from_run`` finds the same base by
-    itself; a run trained from scratch is refused in one line that says what to give instead."""
+    detector, the base's tracker, dead weights and RoPE buffers (and ``from_run`` finds the same base
+    by itself). A run trained from scratch exports in the layout of its sizes: the reference's keys
+    and shapes, its detector, the tracker it started with, and Meta's modules load it strictly."""
     from sam3_jax.checkpoint import weights
     from sam3_jax.convert.from_run import write_from_run
+    from sam3_jax.testing import reference
 
     base = _converted(tiny_state_dict, tmp_path)
     abstract = converted.abstract_params(*converted.configs(converted.read_manifest(str(base))))
@@ -119,10 +121,10 @@ def test_a_run_exports_to_torch_through_the_checkpoint_it_started_from(tiny_stat
         _save_run(workdir / "checkpoints", tuned)
         (workdir / "config.json").write_text(f'{{"init_from": "{init_from}", "seed": 0}}')
         weights.write_run_models(str(workdir), ModelConfig.tiny(), TrackerConfig.tiny())
-    target = tmp_path / "tuned.pt"
     cli = [sys.executable, os.path.join(REPO, "convert_torch_ckpt.py"), "--direction=to_torch"]
-    subprocess.run([*cli, f"--checkpoint={tmp_path / 'run'}", f"--torch_ckpt={target}"], check=True, cwd=REPO)
-    out = torch_io.read_state_dict(str(target))[0]
+    subprocess.run([*cli, f"--checkpoint={tmp_path / 'run'}", f"--torch_ckpt={tmp_path / 'run.pt'}"], check=True,
+                   cwd=REPO)
+    out = torch_io.read_state_dict(str(tmp_path / "run.pt"))[0]
     assert sorted(out) == sorted(tiny_state_dict)
     manifest = converted.read_manifest(str(base))
     mapped = {k for k, fate in manifest["keys"].items() if k.startswith("detector.") and fate.startswith(export.MAPPED)}
@@ -131,11 +133,20 @@ def test_a_run_exports_to_torch_through_the_checkpoint_it_started_from(tiny_stat
                                    rtol=1e-6, err_msg=key)
     found = write_from_run(str(tmp_path / "run"), None, str(tmp_path / "tuned"))
     assert found["trained"]["base"] == str(base) and found["trained"]["models"] == ["detector"]
-    refused = subprocess.run([*cli, f"--checkpoint={tmp_path / 'scratch'}", f"--torch_ckpt={tmp_path / 'x.pt'}"],
-                             cwd=REPO, capture_output=True, text=True)
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert "trained from scratch (no init_from)" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "x.pt").exists()
+
+    subprocess.run([*cli, f"--checkpoint={tmp_path / 'scratch'}", f"--torch_ckpt={tmp_path / 'scratch.pt'}"],
+                   check=True, cwd=REPO)
+    sd = ref.torch.load(tmp_path / "scratch.pt", map_location="cpu", weights_only=True)["model"]
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {k: v.shape for k, v in tiny_state_dict.items()}
+    for key in mapped:
+        np.testing.assert_allclose(sd[key].numpy(), tiny_state_dict[key] + 1, rtol=1e-6, err_msg=key)
+    started = weights.read(str(tmp_path / "scratch"), tracker=True).params["tracker"]
+    key = "tracker.obj_ptr_proj.layers.0.weight"
+    np.testing.assert_array_equal(sd[key].numpy(), np.asarray(started["obj_ptr_proj"]["layers_0"]["kernel"]).T)
+    reference.build_image_model(ModelConfig.tiny()).load_state_dict(
+        {k[len("detector."):]: v for k, v in sd.items() if k.startswith("detector.")}, strict=True)
+    reference.build_tracker(TrackerConfig.tiny()).load_state_dict(
+        {k[len("tracker."):]: v for k, v in sd.items() if k.startswith("tracker.")}, strict=True)
 
 
 def test_from_run_names_a_parameter_of_another_shape(tiny_state_dict, tmp_path):
