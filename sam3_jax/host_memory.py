@@ -3,7 +3,8 @@
 glibc serves allocations under its (adaptive, at most 32 MiB) mmap threshold from its heap and keeps
 what is freed there for reuse, so a process that replaces many such buffers by larger ones keeps
 both in its resident set: stacking the official detector's restored layers (`stacking.relayout`)
-left 3.2 GiB of parameters in a 6.4 GiB resident set on a CPU, 3.6 GiB after `trim`."""
+left the freed unstacked layers resident beside the stacked ones until `trim`
+(benchmarks/README.md)."""
 from __future__ import annotations
 
 import ctypes

@@ -30,8 +30,7 @@ from PIL import Image
 # cores (and the per-core throughput is what the data benchmark holds us to).
 cv2.setNumThreads(1)
 # Pillow returns every freed image's memory to the OS by default, so each frame's decode faults in
-# fresh pages (~2,200 a frame at S = 1008); keeping a few freed blocks lets the next frame reuse
-# them (in process, 27.5 -> 21.0 ms a frame on a 2-core CPU machine).
+# fresh pages; keeping a few freed blocks lets the next frame reuse them (benchmarks/README.md).
 Image.core.set_blocks_max(max(Image.core.get_blocks_max(), 16))
 
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, as PIL's and torchvision's grayscale
@@ -127,10 +126,10 @@ def _warp(src: np.ndarray, unit_matrix: np.ndarray, out: np.ndarray, interpolati
 def pixels(img: Image.Image) -> np.ndarray:
     """np.asarray(img) for 8-bit modes (L, P, RGB, ...), read out in one piece.
 
-    np.asarray goes through `Image.tobytes`, which encodes 64 KiB chunks and joins them: for a
-    1008 x 1008 RGB frame that is several ms (fresh buffers, a second copy), ten times a plain
-    copy. Here Pillow's raw encoder writes the whole image into one buffer; where that internal
-    interface is missing or changed, this falls back to np.asarray (same values, slower).
+    np.asarray goes through `Image.tobytes`, which encodes 64 KiB chunks and joins them (fresh
+    buffers, a second copy; benchmarks/README.md). Here Pillow's raw encoder writes the whole image
+    into one buffer; where that internal interface is missing or changed, this falls back to
+    np.asarray (same values, slower).
     """
     channels = len(img.getbands())
     nbytes = img.width * img.height * channels

@@ -140,9 +140,7 @@ def abstract_params(cfg: ModelConfig):
 
 def init_params(cfg: ModelConfig, rng):
     """Random parameters initialised as the reference's modules are (`init.reference_init`), drawn
-    from the parameter shapes alone, so no module ``init`` (a traced forward pass) is compiled.
-    That, with one random draw per leaf, had not compiled after 130 s for the official model on an
-    H200; two whole draws compiled in 18.3 s there (block-wise draws, ``init._draw``, not yet timed
-    on a GPU)."""
+    from the parameter shapes alone, so no module ``init`` (a traced forward pass) is compiled: that,
+    with one random draw per leaf, was far slower to compile (benchmarks/README.md)."""
     abstract = abstract_params(cfg)
     return jax.jit(lambda r: init.reference_init(abstract, r))(rng)

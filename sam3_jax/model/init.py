@@ -57,8 +57,8 @@ def reference_init(params, rng: jax.Array):
     Jittable.
 
     All random leaves come out of two draws (standard normal, uniform on [-1, 1); ``_draw``), sliced
-    and scaled: XLA takes about 0.25 s to compile each threefry draw on a 2-core CPU, so one draw per
-    leaf made the official detector's init take 80 s to compile."""
+    and scaled: each threefry draw is a hash loop of its own for XLA to compile, so one draw per leaf
+    made the official detector's init slow to compile (benchmarks/README.md)."""
     flat = traverse_util.flatten_dict(params)
     shapes = {path: stacking.layer_shape(path, leaf.shape) for path, leaf in flat.items()}
     out, random = {}, {"normal": [], "uniform": []}
@@ -89,8 +89,8 @@ DRAW_BLOCK = 1 << 24  # values a random draw makes at once
 def _draw(kind: str, key, total: int):
     """``total`` values of N(0, 1) ("normal") or U[-1, 1) ("uniform"). Past ``DRAW_BLOCK`` values they
     are drawn a block at a time (``lax.map``, a key a block): threefry's intermediates are several
-    times its output, so the official detector's init in one draw peaked at 13.9 GiB of host memory
-    on a CPU. Up to one block (the tiny models) the values are those of a single draw."""
+    times its output, so the official detector's init in one draw needed several times the
+    parameters' host memory. Up to one block (the tiny models) the values are those of a single draw."""
     def sample(k, n):
         return jax.random.normal(k, (n,)) if kind == "normal" else jax.random.uniform(k, (n,), minval=-1.0, maxval=1.0)
 

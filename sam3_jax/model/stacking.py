@@ -90,9 +90,8 @@ def relayout(params: dict, sizes: dict[Stack, int], *, owned: bool = False) -> d
     """``params`` with the stacks in ``sizes`` scanned (in groups of that size) and every other
     stack unrolled. Leaves are moved, sliced or stacked, never changed. ``owned``: the caller hands
     ``params`` over (e.g. a fresh restore): its moved layers are dropped from it as they are moved
-    and their memory handed back, a group of layers at a time. Reading the official video model
-    (3.2 GiB of parameters) and stacking it peaked at 6.7 GiB of host memory on a CPU with both
-    layouts alive at once, and at 4.8 GiB, 3.6 GiB resident after, this way."""
+    and their memory handed back, a group of layers at a time, so that the two layouts are never
+    both alive in host memory (benchmarks/README.md)."""
     have = layout(params)
     for s in STACKS:
         module = _get(params, s.path)

@@ -12,12 +12,11 @@ over tiles (``lax.map``): a chunk of the queries at a time, each tile rematerial
 pass (``jax.checkpoint``), so neither pass ever holds all (Lq, Lk) logits, the dropout bits or the
 weights, only one tile's, as flash attention does. Each row's softmax is its own, so the result is
 the same function (dropout aside: a tile draws its own mask from the key folded with its index).
-Without that, the fusion encoder's self-attention with dropout at 1008 px (8 heads, 5184 tokens)
-held several (B, 8, 5184, 5184) float32 arrays at once in the train step's backward pass, 6.4 GiB
-each for an 8-frame clip. On a CPU a tile is one (batch, head) pair and at most ``TILE_LOGITS_CPU``
-logits, which then stay in the caches between the two matmuls and the softmax (on a 2-core machine
-this halved the time of the ViT's windowed and global attention); elsewhere a tile covers every
-(batch, head) pair and at most ``TILE_LOGITS`` logits.
+Without that, the fusion encoder's self-attention with dropout at 1008 px held several
+(B, 8, 5184, 5184) float32 arrays at once in the train step's backward pass. On a CPU a tile is one
+(batch, head) pair and at most ``TILE_LOGITS_CPU`` logits, which then stay in the caches between the
+two matmuls and the softmax; elsewhere a tile covers every (batch, head) pair and at most
+``TILE_LOGITS`` logits. benchmarks/README.md has the figures.
 """
 from __future__ import annotations
 

@@ -99,8 +99,9 @@ class Conv(nn.Module):
     On a CPU it is computed from the kernel's shifted (strided) input windows: a sum of per-tap
     products when depthwise, one einsum over the stacked windows otherwise. XLA's CPU convolutions
     are slow in the backward pass at these shapes (a depthwise kernel's gradient became a dense
-    64x64-channel convolution, 64 times the work), which made the memory encoder's backward 40% of
-    the tracker's train step. Elsewhere (GPU, TPU) ``lax.conv_general_dilated`` as flax does.
+    64x64-channel convolution, 64 times the work), which made the memory encoder's backward a large
+    share of the tracker's train step (benchmarks/README.md). Elsewhere (GPU, TPU)
+    ``lax.conv_general_dilated`` as flax does.
     """
 
     features: int

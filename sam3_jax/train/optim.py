@@ -17,11 +17,10 @@ parameter's '/'-joined path:
   * updates whose gradients are not finite are skipped and counted (``skipped_updates``).
 
 The trainable leaves are packed into a few flat vectors (`Packing`) before clipping, Adam and the
-finite check, so XLA makes a handful of large fusions of that work instead of several per leaf.
-The official detector's train step (823 leaves, ViT scanned, bf16, 8 frames; XLA on a 2-core CPU)
-went from 25,819 fusions to 16,075 and from 112 s of compile to 91 s (78 s in another run), with
-the same temporary memory (44.8 -> 44.9 GiB; benchmarks/README.md). The layer factors, which differ per leaf (and per stacked block), are applied
-after unpacking, where XLA fuses them into each leaf's parameter update.
+finite check, so XLA makes a handful of large fusions of that work instead of several per leaf,
+which compiles faster at the same memory (benchmarks/README.md). The layer factors, which differ
+per leaf (and per stacked block), are applied after unpacking, where XLA fuses them into each
+leaf's parameter update.
 
 Steps: ``total_steps`` and ``step`` below count train steps (calls of ``update``); with gradient
 accumulation over k of them the schedules advance once per k, on the optimiser update count.
@@ -296,7 +295,7 @@ def decay_packed(rate: float, packing: Packing) -> optax.GradientTransformation:
     vectors that decay. The parameters are packed here, inside the update, so under `skip_nonfinite`
     (a ``lax.cond``) the copy is made once the gradients are known. Packed before the step, as a
     value that depends on nothing computed, XLA scheduled it at the start and held the copy through
-    the backward pass's peak (official detector: 3.3 GiB more compiled temporary memory)."""
+    the backward pass's peak."""
 
     def update_fn(updates, state, params=None):
         if params is None:

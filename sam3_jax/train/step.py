@@ -105,8 +105,7 @@ def _gather_clip(feats: dict, outputs: dict, b: int, t: int, p: int) -> dict:
 def _shard_rngs(rng):
     """(dropout, loss) keys of this shard. The dropout key is an ``unsafe_rbg`` key, so that each
     dropout mask is one XLA ``RngBitGenerator`` op: with threefry keys each mask (and each one
-    recomputed under remat) is a hash loop of its own, and the tiny model's train step took 87.6 s
-    to compile on a 2-core CPU against 71.9 s so (one run each)."""
+    recomputed under remat) is a hash loop of its own, which lengthens the step's compile."""
     shard = jax.lax.axis_index("data") * jax.lax.axis_size("frame") + jax.lax.axis_index("frame")
     drop, loss = jax.random.split(jax.random.fold_in(rng, shard))
     return jax.random.wrap_key_data(jax.random.bits(drop, (4,), jnp.uint32), impl="unsafe_rbg"), loss
