@@ -1,29 +1,10 @@
 """Text-prompted video segmentation: detect on every frame, track what was found (SAM 3's video model).
 
-``DetectTrackPredictor.propagate_iter(frames, prompt, start_frame, direction)`` follows the reference's
-``Sam3VideoInference`` detect-and-track loop with the heuristics of ``build_sam3_video_model`` (temporal
-disambiguation on; every threshold a field of ``DetectTrackConfig``). Directions, as its video
-predictor's ``propagation_direction``: forward, frames ``start_frame`` .. T-1; both, that pass and then
-frames ``start_frame - 1`` .. 0 on the same state (only the hot-start output buffer is per pass);
-backward, the start frame as ``add_prompt`` runs it, then that reverse pass. Per frame:
-
-1. detect: mask NMS and a prob threshold on the detector's output; detection does not depend on the
-   tracking state, so it runs ahead a block of frames at a time (``detection_block``), sharded over the
-   local devices; the tracker's feature levels are rounded to bfloat16 as the reference hands them over;
-2. propagate the live objects over their memory banks, without memory encoding; small holes filled;
-3. plan on the host (``heuristics``): association, new objects, hot-start removal, reconditioning,
-   occlusion suppression; then the tracked masks' memories (pixel-wise non-overlap, shrunk masks
-   suppressed, score +-10 by area);
-4. execute: new objects start from their detection mask (one group per frame); removed ones are dropped;
-5. output, delayed by ``hotstart_delay`` frames so that objects removed by hot-start are hidden
-   retroactively (``heuristics.frame_output``).
-
-All per-call state is in a ``TrackState``. Each object's bank holds ``max_cond_frames_in_attn``
-conditioning slots and the tracked-frame slots the reference's rules still reach; for "both" a second
-(seed) bank keeps what its backward pass reaches of the forward pass. Not implemented (all off in the
-reference's configuration): Hungarian association, boundary suppression, masklet confirmation, the
-bbox-IoU reconditioning trigger, decreasing keep-alive, box prompts, interactive refinement and
-``max_frame_num_to_track``; conditioning frames beyond the ``max_cond_frames_in_attn`` nearest are dropped.
+``DetectTrackPredictor.propagate_iter`` follows the reference's detect-and-track loop with the
+heuristics of ``build_sam3_video_model``, every threshold a field of ``DetectTrackConfig``; the steps,
+directions and what is left out are in docs/architecture.md, 'The detect-and-track predictor', and
+the reference's loop in docs/reference_model.md, 'Detect and track'. All per-call state is a
+``TrackState``.
 """
 from __future__ import annotations
 
