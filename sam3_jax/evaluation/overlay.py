@@ -6,7 +6,7 @@ from PIL import Image, ImageDraw
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]], np.uint8)
-CAPTION_HEIGHT = 13  # pixels of the band `caption` adds: PIL's default font reaches 12 below its origin
+CAPTION_HEIGHT = 13  # pixels a line of `caption` takes: PIL's default font reaches 12 below its origin
 CAPTION_BACKGROUND = (20, 20, 20)
 CAPTION_TEXT = (255, 255, 255)
 
@@ -46,8 +46,20 @@ def mask_boxes(masks: np.ndarray) -> np.ndarray:
 
 
 def caption(image: np.ndarray, text: str) -> np.ndarray:
-    """The uint8 (H, W, 3) image under a ``CAPTION_HEIGHT`` band holding ``text`` (cut at the right
-    edge): (H + CAPTION_HEIGHT, W, 3)."""
-    band = Image.new("RGB", (image.shape[1], CAPTION_HEIGHT), CAPTION_BACKGROUND)
-    ImageDraw.Draw(band).text((2, 0), text, fill=CAPTION_TEXT)
+    """The uint8 (H, W, 3) image under a band holding ``text``, wrapped at spaces into as many lines of
+    ``CAPTION_HEIGHT`` pixels as the image's width needs (a word wider than the image is cut):
+    (H + lines * CAPTION_HEIGHT, W, 3)."""
+    width = image.shape[1]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = [""]
+    for word in text.split(" "):
+        joined = f"{lines[-1]} {word}" if lines[-1] else word
+        if lines[-1] and measure.textlength(joined) > width - 2:
+            lines.append(word)
+        else:
+            lines[-1] = joined
+    band = Image.new("RGB", (width, len(lines) * CAPTION_HEIGHT), CAPTION_BACKGROUND)
+    canvas = ImageDraw.Draw(band)
+    for i, line in enumerate(lines):
+        canvas.text((2, i * CAPTION_HEIGHT), line, fill=CAPTION_TEXT)
     return np.concatenate([np.asarray(band), image], axis=0)

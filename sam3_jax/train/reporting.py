@@ -194,15 +194,15 @@ def overlay_clip(frames, pred_masks, pred_scores, gt_masks=None, max_frames: int
                  ) -> np.ndarray:
     """Each frame's ``top_k`` best predictions (mask, box, score; solid at or over
     ``score_threshold``, faint under it) over up to ``max_frames`` frames, spread evenly over the
-    clip and laid side by side under a caption naming the row: uint8 (C + H, n * W, 3), C =
-    ``overlay.CAPTION_HEIGHT``.
+    clip and laid side by side under a caption naming the row (``overlay.caption``, C pixels high):
+    uint8 (C + H, n * W, 3).
 
     frames: uint8 (T, H, W, 3); pred_masks: bool or float probabilities (T, Q, h, w), at any
     resolution; pred_scores: (T, Q) probabilities; pred_boxes: optional (T, Q, 4) xyxy in [0, 1]
-    (without them each mask's extent is its box, and an empty mask is not shown); gt_masks:
-    optional (T, N, H', W') drawn as a second, captioned row (output (2C + 2H, n * W, 3)). Query q
-    keeps one colour over the frames, so that a tracked object can be followed; ground-truth
-    colours are by annotation index and need not match.
+    (without them each mask's extent is its box, as the caption says, and an empty mask is not
+    shown); gt_masks: optional (T, N, H', W') drawn as a second, captioned row below. Query q keeps
+    one colour over the frames, so that a tracked object can be followed; ground-truth colours are
+    by annotation index and need not match.
     """
     frames, pred_masks = np.asarray(frames), np.asarray(pred_masks)
     t, h, w = frames.shape[:3]
@@ -219,8 +219,9 @@ def overlay_clip(frames, pred_masks, pred_scores, gt_masks=None, max_frames: int
         pred_row.append(_draw_top(frames[i], masks, scores[i], boxes, shown, top_k, score_threshold))
         if gt_masks is not None:
             gt_row.append(overlay.draw(frames[i], _binary(gt_masks[i], (h, w))))
+    boxes_from = " (mask boxes)" if pred_boxes is None else ""
     rows = [overlay.caption(np.concatenate(pred_row, axis=1),
-                            f"{title}: top {top_k} scores, faint < {score_threshold:.2f}")]
+                            f"{title}: top {top_k}, faint < {score_threshold:.2f}{boxes_from}")]
     if gt_masks is not None:
         rows.append(overlay.caption(np.concatenate(gt_row, axis=1), "ground truth"))
     return np.concatenate(rows, axis=0)

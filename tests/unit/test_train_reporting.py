@@ -162,9 +162,6 @@ def test_progress_without_elapsed_steps():
     assert progress.line(10, {}) == "step 10/10 (100%) | ETA ?"
 
 
-C = overlay.CAPTION_HEIGHT
-
-
 def _clip():
     frames = np.full((6, 40, 48, 3), 100, np.uint8)
     masks = np.zeros((6, 3, 20, 24), np.float32)  # half resolution, probabilities
@@ -180,22 +177,30 @@ def _tinted(k, alpha):
     return ((1 - alpha) * np.float32(100) + alpha * overlay.PALETTE[k].astype(np.float32)).astype(np.uint8)
 
 
-def _has_text(band):
-    """A caption band: mostly its background, with (anti-aliased) white text on it."""
-    return (band >= 200).all(-1).sum() > 20 and (band == overlay.CAPTION_BACKGROUND).all(-1).mean() > 0.5
+def _band(text, width):
+    """The caption band ``overlay.caption`` puts over a row ``width`` wide: (lines * 13, width, 3)."""
+    band = overlay.caption(np.zeros((0, width, 3), np.uint8), text)
+    assert (band >= 200).all(-1).sum() > 20  # white text on the dark band
+    assert (band == overlay.CAPTION_BACKGROUND).all(-1).mean() > 0.5
+    return band
+
+
+def test_caption_wraps_to_the_width():
+    assert _band("ground truth", 200).shape == (overlay.CAPTION_HEIGHT, 200, 3)
+    assert _band("predictions: top 3, faint < 0.50 (mask boxes)", 100).shape == (3 * overlay.CAPTION_HEIGHT, 100, 3)
 
 
 def test_overlay_clip_draws_the_top_predictions_solid_and_faint_with_a_caption():
     frames, masks, scores = _clip()
     out = reporting.overlay_clip(frames, masks, scores, max_frames=4)
-    assert out.dtype == np.uint8 and out.shape == (C + 40, 4 * 48, 3)
-    assert _has_text(out[:C])  # the row is labelled
-    assert np.array_equal(out[:C], overlay.caption(out[C:], "predictions: top 3 scores, faint < 0.50")[:C])
-    row = out[C:].reshape(40, 4, 48, 3)
+    band = _band("predictions: top 3, faint < 0.50 (mask boxes)", 4 * 48)  # the row is labelled
+    c = len(band)
+    assert out.dtype == np.uint8 and out.shape == (c + 40, 4 * 48, 3) and np.array_equal(out[:c], band)
+    row = out[c:].reshape(40, 4, 48, 3)
     # Inside each mask, away from its box outline and its score: query 0 (0.8) solid, query 1 (0.3)
     # faint; query 2 has no pixel, so neither mask nor box.
     assert (row[15, :, 40] == _tinted(0, 0.5)).all() and (row[30, :, 40] == _tinted(1, 0.2)).all()
-    # Each box's outline in its query's colour: query 0's top-left corner, query 1's left edge.
+    # Each box (the mask's extent) outlined in its query's colour: query 0's top-left corner, query 1's left edge.
     assert (row[0, :, 0] == overlay.PALETTE[0]).all() and (row[30, :, 0] == overlay.PALETTE[1]).all()
     # The score is written in the box's colour: "0.80" at query 0's top-left corner.
     near = np.abs(row[2:14, 0, 2:28].astype(int) - overlay.PALETTE[0]).max(-1) <= 30
@@ -205,12 +210,16 @@ def test_overlay_clip_draws_the_top_predictions_solid_and_faint_with_a_caption()
 def test_overlay_clip_top_k_and_given_boxes():
     frames, masks, scores = _clip()
     only_best = reporting.overlay_clip(frames, masks, scores, max_frames=1, top_k=1)
-    assert (only_best[C + 22:] == 100).all()  # query 1 is not among the top 1 of the drawable ones
+    c = len(_band("predictions: top 1, faint < 0.50 (mask boxes)", 48))
+    assert (only_best[c + 22:] == 100).all()  # query 1 is not among the top 1 of the drawable ones
     boxes = np.tile(np.array([[0, 0, 1, .5], [0, .5, 1, 1], [.5, .5, 1, 1]], np.float32), (6, 1, 1))
-    out = reporting.overlay_clip(frames, masks, scores, pred_boxes=boxes, max_frames=1, score_threshold=0.85)
+    out = reporting.overlay_clip(frames, masks, scores, pred_boxes=boxes, max_frames=2, score_threshold=0.85)
+    band = _band("predictions: top 3, faint < 0.85", 2 * 48)  # the model's boxes: no "(mask boxes)"
+    c = len(band)
+    assert np.array_equal(out[:c], band)
     # Query 2 (0.9) shows with its given box although its mask is empty, solid, drawn last.
-    assert (out[C + 20, 30:46] == overlay.PALETTE[2]).all()
-    assert (out[C + 15, 40] == _tinted(0, 0.2)).all()  # query 0 (0.8) is faint under 0.85
+    assert (out[c + 20, 30:46] == overlay.PALETTE[2]).all()
+    assert (out[c + 15, 40] == _tinted(0, 0.2)).all()  # query 0 (0.8) is faint under 0.85
 
 
 def test_overlay_clip_with_ground_truth_and_few_frames():
@@ -220,13 +229,15 @@ def test_overlay_clip_with_ground_truth_and_few_frames():
     gt[:, 1, :, :24] = True  # annotation 1 (palette colour 1): left half
     out = reporting.overlay_clip(jnp.asarray(frames), jnp.asarray(masks > 0.5), scores,
                                  gt_masks=gt, max_frames=2)
-    assert out.shape == (2 * (C + 40), 2 * 48, 3)
-    assert not (out[C:C + 40] == 50).all(-1).any()  # frame 1 is not picked
-    band = out[C + 40:2 * C + 40]
-    assert _has_text(band) and np.array_equal(band, overlay.caption(out[:40], "ground truth")[:C])
-    gt_row = out[2 * C + 40:].reshape(40, 2, 48, 3)
+    c = len(_band("predictions: top 3, faint < 0.50 (mask boxes)", 2 * 48))
+    g = _band("ground truth", 2 * 48)
+    assert out.shape == (c + 40 + len(g) + 40, 2 * 48, 3)
+    assert not (out[c:c + 40] == 50).all(-1).any()  # frame 1 is not picked
+    assert np.array_equal(out[c + 40:c + 40 + len(g)], g)
+    gt_row = out[c + 40 + len(g):].reshape(40, 2, 48, 3)
     assert (gt_row[:, :, :24] == _tinted(1, 0.5)).all() and (gt_row[:, :, 24:] == 100).all()
-    assert reporting.overlay_clip(frames[:1], masks[:1], scores[:1]).shape == (C + 40, 48, 3)
+    one = reporting.overlay_clip(frames[:1], masks[:1], scores[:1])
+    assert one.shape == (len(_band("predictions: top 3, faint < 0.50 (mask boxes)", 48)) + 40, 48, 3)
 
 
 def test_mask_boxes():
