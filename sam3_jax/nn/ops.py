@@ -129,8 +129,9 @@ def resize_nearest(x, size: tuple[int, int]):
 
 
 def where_rows(cond, new, old):
-    """Per row: ``new`` where cond (B,), else ``old``, for every leaf (cond broadcast over trailing axes)."""
-    return jax.tree.map(lambda a, b: jnp.where(cond.reshape((-1,) + (1,) * (b.ndim - 1)), a, b), new, old)
+    """Per row: ``new`` where cond (B,), else ``old``, for every leaf (cond broadcast over the trailing
+    axes of ``new``'s leaves; an ``old`` leaf may be a scalar)."""
+    return jax.tree.map(lambda a, b: jnp.where(cond.reshape((-1,) + (1,) * (jnp.ndim(a) - 1)), a, b), new, old)
 
 
 def normalize_pixels(image, dtype=np.float32):

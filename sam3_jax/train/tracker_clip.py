@@ -25,6 +25,7 @@ from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.model.tracker.memory_bank import MemoryBank, select_memory
 from sam3_jax.model.tracker.tracker import Tracker, use_multimask
 from sam3_jax.nn import ops
+from sam3_jax.nn.repeat import varying_like
 from sam3_jax.train.losses.tracker import TrackerLossConfig, step_losses
 from sam3_jax.train.tracker_prompts import PromptConfig, correction_point, initial_points
 
@@ -74,22 +75,6 @@ def _f32(tree):
     return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _varying(tree, like):
-    """``tree`` made to depend on ``like`` (adds a zero taken from it): inside ``shard_map`` a
-    ``lax.scan`` carry must vary over the same mesh axes as what the body computes from it."""
-    zero = jnp.full_like(like, 0, shape=())
-
-    def vary(x):
-        return x | zero.astype(bool) if x.dtype == bool else x + zero.astype(x.dtype)
-
-    return jax.tree.map(vary, tree)
-
-
-def _select(cond, new, old):
-    """Per object: new where cond (B,), else old, for every leaf."""
-    return jax.tree.map(lambda a, b: jnp.where(cond.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
-
-
 def track_clip(tracker: Tracker, params, feats: ClipFeatures, obj_clip, gt_masks, tracked, frame_valid, plan: dict,
                obj_keys, dropout_key, prompt_cfg: PromptConfig, loss_cfg: TrackerLossConfig, *,
                deterministic: bool = False, record_masks: bool = False):
@@ -111,7 +96,7 @@ def track_clip(tracker: Tracker, params, feats: ClipFeatures, obj_clip, gt_masks
     # Inside shard_map the devices take different lax.cond branches (their objects differ). Made to
     # vary over the mesh here, parameters and features get their gradients' psum here, once, not
     # inside a branch that only some devices take (a collective they would wait on forever).
-    params, feats = _varying((params, feats), gt_masks)
+    params, feats = varying_like((params, feats), gt_masks)
     rows = jnp.arange(b_obj)
     per_obj = jax.tree.map(lambda x: x[obj_clip], plan)
     init_cond, correct = per_obj["init_cond"], per_obj["correct"]
@@ -185,7 +170,7 @@ def track_clip(tracker: Tracker, params, feats: ClipFeatures, obj_clip, gt_masks
                 point_ok = point_ok.at[rows, slot].set(point_ok[rows, slot] | corr)
                 new = _f32(apply(Tracker.sam_heads, cond_feats, high_res, coords, labels, point_ok, multimask(point_ok),
                                  heads["masks"], deterministic))
-                return (_select(corr, new, heads), coords, labels, point_ok, add(terms, losses(new, gt, corr))), None
+                return (ops.where_rows(corr, new, heads), coords, labels, point_ok, add(terms, losses(new, gt, corr))), None
 
             carry, _ = jax.lax.scan(click, carry, jnp.arange(prompt_cfg.num_correction_points))
             return carry
@@ -196,7 +181,7 @@ def track_clip(tracker: Tracker, params, feats: ClipFeatures, obj_clip, gt_masks
             # recomputing the branch where it ran is cheaper than that on every step.
             heads, coords, labels, point_ok, terms = jax.lax.cond(
                 jnp.any(corr), jax.checkpoint(corrections, policy=jax.checkpoint_policies.nothing_saveable),
-                lambda c: c, _varying((heads, coords, labels, point_ok, terms), gt))
+                lambda c: c, varying_like((heads, coords, labels, point_ok, terms), gt))
 
         num_points = jnp.sum(point_ok, axis=1)
         heads = {k: heads[k] for k in ("masks", "iou", "obj_ptr", "score")}  # what frame_outputs reads

@@ -40,6 +40,7 @@ from flax import struct
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.model.tracker.tracker import SelectedMemory
 from sam3_jax.nn import ops
+from sam3_jax.nn.repeat import varying_like
 
 _FAR = 1 << 28  # larger than any frame distance
 _BIG = 1 << 29  # slot priorities (int32): larger than any frame distance
@@ -57,14 +58,11 @@ class MemoryBank(struct.PyTreeNode):
         """``like``: an array the bank's contents will depend on. Inside ``shard_map`` the bank then
         varies over the same mesh axes, as a ``lax.scan`` carry must (a fresh constant would not)."""
         g = cfg.grid
-
-        def full(shape, value, dt):
-            return jnp.full(shape, value, dt) if like is None else jnp.full_like(like, value, dt, shape=shape)
-
-        return cls(feats=full((batch, capacity, g, g, cfg.mem_dim), 0, dtype),
-                   ptrs=full((batch, capacity, cfg.d_model), 0, jnp.float32),
-                   frame=full((batch, capacity), -1, jnp.int32), is_cond=full((batch, capacity), False, bool),
-                   score=full((batch, capacity), 0, jnp.float32))
+        bank = cls(feats=jnp.zeros((batch, capacity, g, g, cfg.mem_dim), dtype),
+                   ptrs=jnp.zeros((batch, capacity, cfg.d_model), jnp.float32),
+                   frame=jnp.full((batch, capacity), -1, jnp.int32), is_cond=jnp.zeros((batch, capacity), bool),
+                   score=jnp.zeros((batch, capacity), jnp.float32))
+        return bank if like is None else varying_like(bank, like)
 
     def write(self, slot, frame_idx, maskmem_features, obj_ptr, is_cond, score) -> MemoryBank:
         """Store one frame's outputs (B, ...) in ``slot``; slot, frame_idx, is_cond and score are

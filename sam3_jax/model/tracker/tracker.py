@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from sam3_jax.model import init
+from sam3_jax.model.tracker import memory_score
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.model.tracker.mask_decoder import MaskDecoder, best_multimask_index
 from sam3_jax.model.tracker.memory_attention import MemoryTransformer
@@ -56,11 +57,6 @@ class SelectedMemory(struct.PyTreeNode):
 def _take(x, idx):
     """x (B, K, ...) at idx (B,) -> (B, ...)."""
     return jnp.take_along_axis(x, idx.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
-
-
-def _where(cond, a, b):
-    """Per-object select: cond (B,) broadcast over the trailing axes of a and b."""
-    return jnp.where(cond.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
 
 
 def _resize(x, size: int, antialias: bool):
@@ -147,7 +143,7 @@ class Tracker(nn.Module):
         token_idx = best if self.cfg.use_multimask_token_for_obj_ptr else jnp.zeros_like(best)
         token_idx = jnp.where(multimask, token_idx, 0)
         present = score > 0  # (B, 1)
-        all_masks = _where(present[:, 0], masks.astype(jnp.float32), NO_OBJ_SCORE)
+        all_masks = ops.where_rows(present[:, 0], masks.astype(jnp.float32), NO_OBJ_SCORE)
         obj_ptr = self.obj_ptr_proj(_take(tokens, token_idx))
         obj_ptr = jnp.where(present, obj_ptr, self.no_obj_ptr.astype(obj_ptr.dtype))
         token = jnp.arange(masks.shape[1])
@@ -167,7 +163,7 @@ class Tracker(nn.Module):
             has_mask_input = jnp.ones(mask_inputs.shape[:1], bool)
         prompt = self.mask_downsample(mask_inputs.astype(jnp.float32)[..., None])[..., 0]
         prompt = _resize(prompt, self.cfg.low_res_mask_size, antialias=True)
-        return self.sam_heads(_where(has_mask_input, pix.astype(feats.dtype), feats), high_res, coords, labels,
+        return self.sam_heads(ops.where_rows(has_mask_input, pix.astype(feats.dtype), feats), high_res, coords, labels,
                               point_valid & ~has_mask_input[:, None], multimask & ~has_mask_input, prompt,
                               deterministic, mask_valid=has_mask_input)
 
@@ -230,7 +226,7 @@ class Tracker(nn.Module):
         no_mem = pix + self.no_mem_embed.astype(pix.dtype)
         if memory is None:
             return no_mem
-        return _where(is_init_cond_frame, no_mem, self.memory_conditioned_features(pix, memory, deterministic))
+        return ops.where_rows(is_init_cond_frame, no_mem, self.memory_conditioned_features(pix, memory, deterministic))
 
     def frame_outputs(self, pix, heads: dict, num_points, mask_inputs=None, has_mask_input=None, *,
                       run_mem_encoder: bool = True, deterministic: bool = True):
@@ -246,18 +242,18 @@ class Tracker(nn.Module):
             if has_mask_input is None:
                 has_mask_input = jnp.ones((b,), bool)
             m_logits, m_ptr, m_score = self.mask_as_output(mask_inputs, obj_ptr)
-            low_res = _where(has_mask_input, _resize(m_logits, cfg.low_res_mask_size, antialias=True), low_res)
-            high_res_masks = _where(has_mask_input, _resize(m_logits, cfg.image_size, antialias=True), high_res_masks)
+            low_res = ops.where_rows(has_mask_input, _resize(m_logits, cfg.low_res_mask_size, antialias=True), low_res)
+            high_res_masks = ops.where_rows(has_mask_input, _resize(m_logits, cfg.image_size, antialias=True), high_res_masks)
             iou = jnp.where(has_mask_input, 1.0, iou)
-            obj_ptr = _where(has_mask_input, m_ptr, obj_ptr)
-            score = _where(has_mask_input, m_score, score)
+            obj_ptr = ops.where_rows(has_mask_input, m_ptr, obj_ptr)
+            score = ops.where_rows(has_mask_input, m_score, score)
             # Both memory inputs at the size the memory encoder resizes to (its first step) so one call serves both.
             size = cfg.mask_interpol_size
             m_mem = self.mask_for_memory(m_logits, jnp.zeros((b,), bool))
-            mem_masks = _where(has_mask_input, _resize(m_mem, size, True), _resize(mem_masks, size, True))
+            mem_masks = ops.where_rows(has_mask_input, _resize(m_mem, size, True), _resize(mem_masks, size, True))
         out = {"pred_masks": low_res, "pred_masks_high_res": high_res_masks, "obj_ptr": obj_ptr,
                "object_score_logits": score, "iou_score": iou,
-               "memory_score": jnp.where(score[:, 0] > 0, 2.0 * jax.nn.sigmoid(score[:, 0]) - 1.0, 0.0) * iou}
+               "memory_score": memory_score.presence(score[:, 0]) * iou}
         if run_mem_encoder:
             out["maskmem_features"] = self.encode_memory(pix, mem_masks, score)
         return out
