@@ -23,119 +23,21 @@ import json
 import os
 import sys
 
-import numpy as np
 from absl import app, flags
 
 from sam3_jax.data.errors import DataError
-from sam3_jax.data.sources.base import read_name_list
 
 FLAGS = flags.FLAGS
 
 
-def annotation_dir(root: str) -> str:
-    """The directory of per-video folders: a DAVIS root's Annotations/480p (or Annotations), or
-    `root` itself."""
-    for sub in (("Annotations", "480p"), ("Annotations",)):
-        if os.path.isdir(os.path.join(root, *sub)):
-            return os.path.join(root, *sub)
-    return root
-
-
-def _pngs(folder: str) -> list[str]:
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith(".png"))
-
-
-def video_names(gt_dir: str, videos: str | None) -> list[str]:
-    """The videos to score: every folder of PNG frames under gt_dir, or those `videos` names (a
-    comma-separated list or a file of one name per line); an unknown name is a DataError."""
-    names = sorted(n for n in os.listdir(gt_dir)
-                   if os.path.isdir(os.path.join(gt_dir, n)) and _pngs(os.path.join(gt_dir, n)))
-    if not names:
-        raise DataError(gt_dir, "videos", "no video folders of PNG frames")
-    if videos is None:
-        return names
-    if os.path.isfile(videos):
-        wanted = read_name_list(videos)
-    elif os.sep in videos or videos.endswith(".txt"):
-        raise DataError(videos, "--videos", "no such file of video names")
-    else:
-        wanted = [v.strip() for v in videos.split(",") if v.strip()]
-    if not wanted:
-        raise DataError(videos or "''", "--videos", "no video names given")
-    unknown = [v for v in wanted if v not in names]
-    if unknown:
-        raise DataError(gt_dir, "--videos", f"unknown video(s) {', '.join(unknown[:5])}"
-                        f"{' ...' if len(unknown) > 5 else ''}: not a folder of ground-truth PNGs here")
-    return list(dict.fromkeys(wanted))
-
-
-def load_video(pred_dir: str, gt_dir: str, name: str):
-    """(pred, gt) bool (T-2, O, H, W) of the scored frames 1..T-2 and the object ids 1..N of one
-    video, or None when its first ground-truth frame has no objects."""
-    from sam3_jax.data.sources.davis import LabelMapAnnotation
-
-    frames = _pngs(os.path.join(gt_dir, name))
-    if len(frames) < 3:
-        raise DataError(os.path.join(gt_dir, name), "frames",
-                        f"{len(frames)} frame(s); J&F drops the first and last, so needs 3 or more")
-    first_path = os.path.join(gt_dir, name, frames[0])
-    first = LabelMapAnnotation(first_path)
-    ids = list(range(1, max(first.visible_ids(), default=0) + 1))
-    if not ids:
-        return None
-    scored = frames[1:-1]
-    pred = np.zeros((len(scored), len(ids)) + first.size, bool)
-    gt = np.zeros_like(pred)
-    for t, frame in enumerate(scored):
-        gt_path, pred_path = os.path.join(gt_dir, name, frame), os.path.join(pred_dir, name, frame)
-        g = LabelMapAnnotation(gt_path)
-        if g.size != first.size:
-            raise DataError(gt_path, "size", f"{g.size} differs from the video's first frame {first.size}")
-        if not os.path.isfile(pred_path):
-            raise DataError(pred_path, "frame", f"missing prediction for ground-truth frame {gt_path}")
-        p = LabelMapAnnotation(pred_path)
-        if p.size != g.size:
-            raise DataError(pred_path, "size", f"prediction {p.size} != ground truth {g.size} ({gt_path})")
-        top = int(p.label_map().max())
-        if top > ids[-1]:
-            raise DataError(pred_path, "id", f"object id {top} is above {ids[-1]}, the highest id of the "
-                            f"first ground-truth frame {first_path} (the DAVIS evaluation refuses it)")
-        gt[t], pred[t] = g.masks(ids), p.masks(ids)
-    return pred, gt, ids
-
-
 def run_jf(pred_root: str, gt_root: str, videos: str | None = None) -> dict:
-    """J&F of the videos under gt_root (all, or those `videos` names) against pred_root: the
-    DAVIS table plus per-video and per-object values."""
-    from sam3_jax.evaluation import jf
+    """J&F of the videos under gt_root (all, or those `videos` names) against the palette PNGs under
+    pred_root (`evaluation.davis`): the DAVIS table plus per-video and per-object values."""
+    from sam3_jax.evaluation import davis
 
-    gt_dir = annotation_dir(gt_root)
-    for path, what in ((gt_dir, "ground truth"), (pred_root, "predictions")):
-        if not os.path.isdir(path):
-            raise DataError(path, "directory", f"{what} directory does not exist")
-    names = video_names(gt_dir, videos)
-    all_scores, per_video = [], {}
-    for name in names:
-        if not os.path.isdir(os.path.join(pred_root, name)):
-            raise DataError(os.path.join(pred_root, name), "video", "missing prediction folder")
-        loaded = load_video(pred_root, gt_dir, name)
-        if loaded is None:
-            print(f"warning: {name}: no objects in the first ground-truth frame, skipped", file=sys.stderr)
-            continue
-        pred, gt, ids = loaded
-        scores = jf.evaluate_video(pred, gt, skip_first_last=False)  # load_video kept 1..T-2
-        all_scores.append(scores)
-        per = jf.per_object(scores)
-        objects = {str(i): {k.replace("-Mean", ""): float(v[n]) for k, v in per.items()}
-                   for n, i in enumerate(ids)}
-        j, f = float(np.mean(per["J-Mean"])), float(np.mean(per["F-Mean"]))
-        per_video[name] = {"J": j, "F": f, "J&F": (j + f) / 2, "objects": objects}
-    if not all_scores:
-        raise DataError(gt_dir, "objects", "no video to score has objects in its first ground-truth frame")
-    table = jf.summarize(all_scores)
-    return {"J": table["J-Mean"], "F": table["F-Mean"], "J&F": table["J&F-Mean"],
-            **{k: table[k] for k in ("J-Recall", "J-Decay", "F-Recall", "F-Decay")},
-            "videos": per_video}
+    if not os.path.isdir(pred_root):
+        raise DataError(pred_root, "directory", "predictions directory does not exist")
+    return davis.score(davis.PngFolders(pred_root), gt_root, videos)
 
 
 def json_file(path: str, flag: str) -> str:

@@ -51,6 +51,7 @@ from absl import app, flags, logging
 from sam3_jax import fileio
 from sam3_jax.checkpoint import finite
 from sam3_jax.infer import video_outputs
+from sam3_jax.infer.video_outputs import label_map
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A converted video checkpoint (convert_torch_ckpt.py) or a training run's "
@@ -234,14 +235,6 @@ def check_finite(outputs: dict, frame: str) -> None:
     """The predictor's outputs on a frame hold no NaN or Inf, else an error that says so (rather than
     reporting no object)."""
     finite.check_finite(outputs, f"frame {frame}: the predictor's outputs")
-
-
-def label_map(result, obj_ids: list[int]) -> np.ndarray:
-    """Per pixel the id of the object with the highest logit among those whose mask is on, else 0."""
-    logits = np.where(result.masks, result.logits, -np.inf)
-    best = np.argmax(logits, axis=0)
-    ids = np.asarray(obj_ids, np.uint8)[best]
-    return np.where(result.masks.any(axis=0), ids, 0).astype(np.uint8)
 
 
 def run(checkpoint: str, video: str, init_mask: str | None, init_frame: int, output: str, direction: str,

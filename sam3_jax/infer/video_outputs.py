@@ -1,5 +1,6 @@
-"""What ``predict_video`` writes beside the palette PNGs: the YouTube-VIS results file (the masklets as
-compressed RLEs) and the overlay video, which is written last, from the finished output directory."""
+"""What ``predict_video`` writes: the palette PNGs of ids (also what the trainer's whole-video evaluation
+scores), the YouTube-VIS results file (the masklets as compressed RLEs) and the overlay video, which is
+written last, from the finished output directory."""
 import json
 import os
 
@@ -27,6 +28,15 @@ class Masklets:
         return [{"video_id": video_id, "category_id": category_id, "score": o["score"],
                  "segmentations": self.rles.get(o["id"], [None] * self.num_frames), "obj_id": o["id"],
                  "label": o["label"]} for o in objects]
+
+
+def label_map(result, obj_ids: list[int]) -> np.ndarray:
+    """A tracked frame's PNG: per pixel the id of the object with the highest logit among those whose
+    mask is on, else 0."""
+    logits = np.where(result.masks, result.logits, -np.inf)
+    best = np.argmax(logits, axis=0)
+    ids = np.asarray(obj_ids, np.uint8)[best]
+    return np.where(result.masks.any(axis=0), ids, 0).astype(np.uint8)
 
 
 def save_label(directory: str, stem: str, label: np.ndarray, palette: list[int]) -> None:

@@ -88,9 +88,16 @@ def base_config(model: ModelConfig, data: ml_collections.ConfigDict,
     #     evaluated step that scored best on it so far is kept in checkpoints_best/ (one step, with
     #     its metric; step 0, the untrained model, is not offered). ""= none. Resuming still starts
     #     from the newest checkpoint in checkpoints/. keep_best_mode: "max" or "min" (e.g. for val_loss).
+    #   jf_protocol: the tracker's J&F. "clips": num_batches batches of the eval pipeline's clips
+    #     (data.num_frames frames, resized to the model's square input, masks at the batch's mask size)
+    #     tracked by the training-time clip tracker, as val_j, val_f, val_jf: a quick proxy. "videos":
+    #     every held-out video whole, tracked by the inference VideoPredictor from its first frame's
+    #     ground-truth masks and scored at its own size with DAVIS's conventions, as val_video_j,
+    #     val_video_f, val_video_jf: the figure predict_video + evaluate --metric=jf give for the
+    #     step's checkpoint. Needs eval.sources of kind "davis" (train/video_eval.py).
     c.eval = ml_collections.ConfigDict(dict(every=0, num_batches=4, overlay_score_threshold=0.5,
                                             coco_max_detections=100, keep_best="", keep_best_mode="max",
-                                            sources=ml_collections.ConfigDict()))
+                                            jf_protocol="clips", sources=ml_collections.ConfigDict()))
     c.overlay_every = 0  # prediction overlays to TensorBoard at evaluations on these steps; 0: none
     return c
 
@@ -143,7 +150,12 @@ def tracker_demo_config() -> ml_collections.ConfigDict:
     c.data.augment.enabled = True
     c.optim.lr.update(dict(vision=1e-3, text=1e-3, rest=1e-3))
     c.total_steps, c.log_every, c.checkpoint_every = 300, 10, 100
-    c.eval.update(dict(every=100, num_batches=6))  # 12 clips: J&F of a few objects is noisy
+    # J&F as predict_video + evaluate --metric=jf give it, on every held-out video whole (DAVIS layout);
+    # with jf_protocol="clips", 12 clips: J&F of a few objects is noisy.
+    c.eval.update(dict(every=100, num_batches=6, jf_protocol="videos"))
+    davis = c.data.synthetic.get_ref("output_dir") + "/davis"
+    c.eval.sources.demo = data_config.source_config("davis", davis + "/JPEGImages", davis + "/Annotations",
+                                                    file_list=davis + "/ImageSets/val.txt")
     return c
 
 

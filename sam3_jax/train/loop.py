@@ -24,11 +24,15 @@ from sam3_jax.checkpoint import finite, restore, training, weights
 from sam3_jax.data import pipeline, schema
 from sam3_jax.evaluation import jf
 from sam3_jax.train import mesh as mesh_lib
-from sam3_jax.train import mesh_plan, metrics, optim, program, reporting, sharding, stop, validate
+from sam3_jax.train import mesh_plan, metrics, optim, program, reporting, sharding, stop, validate, video_eval
 from sam3_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
+# The tracker's held-out J&F per eval.jf_protocol, written as val_<prefix>{j,f,jf}: "clips" scores the eval
+# pipeline's clips with the training-time tracker, "videos" whole held-out videos as predict_video and
+# evaluate --metric=jf do (train/video_eval.py).
+JF_PREFIX = {"clips": "", "videos": "video_"}
 # Batch fields that identify a clip, reported when a step's loss is not finite.
 BATCH_IDS = ("dataset_index", "video_index", "frame_indices")
 
@@ -96,8 +100,17 @@ def eval_metrics(config) -> list[str]:
     if config.mode != "tracker":
         names += ["loss", *metrics.RATES, *(metrics.COCO_AP if config.eval.coco_max_detections else ())]
     if config.mode != "detector":
-        names += ["j", "f", "jf"]
+        names += [f"{JF_PREFIX[config.eval.jf_protocol]}{name}" for name in ("j", "f", "jf")]
     return [f"val_{name}" for name in names]
+
+
+def check_jf_protocol(config) -> None:
+    """A clear error for an unknown ``eval.jf_protocol``, or "videos" on eval sources it cannot read."""
+    protocol = config.eval.jf_protocol
+    if protocol not in JF_PREFIX:
+        raise ValueError(f"eval.jf_protocol={protocol!r}: one of {', '.join(JF_PREFIX)}")
+    if protocol == "videos" and config.mode != "detector" and eval_data_config(config) is not None:
+        video_eval.check_sources(config.eval.sources)
 
 
 def check_keep_best(config) -> None:
@@ -120,6 +133,7 @@ class Trainer:
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
         os.makedirs(workdir, exist_ok=True)
+        check_jf_protocol(config)
         check_keep_best(config)
         self.mesh = mesh_plan.make_mesh(config)
         mesh_lib.check_divisible(self.mesh, config.data.batch_size * jax.process_count(), config.data.num_frames)
@@ -151,6 +165,10 @@ class Trainer:
         self.train_step, self.predict = self.program.train_step, self.program.predict
         self.eval_step, self.track_eval = self.program.eval_step, self.program.track_eval
         self.coco_top_k = self.program.coco_top_k
+        self.video_eval = None
+        if self.tracks and config.eval.jf_protocol == "videos" and eval_data_config(config) is not None:
+            self.video_eval = video_eval.VideoEvaluator(config.eval.sources, self.program.model_cfg,
+                                                        self.program.tracker_cfg, self.mesh)
 
     def _tracker_cfg(self):
         """The run's tracker; for a detector run, the one ``tracker.model`` describes (what a video
@@ -266,31 +284,34 @@ class Trainer:
     # ------------------------------------------------------------------------------------- evaluate
     def evaluate(self, step: int, writer) -> dict[str, float]:
         """On the held-out clips (the same ones every time): the detector's loss, detection rates and
-        COCO AP, the tracker's J&F, and an overlay."""
+        COCO AP, the tracker's J&F (of the clips, or of whole videos: ``eval.jf_protocol``), and an
+        overlay."""
         data_cfg = eval_data_config(self.config)
         if data_cfg is None:
             return {}
-        data = iter(pipeline.build_dataset(data_cfg, self.config.seed))
+        clip_jf = self.tracks and self.video_eval is None
         totals: dict[str, float] = collections.defaultdict(float)
         videos: list[jf.VideoScores] = []
         images: list[dict] = []  # COCO AP's, one per query
         first = None
-        for _ in range(self.config.eval.num_batches):
-            batch = next(data)
-            first = batch if first is None else first
-            with jax.set_mesh(self.mesh):
-                sharded = mesh_lib.shard_batch(self.mesh, batch)
+        if self.detects or clip_jf:
+            data = iter(pipeline.build_dataset(data_cfg, self.config.seed))
+            for _ in range(self.config.eval.num_batches):
+                batch = next(data)
+                first = batch if first is None else first
+                with jax.set_mesh(self.mesh):
+                    sharded = mesh_lib.shard_batch(self.mesh, batch)
+                    if self.detects:
+                        sums, detections = self.eval_step(self.state["params"], sharded, jax.random.key(0))
+                    if clip_jf:
+                        tracked = self.track_eval(self.state["params"], sharded)
                 if self.detects:
-                    sums, detections = self.eval_step(self.state["params"], sharded, jax.random.key(0))
-                if self.tracks:
-                    tracked = self.track_eval(self.state["params"], sharded)
-            if self.detects:
-                for k, v in jax.device_get(sums).items():
-                    totals[k] += float(v)
-                if self.coco_top_k:
-                    images += metrics.coco_images(jax.device_get(detections), batch)
-            if self.tracks:
-                videos += video_scores(*jax.device_get(tracked), batch["frame_valid"])
+                    for k, v in jax.device_get(sums).items():
+                        totals[k] += float(v)
+                    if self.coco_top_k:
+                        images += metrics.coco_images(jax.device_get(detections), batch)
+                if clip_jf:
+                    videos += video_scores(*jax.device_get(tracked), batch["frame_valid"])
         n = self.config.eval.num_batches
         result = {"loss": totals["loss"] / n, **metrics.rates(totals)} if self.detects else {}
         if self.detects and self.coco_top_k:
@@ -298,6 +319,9 @@ class Trainer:
         if videos:
             table = jf.summarize(videos)
             result.update({"j": table["J-Mean"], "f": table["F-Mean"], "jf": table["J&F-Mean"]})
+        if self.video_eval is not None:
+            prefix = JF_PREFIX["videos"]
+            result.update({prefix + k: v for k, v in self.video_eval(self.state["params"]).items()})
         log.info("eval at step %d: %s", step, " | ".join(f"{k} {v:.4g}" for k, v in result.items()))
         if writer:
             writer.scalars(step, {f"val_{k}": v for k, v in result.items()})
