@@ -106,6 +106,14 @@ def check_space(folder: str, needed: int) -> None:
         raise OSError(errno.ENOSPC, f"needs {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free", folder)
 
 
+def _permissions(mode: int) -> int:
+    """``mode`` less the process's umask: what ``open`` / ``mkdir`` would give, where ``tempfile``
+    gives only the owner access."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str):
     """Yields a temporary directory beside ``path``; when the block completes it replaces ``path``
@@ -115,6 +123,7 @@ def atomic_directory(path: str):
     os.makedirs(parent, exist_ok=True)
     clean_stale(parent, f".{name}.")
     tmp = tempfile.mkdtemp(prefix=f".{name}.{_tag('tmp')}", dir=parent)
+    os.chmod(tmp, _permissions(0o777))
     try:
         yield tmp
         if os.path.exists(path):
@@ -139,6 +148,7 @@ def atomic_file(path: str):
     clean_stale(parent, f".{name}.")
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.{_tag('tmp')}", suffix=os.path.splitext(name)[1], dir=parent)
     os.close(fd)
+    os.chmod(tmp, _permissions(0o666))
     try:
         yield tmp
         os.replace(tmp, path)

@@ -77,6 +77,20 @@ def test_an_interrupted_replace_keeps_the_previous_output(tmp_path, caplog):
     assert old.exists() and "move it back" in caplog.text
 
 
+def test_outputs_get_the_umasks_permissions_not_the_temporarys(tmp_path):
+    """The temporary is the caller's only; the finished output is readable as ``open`` would make it."""
+    old = os.umask(0o022)
+    try:
+        with fileio.atomic_file(str(tmp_path / "a.json")) as tmp:
+            open(tmp, "w").write("{}")
+        with fileio.atomic_directory(str(tmp_path / "d")) as tmp:
+            open(os.path.join(tmp, "x"), "w").write("")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "a.json").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "d").stat().st_mode & 0o777) == oct(0o755)
+
+
 def test_outputs_are_checked_before_the_work(tmp_path):
     (tmp_path / "file").write_text("x")
     (tmp_path / "dir").mkdir()
