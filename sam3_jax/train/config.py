@@ -1,15 +1,20 @@
-"""The training config's sections and presets; ``configs/video.py`` and ``configs/image.py`` pick them.
+"""The training config's sections, their fields and defaults; the recipes are in ``configs/*.py``.
 
-Every field is overridable from the command line (``--config.optim.lr.rest=1e-4``). The data
-section is `sam3_jax.data.config`'s; the model section is the whole `ModelConfig`.
+`base_config` builds every section (each field with its default: the optimiser's are
+`optim.default_config`'s, the losses' their dataclasses'); ``configs/video.py`` and
+``configs/image.py`` write each variant's recipe over it (model, data, steps, parameter groups and
+their lrs, schedule, loss weights, freezing). Every field is overridable from the command line
+(``--config.optim.lr.vision=1e-5``). The data section is `sam3_jax.data.config`'s; the model
+section is the whole `ModelConfig`.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 import ml_collections
 
-from sam3_jax.data import config as data_config
 from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
@@ -22,9 +27,7 @@ VIDEO_VARIANTS = ("default", "demo", "davis", "sav", "ytvis", "coco", "tracker",
 IMAGE_VARIANTS = ("coco", "demo")
 # What a run trains: the detector's losses, the tracker's, or both on the same clips (one backbone pass).
 MODES = ("detector", "tracker", "joint")
-# Tracker-only training of a model trained from scratch: the detector's own parts (text encoder,
-# fusion encoder, decoder, heads, its neck) get no gradient and must not drift by weight decay.
-DETECTOR_HEADS = r"^detector/(?!backbone/vision_backbone/(trunk|sam2_convs))"
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 
 def as_config(dataclass_value) -> ml_collections.ConfigDict:
@@ -102,98 +105,21 @@ def base_config(model: ModelConfig, data: ml_collections.ConfigDict,
     return c
 
 
-def demo_config() -> ml_collections.ConfigDict:
-    """The tiny model trained from scratch on the generated videos, float32 on CPU, sized so that the
-    held-out detection figures rise within minutes on two cores: many short steps (2-frame clips
-    from 4 of the 72 training videos, at most 2 phrases a clip: the phrases cost more than the
-    frames), no dropout and no augmentation (both slow a from-scratch model down), and a learning
-    rate of 3e-4 (at 1e-3 the held-out box and mask AP rose slower)."""
-    c = base_config(ModelConfig.tiny(), data_config.get_config("demo"), TrackerConfig.tiny())
-    # The tiny model's activations are a few MB: recomputing them (remat) would only cost ~30% of
-    # each step, steps the demo spends better on learning.
-    for part in ("vit", "text", "encoder", "decoder"):
-        c.model[part].remat = False
-    for part in ("encoder", "decoder", "geometry"):
-        c.model[part].dropout = 0.0
-    c.tracker.model.remat = False
-    c.data.update(dict(num_frames=2, batch_size=4, max_phrases=2))
-    c.data.augment.enabled = False
-    c.data.synthetic.num_videos = 96  # 72 to train on, 24 held out
-    c.total_steps, c.log_every, c.checkpoint_every = 2400, 50, 400
-    c.mesh.frame = 1
-    c.optim.update(dict(lr=dict(vision=3e-4, text=3e-4, rest=3e-4), layer_decay=1.0, weight_decay=0.01,
-                        schedule="cosine", warmup_steps=10, clip_norm=1.0))
-    c.loss.pad_n_queries = None  # the tiny decoder has 16 queries, not the reference's 200
-    c.eval.update(dict(every=400, num_batches=6))  # 24 held-out clips, 96 (frame, phrase) queries
-    train = c.data.sources.demo
-    c.eval.sources.demo = data_config.source_config(
-        "ytvis", train.get_ref("image_dir"), train.get_ref("annotations"),
-        file_list=c.data.synthetic.get_ref("output_dir") + "/davis/ImageSets/val.txt", exhaustive=True)
-    c.overlay_every = 400
-    return c
-
-
-def tracker_demo_config() -> ml_collections.ConfigDict:
-    """The demo's tiny model and videos, training the tracker (and the backbone it reads) alone;
-    evaluated by J&F on the held-out videos. On frames without clicks the tracker outputs the
-    multimask output its IoU head rates best. From scratch that head learns slower than the masks:
-    at the recipe's IoU weight (1) it still picked a whole-frame mask for every object after 300
-    steps (held-out J 0.005), while the best of the three overlapped the object at IoU 0.41 on
-    average (one held-out batch, 5 objects x 3 frames). The demo weights the IoU term 10x so that
-    the choice is learnt within its steps (J 0.24 after 300). It keeps its own clips (4 frames, the
-    tracker's J&F needs 3), batch, augmentation and learning rate rather than the detector demo's."""
-    c = demo_config()
-    c.mode = "tracker"
-    c.optim.freeze = DETECTOR_HEADS
-    c.tracker.loss.weight_iou = 10.0
-    c.data.update(dict(num_frames=4, batch_size=2, max_phrases=4))
-    c.data.augment.enabled = True
-    c.optim.lr.update(dict(vision=1e-3, text=1e-3, rest=1e-3))
-    c.total_steps, c.log_every, c.checkpoint_every = 300, 10, 100
-    # J&F as predict_video + evaluate --metric=jf give it, on every held-out video whole (DAVIS layout);
-    # with jf_protocol="clips", 12 clips: J&F of a few objects is noisy.
-    c.eval.update(dict(every=100, num_batches=6, jf_protocol="videos"))
-    davis = c.data.synthetic.get_ref("output_dir") + "/davis"
-    c.eval.sources.demo = data_config.source_config("davis", davis + "/JPEGImages", davis + "/Annotations",
-                                                    file_list=davis + "/ImageSets/val.txt")
-    return c
-
-
-def tracker_config(mode: str) -> ml_collections.ConfigDict:
-    """SAM 3's stage 4 (``tracker``: backbone and detector frozen) or both models at once (``joint``),
-    at official size on 8-frame DAVIS/MOSE-style clips with up to 3 objects; the tracker's optimiser
-    is SAM 2's MOSE fine-tune (SAM3_SPEC §5.4). Longer clips: ``--config.data.num_frames=16`` and
-    ``--config.optim.lr.rest=5e-7`` (the paper's 0.1x). ``mesh.frame`` must divide ``data.max_objects``."""
-    c = base_config(official_model(), data_config.get_config("davis"))
-    c.mode = mode
-    if mode == "tracker":
-        c.optim.update(dict(lr=dict(vision=3e-6, text=3e-6, rest=5e-6), weight_decay=0.1, layer_decay=0.9,
-                            schedule="cosine", warmup_steps=0, final_lr_fraction=0.1, clip_norm=0.1,
-                            freeze="^detector/"))
-    return c
+def load(name: str, variant: str):
+    """``get_config(variant)`` of ``configs/<name>.py``, as ``--config=configs/<name>.py:variant`` loads it."""
+    spec = importlib.util.spec_from_file_location(f"sam3_jax_configs_{name}", os.path.join(CONFIGS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
 
 
 def video_config(variant: str = "default") -> ml_collections.ConfigDict:
-    if variant == "demo":
-        return demo_config()
-    if variant == "tracker_demo":
-        return tracker_demo_config()
-    if variant in ("tracker", "joint"):
-        return tracker_config(variant)
-    if variant not in VIDEO_VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VIDEO_VARIANTS)}")
-    model = official_model()
-    data = data_config.get_config("davis" if variant == "default" else variant)
-    return base_config(model, data)
+    return load("video", variant)
 
 
 def image_config(variant: str = "coco") -> ml_collections.ConfigDict:
-    """The same trainer on 1-frame clips (the detector alone), as the reference fine-tunes on images."""
-    if variant not in IMAGE_VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; one of {', '.join(IMAGE_VARIANTS)}")
-    c = video_config(variant)
-    c.data.num_frames = 1
-    if variant == "demo":
-        c.data.batch_size = 4
-    c.mesh.frame = 1
-    return c
+    return load("image", variant)
+
+
+def tracker_demo_config() -> ml_collections.ConfigDict:
+    return video_config("tracker_demo")

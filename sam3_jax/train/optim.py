@@ -1,17 +1,12 @@
 """The optimiser: AdamW over SAM 3's parameter groups as one optax transformation (docs/reference_model.md,
 'Detector training' and 'Tracker training').
 
-What the reference's fine-tuning configs build with torch param groups, decided here from each
-parameter's '/'-joined path:
-  * groups: ``vision`` (``backbone/vision_backbone/...``), ``text`` (``backbone/language_backbone/...``)
-    and ``rest``, each with its own learning rate on the same schedule;
-  * layer-wise lr decay over the ViT trunk as ``ViT.get_layer_id``: patch_embed / ln_pre = layer 0,
-    block i = i + 1, anything else = depth + 1; a parameter at layer l gets decay ** (depth + 1 - l),
-    except ``pos_embed``, which the reference overrides to 1.0. With ``ViTConfig.scan_blocks`` the
-    blocks' leaves are stacked over groups and their factor is a vector over that axis;
-  * weight decay except where the reference exempts it: names containing "bias" and the weights of
-    ``torch.nn.LayerNorm`` modules only (GroupNorm, LayerNorm2d, embeddings and position embeddings
-    are decayed there, so they are here);
+What the reference's fine-tuning configs build with torch param groups; which group, weight decay,
+layer factor and freezing each parameter gets is `param_groups`' (from the config's rules):
+  * each group's lr on the same schedule (``optim.lr[group]`` its peak), times the leaf's layer
+    factor (layer-wise lr decay over the ViT trunk);
+  * decoupled weight decay at the group's rate (``optim.weight_decay[group]``) except where the
+    reference exempts it;
   * global-norm clipping over the trainable gradients, gradient accumulation (``optax.MultiSteps``),
     and freezing by regex: frozen leaves get zero updates and hold no optimiser state;
   * updates whose gradients are not finite are skipped and counted (``skipped_updates``).
@@ -28,7 +23,6 @@ accumulation over k of them the schedules advance once per k, on the optimiser u
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -38,39 +32,21 @@ import ml_collections
 import numpy as np
 import optax
 
-VISION, TEXT, REST, FROZEN = "vision", "text", "rest", "frozen"
-# Paths are of the detector's tree; the trainer's ``{"detector": ..., "tracker": ...}`` is
-# understood too (the tracker's parameters are all in ``rest``).
-DETECTOR = "detector/"
-GROUPS = {VISION: re.compile(r"^(detector/)?backbone/vision_backbone/"),
-          TEXT: re.compile(r"^(detector/)?backbone/language_backbone/")}
-TRUNK = "backbone/vision_backbone/trunk/"
-
-
-def _model_path(path: str) -> str:
-    return path.removeprefix(DETECTOR)
-
-# Parameters here that are buffers in the reference: never trained, whatever the config says.
-ALWAYS_FROZEN = {
-    "the SAM prompt encoder's random Fourier features (a torch buffer)":
-        re.compile(r"(^|/)positional_encoding_gaussian_matrix$"),
-}
-
-# Norm scales the reference decays: its exemption is by module class torch.nn.LayerNorm, exactly.
-DECAYED_NORMS = {
-    "GroupNorm (pixel decoder)": re.compile(r"(^|/)pixel_decoder/norms_\d+/scale$"),
-    "LayerNorm2d (tracker convolution stacks)": re.compile(
-        r"(^|/)(output_upscaling_1|mask_downscaling_\d+|mask_downsampler/encoder_\d+|fuser/layers_\d+/norm)/scale$"),
-}
+from sam3_jax.train.param_groups import (  # noqa: F401  (re-exported: the trainer's and tests' names)
+    BACKBONE_GROUPS, FROZEN, REST, TEXT, VISION, by_path, check_groups, decays, is_frozen, layer_scales,
+    names, param_labels, path_str, trunk_depth, vit_layer_id, weight_decay)
+from sam3_jax.train.param_groups import tree_map as _map
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The ``optim`` section; defaults = the reference's detector fine-tuning (roboflow / odinw configs)."""
+    """The ``optim`` section's fields, with the reference's detector fine-tuning values (roboflow /
+    odinw configs); each config in ``configs/*.py`` writes its own recipe over them."""
     return ml_collections.ConfigDict(dict(
-        lr=dict(vision=2.5e-5, text=5e-6, rest=8e-5),  # 2.5e-4, 5e-5, 8e-4 times lr_scale 0.1
+        groups=BACKBONE_GROUPS,  # (name, regex) rules in match order; the last, "rest", a catch-all
+        lr=dict(vision=2.5e-5, text=5e-6, rest=8e-5),  # each group's peak lr (2.5e-4, 5e-5, 8e-4 x 0.1)
+        weight_decay=dict(vision=0.1, text=0.1, rest=0.1),  # each group's decoupled weight decay
         b1=0.9, b2=0.999, eps=1e-8,  # torch.optim.AdamW defaults (the configs set none)
-        weight_decay=0.1,
-        layer_decay=0.9,  # over the ViT trunk; 1.0 turns it off
+        layer_decay=0.9,  # over the ViT trunk, on top of the group's lr; 1.0 turns it off
         layer_decay_exempt="pos_embed",  # regex over trunk paths whose factor is 1.0 ("" for none)
         schedule="inverse_sqrt",  # or "cosine"
         warmup_steps=20,
@@ -81,90 +57,6 @@ def default_config() -> ml_collections.ConfigDict:
         accumulate_steps=1,
         freeze="",  # regex searched in '/'-joined paths, e.g. "detector/backbone/" (the whole backbone)
     ))
-
-
-def path_str(path) -> str:
-    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
-
-
-def by_path(tree) -> dict:
-    """{'/'-joined path: leaf}."""
-    return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _map(fn, tree):
-    """``fn(path_string, leaf)`` over a tree (masked subtrees inside optax included)."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
-
-
-def is_frozen(path: str, freeze: str = "") -> bool:
-    """Always-frozen buffers, or a match of the config's ``freeze`` regex."""
-    return any(p.search(path) for p in ALWAYS_FROZEN.values()) or bool(freeze and re.search(freeze, path))
-
-
-def group_of(path: str) -> str:
-    return next((name for name, pattern in GROUPS.items() if pattern.search(path)), REST)
-
-
-def param_labels(params, cfg):
-    """Each leaf's group: ``frozen``, ``vision``, ``text`` or ``rest``."""
-    return _map(lambda p, _: FROZEN if is_frozen(p, cfg.freeze) else group_of(p), params)
-
-
-def decays(path: str) -> bool:
-    """Weight decay unless the reference exempts it (name contains "bias", or a LayerNorm weight)."""
-    if "bias" in path:
-        return False
-    return not path.endswith("/scale") or any(p.search(path) for p in DECAYED_NORMS.values())
-
-
-def trunk_depth(params) -> int | None:
-    """Number of ViT blocks in the tree (unrolled ``blocks_i`` or stacked ``block_groups``), or None."""
-    unrolled, stacked = set(), {}
-    for path, x in by_path(params).items():
-        path = _model_path(path)
-        if m := re.match(re.escape(TRUNK) + r"blocks_(\d+)/", path):
-            unrolled.add(int(m[1]))
-        elif m := re.match(re.escape(TRUNK) + r"block_groups/blocks_(\d+)/", path):
-            stacked[int(m[1])] = x.shape[0]
-    if stacked:
-        return len(stacked) * next(iter(stacked.values()))
-    return max(unrolled) + 1 if unrolled else None
-
-
-def vit_layer_id(trunk_path: str, depth: int, leaf_shape=()) -> int | np.ndarray:
-    """``ViT.get_layer_id`` for a path below the trunk, same precedence; stacked blocks give a vector."""
-    if "rel_pos" in trunk_path:
-        return depth + 1
-    if any(name in trunk_path for name in ("ln_pre", "pos_embed", "cls_token", "patch_embed")):
-        return 0
-    if m := re.match(r"block_groups/blocks_(\d+)/", trunk_path):
-        groups = leaf_shape[0]
-        return np.arange(groups) * (depth // groups) + int(m[1]) + 1
-    if m := re.match(r"blocks_(\d+)/", trunk_path):
-        return int(m[1]) + 1
-    return depth + 1
-
-
-def layer_scales(params, cfg):
-    """Each leaf's lr factor: 1.0 outside the trunk, decay ** (depth + 1 - layer id) inside it; a
-    stacked block leaf gets an array broadcastable to its shape (one factor per stacked block)."""
-    depth = trunk_depth(params)
-
-    def scale(path, x):
-        path = _model_path(path)
-        if depth is None or not path.startswith(TRUNK):
-            return 1.0
-        rel = path[len(TRUNK):]
-        if cfg.layer_decay_exempt and re.search(cfg.layer_decay_exempt, rel):
-            return 1.0
-        ids = vit_layer_id(rel, depth, np.shape(x))
-        if np.ndim(ids) == 0:
-            return float(cfg.layer_decay ** (depth + 1 - ids))
-        factors = np.asarray(cfg.layer_decay, np.float64) ** (depth + 1 - ids)
-        return factors.astype(np.float32).reshape((-1,) + (1,) * (np.ndim(x) - 1))
-
-    return _map(scale, params)
 
 
 # ------------------------------------------------------------------------------------------ schedules
@@ -214,9 +106,9 @@ def schedule(cfg, base_lr: float, total_steps: int) -> Callable:
 
 
 def schedules(cfg, total_steps: int) -> dict[str, Callable]:
-    if set(cfg.lr.keys()) != {VISION, TEXT, REST}:
-        raise ValueError(f"optim.lr needs exactly the groups {VISION}, {TEXT}, {REST}; got {sorted(cfg.lr.keys())}")
-    return {group: schedule(cfg, cfg.lr[group], total_steps) for group in (VISION, TEXT, REST)}
+    """Each group's lr schedule, in the rules' order."""
+    check_groups(cfg)
+    return {group: schedule(cfg, cfg.lr[group], total_steps) for group in names(cfg)}
 
 
 def learning_rates(cfg, total_steps: int, step) -> dict[str, jax.Array]:
@@ -228,7 +120,7 @@ def learning_rates(cfg, total_steps: int, step) -> dict[str, jax.Array]:
 
 # ------------------------------------------------------------------------------------------ optimiser
 class Packing:
-    """The trainable leaves of a parameter tree as one flat vector per (group, weight decay, dtype),
+    """The trainable leaves of a parameter tree as one flat vector per (group, decayed or not, dtype),
     keyed ``"<group>/decay|no_decay/<dtype>"``, each the concatenation of its leaves, raveled, in
     tree order. Built from shapes alone (arrays or ShapeDtypeStructs); frozen leaves are left out.
 
@@ -242,14 +134,14 @@ class Packing:
         self.shapes = [tuple(np.shape(x)) for _, x in leaves]
         self.dtypes = [jnp.dtype(x.dtype) for _, x in leaves]
         self.members: dict[str, list[int]] = {}
-        self.group, self.decays = {}, {}
+        self.group, self.weight_decay = {}, {}  # per key: lr group, decoupled weight decay rate
         for i, (path, _) in enumerate(leaves):
             path = path_str(path)
             if labels[path] == FROZEN:
                 continue
             key = f"{labels[path]}/{'decay' if decays(path) else 'no_decay'}/{self.dtypes[i].name}" if fuse else path
             self.members.setdefault(key, []).append(i)
-            self.group[key], self.decays[key] = labels[path], decays(path)
+            self.group[key], self.weight_decay[key] = labels[path], weight_decay(path, labels[path], cfg)
 
     def pack(self, tree, keys=None) -> dict[str, jax.Array]:
         """The vectors of ``keys`` (default: all) from a tree like the params."""
@@ -290,9 +182,9 @@ def packed(inner: optax.GradientTransformation, packing: Packing) -> optax.Gradi
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def decay_packed(rate: float, packing: Packing) -> optax.GradientTransformation:
-    """Decoupled weight decay inside `packed`: packed updates + rate * packed params, for the
-    vectors that decay. The parameters are packed here, inside the update, so under `skip_nonfinite`
+def decay_packed(packing: Packing) -> optax.GradientTransformation:
+    """Decoupled weight decay inside `packed`: packed updates + rate * packed params, each vector at
+    its rate (`Packing.weight_decay`; vectors at 0 are left alone). The parameters are packed here, inside the update, so under `skip_nonfinite`
     (a ``lax.cond``) the copy is made once the gradients are known. Packed before the step, as a
     value that depends on nothing computed, XLA scheduled it at the start and held the copy through
     the backward pass's peak."""
@@ -300,9 +192,9 @@ def decay_packed(rate: float, packing: Packing) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("weight decay needs the parameters: pass them to update")
-        keys = [key for key in updates if packing.decays[key]] if rate else []
-        flat = packing.pack(params, keys)
-        return {key: u + rate * flat[key] if key in flat else u for key, u in updates.items()}, state
+        rates = packing.weight_decay
+        flat = packing.pack(params, [key for key in updates if rates[key]])
+        return {key: u + rates[key] * flat[key] if key in flat else u for key, u in updates.items()}, state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -355,7 +247,7 @@ def make_optimizer(cfg, params, total_steps: int, fuse: bool = True) -> optax.Gr
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
     parts += [
         optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps),
-        decay_packed(cfg.weight_decay, packing),
+        decay_packed(packing),
         scale_by_group_lr(schedules(cfg, total_steps), packing.group),
     ]
     trainable = optax.chain(*parts)
@@ -366,8 +258,8 @@ def make_optimizer(cfg, params, total_steps: int, fuse: bool = True) -> optax.Gr
 
 # ------------------------------------------------------------------------------------------ summaries
 def group_counts(params, cfg) -> dict[str, dict[str, int]]:
-    """Per label (the three groups and ``frozen``): tensors, scalars, and how many of them are decayed."""
-    counts = {g: {"tensors": 0, "params": 0, "decayed_tensors": 0} for g in (VISION, TEXT, REST, FROZEN)}
+    """Per label (each group and ``frozen``): tensors, scalars, and how many of them are decayed."""
+    counts = {g: {"tensors": 0, "params": 0, "decayed_tensors": 0} for g in [*names(cfg), FROZEN]}
     labels = by_path(param_labels(params, cfg))
     for path, x in by_path(params).items():
         c = counts[labels[path]]
@@ -378,18 +270,20 @@ def group_counts(params, cfg) -> dict[str, dict[str, int]]:
 
 
 def summarize(params, cfg, total_steps: int) -> str:
-    """A few lines for the console at start-up: each group's size, lr and schedule, what is frozen."""
+    """A few lines for the console at start-up: each group's rule, size, lr and weight decay, the
+    schedule, what is frozen."""
     counts = group_counts(params, cfg)
     depth = trunk_depth(params)
     updates = jnp.arange(max(total_steps // cfg.accumulate_steps, 1))
     peak = {g: float(jnp.max(fn(updates))) for g, fn in schedules(cfg, total_steps).items()}
-    lines = [(f"optimiser: AdamW (b1 {cfg.b1}, b2 {cfg.b2}, eps {cfg.eps}, weight decay {cfg.weight_decay}), "
-              f"{cfg.schedule} schedule over {total_steps} steps, clip {cfg.clip_norm or 'off'}, "
-              f"accumulate {cfg.accumulate_steps}")]
-    for group in (VISION, TEXT, REST):
+    lines = [(f"optimiser: AdamW (b1 {cfg.b1}, b2 {cfg.b2}, eps {cfg.eps}), {cfg.schedule} schedule over "
+              f"{total_steps} steps, clip {cfg.clip_norm or 'off'}, accumulate {cfg.accumulate_steps}; "
+              f"groups, first match wins:")]
+    for group, pattern in cfg.groups:
         c = counts[group]
         line = (f"  {group:<6} {c['tensors']:5d} tensors {c['params']:>13,d} params "
-                f"({c['tensors'] - c['decayed_tensors']} without decay)  peak lr {peak[group]:.3g}")
+                f"({c['tensors'] - c['decayed_tensors']} without decay)  peak lr {peak[group]:.3g}, "
+                f"weight decay {cfg.weight_decay[group]:g}, rule {pattern!r}")
         if group == VISION and depth is not None and cfg.layer_decay != 1.0:
             line += f", layer decay {cfg.layer_decay} over {depth} blocks"
         lines.append(line)

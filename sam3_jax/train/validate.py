@@ -6,11 +6,13 @@ are the ones a typo on the command line can break.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from sam3_jax.checkpoint import training
 from sam3_jax.data.sources import KINDS
 from sam3_jax.train import config as config_lib
+from sam3_jax.train import param_groups
 
 # (dotted field, rule, what the rule asks for): the integer ranges.
 AT_LEAST = (("total_steps", 1), ("checkpoint_every", 1), ("log_every", 1), ("keep_checkpoints", 1),
@@ -82,6 +84,17 @@ def _data(config) -> list[str]:
     return out
 
 
+def _optim(config) -> list[str]:
+    """The parameter groups' rules against their lrs and weight decays; the regexes compile."""
+    optim, out = config.optim, param_groups.group_errors(config.optim)
+    for field in ("freeze", "layer_decay_exempt"):
+        try:
+            re.compile(optim[field])
+        except (re.error, TypeError) as e:
+            out.append(f"optim.{field}={optim[field]!r}: not a regex: {e}")
+    return out
+
+
 def _keep_best(config) -> list[str]:
     from sam3_jax.train import loop  # the trainer knows which val_* keys an evaluation writes
 
@@ -92,7 +105,8 @@ def _keep_best(config) -> list[str]:
     return []
 
 
-CHECKS: tuple[Callable, ...] = (_ranges, lambda c: mesh_errors(c.mesh.data, c.mesh.frame), _data, _keep_best)
+CHECKS: tuple[Callable, ...] = (_ranges, lambda c: mesh_errors(c.mesh.data, c.mesh.frame), _data, _optim,
+                                _keep_best)
 
 
 def errors(config) -> list[str]:

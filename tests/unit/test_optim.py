@@ -372,7 +372,7 @@ def test_updates_match_torch_adamw_with_param_groups_and_clipping(ref):
     tensors = {p: torch.nn.Parameter(torch.tensor(np.asarray(x))) for p, x in optim.by_path(params).items()
                if labels[p] != "frozen"}
     groups = [{"params": [t], "lr": cfg.lr[labels[p]] * scales[p],
-               "weight_decay": cfg.weight_decay if optim.decays(p) else 0.0} for p, t in tensors.items()]
+               "weight_decay": cfg.weight_decay[labels[p]] if optim.decays(p) else 0.0} for p, t in tensors.items()]
     opt = torch.optim.AdamW(groups, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
     for g in grads:
         g = optim.by_path(g)
