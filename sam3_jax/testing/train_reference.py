@@ -7,6 +7,12 @@ imports ``sam3.train``.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 
 
@@ -139,3 +145,44 @@ def global_grad_norm(torch, params) -> float:
     """The L2 norm of the gradients of ``params`` (those that have one), in float64."""
     sq = sum(p.grad.detach().double().square().sum() for p in params if p.grad is not None)
     return float(torch.sqrt(torch.as_tensor(sq)))
+
+
+def step_one(out_dir: str) -> None:
+    """The reference's step 1 as ``out_dir/request.json`` asks (``model``: a ``ModelConfig`` dict,
+    ``pad_n_queries``, ``seed``) on the clip in ``out_dir/clip.npz``: writes its seeded weights
+    (before the step) to ``weights.npz`` and every loss term and the global gradient norm to
+    ``step.json``."""
+    from sam3_jax.model.config import ModelConfig
+    from sam3_jax.testing import reference
+    from sam3_jax.testing.parity import state_dict_numpy
+
+    with open(os.path.join(out_dir, "request.json")) as f:
+        request = json.load(f)
+    torch = reference.load().torch
+    reference.install_loss_shims(torch)
+    model, loss = detector_reference(ModelConfig.from_dict(request["model"]), "cpu",
+                                     pad_n_queries=request["pad_n_queries"], seed=request["seed"])
+    np.savez(os.path.join(out_dir, "weights.npz"), **state_dict_numpy(model))
+    clip = dict(np.load(os.path.join(out_dir, "clip.npz")))
+    terms = reference_train_forward(model, loss, reference_inputs(torch, clip, "cpu"))
+    terms["core_loss"].backward()
+    with open(os.path.join(out_dir, "step.json"), "w") as f:
+        json.dump({"terms": {k: float(v.detach()) for k, v in terms.items()},
+                   "grad_norm": global_grad_norm(torch, model.parameters())}, f)
+
+
+def step_one_in_child(model_cfg, clip: dict, out_dir: str, *, pad_n_queries: int | None, seed: int) -> dict:
+    """``step_one`` in a child process, whose memory goes back to the system when it ends: at the
+    official size the reference's model, gradients and activations and then our train state do
+    not fit a 24 GiB machine together. Returns ``step.json``'s dict; the weights are in
+    ``out_dir/weights.npz``."""
+    np.savez(os.path.join(out_dir, "clip.npz"), **clip)
+    with open(os.path.join(out_dir, "request.json"), "w") as f:
+        json.dump({"model": dataclasses.asdict(model_cfg), "pad_n_queries": pad_n_queries, "seed": seed}, f)
+    subprocess.run([sys.executable, "-m", "sam3_jax.testing.train_reference", out_dir], check=True)
+    with open(os.path.join(out_dir, "step.json")) as f:
+        return json.load(f)
+
+
+if __name__ == "__main__":
+    step_one(sys.argv[1])

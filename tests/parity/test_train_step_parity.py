@@ -8,20 +8,26 @@ converter; the clip is one of the generated demo videos. Dropout and drop-path a
 sides, so the two are the same function: every loss term and the global norm of the trainable
 gradients (before clipping) must agree.
 
-``SAM3_TRAIN_PARITY_SIZE=official`` runs the same comparison at the official size (1 frame, 1
-phrase, the trainer's scanned layer stacks); it needs far more memory and time than CI has.
+Then two real train steps from the same weights: step 2 must run on what step 1's update wrote.
+
+``SAM3_TRAIN_PARITY_SIZE=official`` runs all of it at the official size (1 frame, 1 phrase, the
+trainer's scanned layer stacks; the train steps in bfloat16 as the default variant trains): run
+it alone, each side needs most of a 24 GiB machine (benchmarks/README.md has its figures).
 """
 import dataclasses
 import os
 import types
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from sam3_jax.model import detector, stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.train import config as config_lib
 from sam3_jax.train import mesh as mesh_lib
+from sam3_jax.train import optim
 from sam3_jax.train import program as program_lib
 from sam3_jax.train import sharding
 from sam3_jax.train import step as step_lib
@@ -41,24 +47,24 @@ RTOL_TERMS = {"tiny": 5e-6, "official": 1e-4}[SIZE]
 RTOL_GRAD_NORM = {"tiny": 5e-6, "official": 1e-4}[SIZE]
 
 
-def without_randomness(cfg: ModelConfig) -> ModelConfig:
-    """Dropout and drop-path off, float32 compute."""
-    d = dataclasses.asdict(cfg.replace(compute_dtype="float32"))
+def without_randomness(cfg: ModelConfig, float32: bool = True) -> ModelConfig:
+    """Dropout and drop-path off (and float32 compute)."""
+    d = dataclasses.asdict(cfg.replace(compute_dtype="float32") if float32 else cfg)
     for part in ("encoder", "decoder", "geometry"):
         d[part]["dropout"] = 0.0
     d["vit"]["drop_path_rate"] = 0.0
     return ModelConfig.from_dict(d)
 
 
-def train_config():
+def train_config(trains: bool = False):
     """``configs/video.py``'s demo variant (tiny) or default (official), detector mode, one clip on
-    one device, the model without randomness."""
+    one device, the model without randomness, in float32 (``trains``: in the variant's compute dtype)."""
     if SIZE == "official":
         config = config_lib.video_config("default")
-        model = without_randomness(config_lib.official_model())  # scanned stacks, as the trainer runs it
+        model = without_randomness(config_lib.official_model(), float32=not trains)  # scanned, as it trains
     else:
         config = config_lib.video_config("demo")
-        model = without_randomness(ModelConfig.from_dict(config.model.to_dict()))
+        model = without_randomness(ModelConfig.from_dict(config.model.to_dict()), float32=not trains)
     config.model = config_lib.as_config(model)
     config.mode = "detector"
     config.loss.pad_n_queries = CLIP["pad_n_queries"]
@@ -82,45 +88,74 @@ def clip(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference_step(ref, clip):
-    """The reference's step 1: its loss dict, the global gradient norm and its weights (numpy)."""
-    from sam3_jax.testing import reference, train_reference
-    from sam3_jax.testing.parity import state_dict_numpy
+def reference_step(ref, clip, tmp_path_factory):
+    """The reference's step 1, in a child process: its loss dict, the global gradient norm and the
+    file holding its weights."""
+    from sam3_jax.testing import train_reference
 
-    torch = ref.torch
-    reference.install_loss_shims(torch)
-    cfg = program_lib.model_config(train_config())
-    model, loss = train_reference.detector_reference(stacking.set_scans(cfg, False), "cpu",
-                                                     pad_n_queries=CLIP["pad_n_queries"], seed=SEED)
-    weights = state_dict_numpy(model)
-    terms = train_reference.reference_train_forward(model, loss, train_reference.reference_inputs(torch, clip, "cpu"))
-    terms["core_loss"].backward()
-    norm = train_reference.global_grad_norm(torch, model.parameters())
-    return types.SimpleNamespace(terms={k: float(v.detach()) for k, v in terms.items()}, grad_norm=norm,
-                                 weights=weights)
+    cfg = stacking.set_scans(program_lib.model_config(train_config()), False)
+    out = str(tmp_path_factory.mktemp("reference_step"))
+    step = train_reference.step_one_in_child(cfg, clip, out, pad_n_queries=CLIP["pad_n_queries"], seed=SEED)
+    return types.SimpleNamespace(terms=step["terms"], grad_norm=step["grad_norm"],
+                                 weights=os.path.join(out, "weights.npz"))
+
+
+def reference_params(path: str, cfg: ModelConfig) -> dict:
+    """The reference's weights (``weights.npz``) as the trainer's params, converted key by key so
+    the weights are held once."""
+    from sam3_jax.convert import keymap
+
+    with np.load(path) as f:
+        conversion = keymap.convert(dict(f), detector.abstract_params(stacking.set_scans(cfg, False)), consume=True)
+    return stacking.relayout({"detector": conversion.params}, stacking.group_sizes(cfg), owned=True)
 
 
 @pytest.fixture(scope="module")
 def our_step(reference_step, clip):
-    """Step 1 of the trainer's compiled train step on the reference's weights: its metrics."""
-    from sam3_jax.convert import keymap
-
+    """Step 1's metrics on the reference's weights: the loss and terms of the trainer's loss function
+    and the norm of its gradients as the train step computes them (``step.make_loss_fn``,
+    ``optim.Packing.norm``), without the optimiser, whose state the official size cannot add here."""
     config = train_config()
     mesh = mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1])
     prog = program_lib.build(config, mesh)
-    cfg = prog.model_cfg
-    weights = vars(reference_step).pop("weights")  # handed over: one copy of the weights at a time
-    conversion = keymap.convert(weights, detector.abstract_params(stacking.set_scans(cfg, False)))
-    del weights
-    params = stacking.relayout({"detector": conversion.params}, stacking.group_sizes(cfg), owned=True)
-    del conversion
-    batch = {k: v for k, v in clip.items() if k != "phrase_text"}
+    params = reference_params(reference_step.weights, prog.model_cfg)
+    batch = mesh_lib.shard_batch(mesh, {k: v for k, v in clip.items() if k != "phrase_text"})
+    with jax.set_mesh(mesh), jax.default_matmul_precision("highest"):
+        loss_fn = step_lib.make_loss_fn(prog.model_cfg, prog.loss_cfg, mesh, detect=True)
+        norm = optim.Packing(prog.abstract_params, config.optim).norm
+
+        @jax.jit
+        def metrics(p, b):
+            (loss, aux), grads = jax.value_and_grad(
+                lambda q: loss_fn(q, b, jax.random.key(config.seed)), has_aux=True)(p)
+            norm_ = norm(grads)
+            return {"loss": loss, **aux["terms"], "grad_norm": norm_, "num_boxes": aux["num_boxes"],
+                    "finite": jnp.isfinite(loss) & jnp.isfinite(norm_)}
+
+        out = jax.device_get(metrics(params, batch))
+    return {k: float(v) for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def our_train_steps(reference_step, clip, our_step):
+    """Two steps of the trainer's compiled train step (``program.build(...).train_step``) from the
+    reference's weights, in the compute dtype the variant trains in (official: bfloat16), warmup
+    off so that step 1 updates the weights: each step's metrics."""
+    config = train_config(trains=True)
+    config.optim.warmup_steps = 0
+    mesh = mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1])
+    prog = program_lib.build(config, mesh)
+    params = reference_params(reference_step.weights, prog.model_cfg)
+    batch = mesh_lib.shard_batch(mesh, {k: v for k, v in clip.items() if k != "phrase_text"})
+    steps = []
     with jax.set_mesh(mesh), jax.default_matmul_precision("highest"):
         state = jax.jit(lambda p: step_lib.init_state(p, prog.tx, config.seed),
                         out_shardings=sharding.shardings(prog.abstract_state))(params)
         del params
-        _, metrics = prog.train_step(state, mesh_lib.shard_batch(mesh, batch))
-    return {k: float(v) for k, v in jax.device_get(metrics).items() if not k.startswith("lr/")}
+        for _ in range(2):
+            state, metrics = prog.train_step(state, batch)
+            steps.append({k: float(v) for k, v in jax.device_get(metrics).items() if not k.startswith("lr/")})
+    return steps
 
 
 def reference_terms(want: dict) -> dict:
@@ -163,3 +198,14 @@ def test_step_one_grad_norm_matches_reference(our_step, reference_step):
     print(f"grad norm: ours {our_step['grad_norm']:.7g}  reference {reference_step.grad_norm:.7g}  rel err {err:.1e}")
     assert err < RTOL_GRAD_NORM
 
+
+
+def test_two_train_steps_run_and_update(our_train_steps, our_step):
+    """The real train step: its step 1 reports what the compared function does (at the tiny size,
+    where both run in float32), and step 2 runs on the weights step 1 wrote."""
+    first, second = our_train_steps
+    if SIZE == "tiny":
+        for k, v in our_step.items():
+            assert first[k] == pytest.approx(v, rel=1e-5), k
+    assert first["finite"] == second["finite"] == 1.0 and second["grad_norm"] > 0
+    assert second["loss"] != first["loss"]
