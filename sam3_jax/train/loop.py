@@ -21,18 +21,12 @@ import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
 from sam3_jax.checkpoint import finite, restore, training, weights
-from sam3_jax.data import pipeline, schema
-from sam3_jax.evaluation import jf
+from sam3_jax.data import pipeline
 from sam3_jax.train import mesh as mesh_lib
-from sam3_jax.train import mesh_plan, metrics, optim, program, reporting, sharding, stop, validate, video_eval
+from sam3_jax.train import mesh_plan, optim, program, reporting, sharding, stop, tasks, validate
 from sam3_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
-
-# The tracker's held-out J&F per eval.jf_protocol, written as val_<prefix>{j,f,jf}: "clips" scores the eval
-# pipeline's clips with the training-time tracker, "videos" whole held-out videos as predict_video and
-# evaluate --metric=jf do (train/video_eval.py).
-JF_PREFIX = {"clips": "", "videos": "video_"}
 # Batch fields that identify a clip, reported when a step's loss is not finite.
 BATCH_IDS = ("dataset_index", "video_index", "frame_indices")
 
@@ -93,24 +87,20 @@ def eval_data_config(config) -> ml_collections.ConfigDict | None:
 
 
 def eval_metrics(config) -> list[str]:
-    """The val_* keys an evaluation of this config writes (none when evaluation is off)."""
+    """The val_* keys an evaluation of this config writes, task by task (none when evaluation is off)."""
     if eval_data_config(config) is None:
         return []
-    names = []
-    if config.mode != "tracker":
-        names += ["loss", *metrics.RATES, *(metrics.COCO_AP if config.eval.coco_max_detections else ())]
-    if config.mode != "detector":
-        names += [f"{JF_PREFIX[config.eval.jf_protocol]}{name}" for name in ("j", "f", "jf")]
-    return [f"val_{name}" for name in names]
+    return [f"val_{name}" for task in tasks.tasks_for(config.mode) for name in task.metric_names(config)]
 
 
 def check_jf_protocol(config) -> None:
     """A clear error for an unknown ``eval.jf_protocol``, or "videos" on eval sources it cannot read."""
     protocol = config.eval.jf_protocol
-    if protocol not in JF_PREFIX:
-        raise ValueError(f"eval.jf_protocol={protocol!r}: one of {', '.join(JF_PREFIX)}")
-    if protocol == "videos" and config.mode != "detector" and eval_data_config(config) is not None:
-        video_eval.check_sources(config.eval.sources)
+    if protocol not in tasks.JF_PREFIX:
+        raise ValueError(f"eval.jf_protocol={protocol!r}: one of {', '.join(tasks.JF_PREFIX)}")
+    if eval_data_config(config) is not None:
+        for task in tasks.tasks_for(config.mode):
+            task.check(config)
 
 
 def check_keep_best(config) -> None:
@@ -139,7 +129,6 @@ class Trainer:
         mesh_lib.check_divisible(self.mesh, config.data.batch_size * jax.process_count(), config.data.num_frames)
         self.program = program.build(config, self.mesh)
         self.abstract_state = self.program.abstract_state
-        self.detects, self.tracks = self.program.detects, self.program.tracks
         self.data = iter(pipeline.build_dataset(config.data, config.seed))
         self.checkpoints = training.Checkpointer(os.path.join(workdir, training.CHECKPOINTS),
                                             max_to_keep=config.keep_checkpoints,
@@ -162,13 +151,9 @@ class Trainer:
         total, per_device = sharding.sharded_bytes(self.program.abstract_params, self.program.param_specs, self.mesh)
         log.info("parameters: %.2f GiB, %.2f GiB a device (mesh.shard_params=%s)", total / 2**30,
                  per_device / 2**30, config.mesh.shard_params)
-        self.train_step, self.predict = self.program.train_step, self.program.predict
-        self.eval_step, self.track_eval = self.program.eval_step, self.program.track_eval
-        self.coco_top_k = self.program.coco_top_k
-        self.video_eval = None
-        if self.tracks and config.eval.jf_protocol == "videos" and eval_data_config(config) is not None:
-            self.video_eval = video_eval.VideoEvaluator(config.eval.sources, self.program.model_cfg,
-                                                        self.program.tracker_cfg, self.mesh)
+        self.train_step = self.program.train_step
+        self.evaluations = [] if eval_data_config(config) is None else [
+            task.evaluation(self.program) for task in self.program.tasks]
 
     def _tracker_cfg(self):
         """The run's tracker; for a detector run, the one ``tracker.model`` describes (what a video
@@ -283,72 +268,36 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- evaluate
     def evaluate(self, step: int, writer) -> dict[str, float]:
-        """On the held-out clips (the same ones every time): the detector's loss, detection rates and
-        COCO AP, the tracker's J&F (of the clips, or of whole videos: ``eval.jf_protocol``), and an
-        overlay."""
+        """On the held-out clips (the same ones every time), each task's evaluation (`tasks`): the
+        detector's loss, detection rates and COCO AP, the tracker's J&F (of the clips, or of whole
+        videos: ``eval.jf_protocol``); and their overlays."""
         data_cfg = eval_data_config(self.config)
         if data_cfg is None:
             return {}
-        clip_jf = self.tracks and self.video_eval is None
-        totals: dict[str, float] = collections.defaultdict(float)
-        videos: list[jf.VideoScores] = []
-        images: list[dict] = []  # COCO AP's, one per query
+        params = self.state["params"]
+        reading = [e for e in self.evaluations if e.reads_clips]
         first = None
-        if self.detects or clip_jf:
+        if reading:
+            for e in reading:
+                e.start()
             data = iter(pipeline.build_dataset(data_cfg, self.config.seed))
             for _ in range(self.config.eval.num_batches):
                 batch = next(data)
                 first = batch if first is None else first
                 with jax.set_mesh(self.mesh):
                     sharded = mesh_lib.shard_batch(self.mesh, batch)
-                    if self.detects:
-                        sums, detections = self.eval_step(self.state["params"], sharded, jax.random.key(0))
-                    if clip_jf:
-                        tracked = self.track_eval(self.state["params"], sharded)
-                if self.detects:
-                    for k, v in jax.device_get(sums).items():
-                        totals[k] += float(v)
-                    if self.coco_top_k:
-                        images += metrics.coco_images(jax.device_get(detections), batch)
-                if clip_jf:
-                    videos += video_scores(*jax.device_get(tracked), batch["frame_valid"])
-        n = self.config.eval.num_batches
-        result = {"loss": totals["loss"] / n, **metrics.rates(totals)} if self.detects else {}
-        if self.detects and self.coco_top_k:
-            result.update(metrics.coco_ap(images))
-        if videos:
-            table = jf.summarize(videos)
-            result.update({"j": table["J-Mean"], "f": table["F-Mean"], "jf": table["J&F-Mean"]})
-        if self.video_eval is not None:
-            prefix = JF_PREFIX["videos"]
-            result.update({prefix + k: v for k, v in self.video_eval(self.state["params"]).items()})
+                    outs = [e.dispatch(params, sharded) for e in reading]
+                for e, out in zip(reading, outs):
+                    e.add(out, batch)
+        result = {k: v for e in self.evaluations for k, v in e.result(params).items()}
         log.info("eval at step %d: %s", step, " | ".join(f"{k} {v:.4g}" for k, v in result.items()))
         if writer:
             writer.scalars(step, {f"val_{k}": v for k, v in result.items()})
-            if self.detects and self.config.overlay_every and step % self.config.overlay_every == 0:
-                writer.images(step, {"overlays/clip0": self.overlay(first)})
+            if self.config.overlay_every and step % self.config.overlay_every == 0:
+                images = {k: v for e in self.evaluations for k, v in e.images(params, first).items()}
+                if images:
+                    writer.images(step, images)
         return result
-
-    def overlay(self, batch) -> np.ndarray:
-        """Predictions for the first phrase of the batch's first clip, over its frames (GT below)."""
-        clip = {k: np.asarray(v[:1]) for k, v in batch.items()}
-        with jax.set_mesh(self.mesh):
-            masks, scores = jax.device_get(self.predict(self.state["params"], clip))
-        p = clip["phrase_valid"].shape[1]
-        gt = schema.unpack_masks(clip["masks"][0]) & clip["query_positives"][0, :, 0, :, None, None]
-        return reporting.overlay_clip(clip["frames"][0], masks[::p] > 0, scores[::p], gt_masks=gt,
-                                      score_threshold=self.config.eval.overlay_score_threshold)
-
-
-def video_scores(pred, gt, tracked, frame_valid) -> list[jf.VideoScores]:
-    """DAVIS J and F per clip, over its tracked objects and valid frames; pred, gt (B, N, T, M, M)."""
-    scores = []
-    for b in range(pred.shape[0]):
-        objects, frames = np.flatnonzero(tracked[b]), int(frame_valid[b].sum())
-        if objects.size and frames >= 3:  # DAVIS scores the frames between the first and the last
-            scores.append(jf.evaluate_video(np.swapaxes(pred[b, objects, :frames], 0, 1),
-                                            np.swapaxes(gt[b, objects, :frames], 0, 1)))
-    return scores
 
 
 def train(config, workdir: str) -> dict[str, float]:

@@ -138,7 +138,8 @@ def make_loss_fn(model_cfg: ModelConfig, loss_cfg: DetectorLossConfig, mesh, *, 
                  detect: bool = True, return_clip: bool = False, deterministic: bool = False):
     """``loss_fn(params, batch, rng) -> (loss, aux)`` over the mesh; ``params = {"detector": ...}``
     (plus whatever ``clip_stage`` reads). ``detect=False`` leaves out the detector's grounding and
-    losses (the backbone still runs: tracker-only training). aux: ``terms`` (every loss term),
+    losses (the backbone still runs: tracker-only training); the trainer's tasks set ``detect`` and
+    ``clip_stage`` (`tasks.loss_parts`). aux: ``terms`` (every loss term),
     ``num_boxes``, ``num_queries`` and, with ``return_clip``, ``clip``: the gathered arrays (for tests
     and tools) with a leading axis over the "frame" devices, each of which holds the whole clip."""
     model = Sam3Detector(model_cfg)

@@ -98,6 +98,8 @@ def _optim(config) -> list[str]:
 def _keep_best(config) -> list[str]:
     from sam3_jax.train import loop  # the trainer knows which val_* keys an evaluation writes
 
+    if config.mode not in config_lib.MODES:  # no tasks to ask; `_ranges` names the mode
+        return []
     try:
         loop.check_keep_best(config)
     except ValueError as e:

@@ -26,8 +26,6 @@ from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.train import mesh as mesh_lib
 
-PROTOCOLS = ("clips", "videos")
-
 
 def check_sources(sources) -> None:
     """The "videos" protocol reads videos in DAVIS layout (frames, palette PNGs of ids, a split): an
