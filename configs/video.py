@@ -115,7 +115,7 @@ def tracker_demo():
     steps (held-out J 0.005), while the best of the three overlapped the object at IoU 0.41 on
     average (one held-out batch, 5 objects x 3 frames). The demo weights the IoU term 10x so that
     the choice is learnt within its steps (on the 24 videos the demos once generated; README.md,
-    'Tracker training', has its figures on today's 96). It keeps its own clips (4 frames, the
+    'Tracker training', has its figures on the 96 they generate now). It keeps its own clips (4 frames, the
     tracker's J&F needs 3), batch, augmentation and learning rate rather than the detector demo's."""
     c = demo()
     c.mode = "tracker"
