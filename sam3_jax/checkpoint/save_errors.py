@@ -1,4 +1,4 @@
-"""A failed Orbax save is reported once, by the exception the save raises, and in a few words.
+"""A failed Orbax save or restore is reported once, by the exception it raises, and in a few words.
 
 Orbax's writer threads log a traceback each when a save fails, asyncio reports their failed futures
 at exit, and TensorStore's callbacks report "Event loop is closed" once per write in flight: the
@@ -32,6 +32,17 @@ def _drop_closed_loop_errors(hook):
         value = unraisable.exc_value
         closed = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
         if not closed and getattr(unraisable.object, "__qualname__", "") != "BaseEventLoop.__del__":
+            hook(unraisable)
+    return unraisablehook
+
+
+def drop_failed_read_errors(hook):
+    """``sys.unraisablehook`` without the errors of Orbax's read coroutines that a failed restore
+    leaves behind, collected whenever the garbage collector gets to them: the restore raised the
+    same error, and the trainer reports the checkpoint as unreadable once."""
+    def unraisablehook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is None or f"{os.sep}orbax{os.sep}" not in code.co_filename:
             hook(unraisable)
     return unraisablehook
 

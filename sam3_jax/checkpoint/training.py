@@ -16,13 +16,14 @@ import logging
 import math
 import os
 import shutil
+import sys
 
 import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from sam3_jax.checkpoint.save_errors import cause
+from sam3_jax.checkpoint import save_errors
 
 STATE, DATA, CHECKPOINTS, BEST_CHECKPOINTS = "state", "data", "checkpoints", "checkpoints_best"
 CORRUPT = "checkpoints_corrupt"  # beside CHECKPOINTS: unreadable steps moved out of the manager's sight
@@ -49,7 +50,7 @@ class Checkpointer:
 
     def _failed(self, step: int, error: BaseException) -> SaveError:
         return SaveError(f"step {step}: saving the checkpoint {self._manager.directory / str(step)} failed: "
-                         f"{cause(error)}")
+                         f"{save_errors.cause(error)}")
 
     def save(self, step: int, state, data_iterator=None, metrics: dict | None = None) -> None:
         """Starts saving ``state`` (and the iterator's position); with ``async_save`` it returns once
@@ -90,6 +91,8 @@ class Checkpointer:
             try:
                 restored = self._restore(step, abstract_state, data_iterator)
             except Exception as e:  # noqa: BLE001 - which failures are corruption shows below
+                if not failures:  # its other reads may fail later, each a traceback at collection
+                    sys.unraisablehook = save_errors.drop_failed_read_errors(sys.unraisablehook)
                 failures.append((step, e))
                 continue
             for bad, error in failures:  # an older step reads: the newer ones are damaged, not this run's
@@ -106,8 +109,8 @@ class Checkpointer:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(source, target)
         self._manager.reload()
-        log.warning("checkpoint %s is unreadable (%s): moved to %s; resuming from step %d", source, cause(error),
-                    target, resumed)
+        log.warning("checkpoint %s is unreadable (%s): moved to %s; resuming from step %d", source,
+                    save_errors.cause(error), target, resumed)
 
     def _restore(self, step: int, abstract_state, data_iterator):
         items = {STATE: ocp.args.StandardRestore(restore_target(abstract_state))}

@@ -143,3 +143,28 @@ def test_exit_time_event_loop_errors_are_dropped():
     other = types.SimpleNamespace(exc_value=ValueError("something else"), object=print)
     hook(other)
     assert seen == [other]
+
+
+def test_read_errors_left_by_a_failed_restore_are_dropped():
+    """Orbax's read coroutines of a restore that failed report nothing more when collected; any other
+    coroutine's error still reaches the hook."""
+    import types
+
+    from sam3_jax.checkpoint import save_errors
+
+    def coroutine(filename):
+        space = {}
+        exec(compile("async def read():\n    pass\n", filename, "exec"), space)
+        coro = space["read"]()
+        coro.close()
+        return coro
+
+    seen = []
+    hook = save_errors.drop_failed_read_errors(seen.append)
+    hook(types.SimpleNamespace(exc_value=Exception("Encountered error while reading array index"),
+                               object=coroutine(os.path.join(os.sep, "site-packages", "orbax", "serialization.py"))))
+    other = types.SimpleNamespace(exc_value=ValueError("something else"), object=coroutine("mine.py"))
+    hook(other)
+    plain = types.SimpleNamespace(exc_value=ValueError("no coroutine"), object=print)
+    hook(plain)
+    assert seen == [other, plain]
