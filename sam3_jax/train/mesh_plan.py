@@ -15,6 +15,7 @@ import math
 import jax
 
 from sam3_jax.train import mesh as mesh_lib
+from sam3_jax.train import tasks
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def make_mesh(config) -> jax.sharding.Mesh:
     devices = jax.devices()
     global_batch = config.data.batch_size * jax.process_count()
     splits = config.data.num_frames
-    if config.mode != "detector":  # the tracker splits a clip's objects over "frame" too
+    if any(task.splits_objects for task in tasks.tasks_for(config.mode)):
         splits = math.gcd(splits, config.data.max_objects)
     data, frame = axis_sizes(config.mesh.data, config.mesh.frame, len(devices), global_batch, splits)
     used = data * frame

@@ -46,6 +46,7 @@ class DetectorTask:
 
     name = "detector"
     models = ("detector",)
+    splits_objects = False  # its work is split over "frame" by frames only
 
     def metric_names(self, config) -> list[str]:
         return ["loss", *metrics.RATES, *(metrics.COCO_AP if config.eval.coco_max_detections else ())]
@@ -113,6 +114,7 @@ class TrackerTask:
 
     name = "tracker"
     models = ("detector", "tracker")
+    splits_objects = True  # the clip's objects are split over "frame" (data.max_objects a multiple of it)
 
     def metric_names(self, config) -> list[str]:
         return [JF_PREFIX[config.eval.jf_protocol] + name for name in JF]

@@ -63,3 +63,16 @@ def test_program_holds_the_models_of_its_tasks(mode):
     assert tuple(prog.abstract_params) == tasks.models(prog.tasks)
     assert tuple(prog.abstract_state["params"]) == tasks.models(prog.tasks)
     assert (prog.tracker_cfg is None) == (mode == "detector")
+
+
+@pytest.mark.parametrize("mode,frame", [("detector", 4), ("tracker", 2), ("joint", 2)])
+def test_the_mesh_splits_objects_where_a_task_tracks(mode, frame):
+    """mesh.frame=-1 takes the largest split of the clip's 4 frames, and where the tracker trains
+    also of its 2 objects (split over "frame" too)."""
+    from sam3_jax.train import mesh_plan
+
+    config = config_lib.video_config("tracker_demo")
+    config.mode = mode
+    config.mesh.update(dict(data=1, frame=-1))
+    config.data.update(dict(num_frames=4, max_objects=2))
+    assert dict(mesh_plan.make_mesh(config).shape) == {"data": 1, "frame": frame}
