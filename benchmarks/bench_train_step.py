@@ -170,7 +170,7 @@ def run_jax(args, batch_path: str) -> dict:
     from sam3_jax.model.tracker import tracker as tracker_lib
     from sam3_jax.train import config as config_lib
     from sam3_jax.train import mesh as mesh_lib
-    from sam3_jax.train import optim, tracker_stage
+    from sam3_jax.train import optim, param_groups, tracker_stage
     from sam3_jax.train import step as step_lib
     from sam3_jax.train.losses.detector import DetectorLossConfig
     from sam3_jax.train.losses.tracker import TrackerLossConfig
@@ -193,7 +193,7 @@ def run_jax(args, batch_path: str) -> dict:
                                                  dtype=cfg.compute_dtype)
     tx = optim.make_optimizer(optim_cfg, abstract, 1000)
     grad_norm = optim.Packing(abstract, optim_cfg).norm
-    frozen = jax.tree.map(lambda label: label == optim.FROZEN, optim.param_labels(abstract, optim_cfg))
+    frozen = jax.tree.map(lambda label: label == param_groups.FROZEN, param_groups.param_labels(abstract, optim_cfg))
     replicated = mesh_lib.replicated(mesh)
 
     if args.compile_only:

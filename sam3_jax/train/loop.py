@@ -23,7 +23,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from sam3_jax.checkpoint import finite, restore, training, weights
 from sam3_jax.data import pipeline
 from sam3_jax.train import mesh as mesh_lib
-from sam3_jax.train import mesh_plan, optim, program, reporting, sharding, stop, tasks, validate
+from sam3_jax.train import mesh_plan, optim, param_groups, program, reporting, sharding, stop, tasks, validate
 from sam3_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ class Trainer:
                                                    config.max_consecutive_nonfinite)
                 if log_now:
                     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                    values["lr"] = values[f"lr/{optim.REST}"]  # the head's lr; lr/<group> has each group's
+                    values["lr"] = values[f"lr/{param_groups.REST}"]  # the head's lr; lr/<group> has each group's
                     now = time.perf_counter()
                     values["step_time_s"] = (now - tick) / (step - tick_step)
                     values["frames_per_s"] = frames_per_step / values["step_time_s"]

@@ -32,9 +32,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from sam3_jax.train.param_groups import (  # noqa: F401  (re-exported: the trainer's and tests' names)
-    BACKBONE_GROUPS, FROZEN, REST, TEXT, VISION, by_path, check_groups, decays, is_frozen, layer_scales,
-    names, param_labels, path_str, trunk_depth, vit_layer_id, weight_decay)
+from sam3_jax.train.param_groups import (
+    BACKBONE_GROUPS, FROZEN, VISION, by_path, check_groups, decays, layer_scales, names, param_labels, path_str,
+    trunk_depth, weight_decay)
 from sam3_jax.train.param_groups import tree_map as _map
 
 

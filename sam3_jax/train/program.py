@@ -18,7 +18,7 @@ from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker import tracker as tracker_lib
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.train import mesh as mesh_lib
-from sam3_jax.train import optim, sharding, tasks
+from sam3_jax.train import optim, param_groups, sharding, tasks
 from sam3_jax.train import step as step_lib
 from sam3_jax.train.losses.detector import DetectorLossConfig
 
@@ -91,8 +91,8 @@ def build(config, mesh) -> Program:
     with jax.set_mesh(mesh):
         abstract_state = sharding.abstract_state(lambda p: step_lib.init_state(p, tx, config.seed),
                                                  abstract, mesh, specs)
-    labels = optim.param_labels(abstract, config.optim)
-    frozen = jax.tree.map(lambda label: label == optim.FROZEN, labels)
+    labels = param_groups.param_labels(abstract, config.optim)
+    frozen = jax.tree.map(lambda label: label == param_groups.FROZEN, labels)
 
     loss_parts = tasks.loss_parts(run_tasks, config, cfgs)
     with jax.set_mesh(mesh):

@@ -25,7 +25,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sam3_jax.model import stacking
-from sam3_jax.train import optim
+from sam3_jax.train import param_groups
 
 FSDP, REPLICATE = "fsdp", "replicate"
 RULES = (
@@ -53,7 +53,7 @@ def param_specs(abstract_params, mesh, shard: bool):
     """A ``PartitionSpec`` for every leaf of ``abstract_params``: all ``P()`` unless ``shard``."""
     axes = tuple(mesh.axis_names)
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: leaf_spec(optim.path_str(p), tuple(x.shape), mesh.size, axes) if shard else P(),
+        lambda p, x: leaf_spec(param_groups.path_str(p), tuple(x.shape), mesh.size, axes) if shard else P(),
         abstract_params)
 
 

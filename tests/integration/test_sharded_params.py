@@ -13,7 +13,7 @@ import pytest
 
 from sam3_jax.model import stacking
 from sam3_jax.train import config as config_lib
-from sam3_jax.train import loop, optim, sharding
+from sam3_jax.train import loop, param_groups, sharding
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_sharded_equals_replicated(runs):
     _, out = runs
     (rep_dir, rep), (sh_dir, sh) = out[False], out[True]
     np.testing.assert_allclose(list(_losses(sh_dir).values()), list(_losses(rep_dir).values()), rtol=1e-5)
-    a, b = optim.by_path(rep.state["params"]), optim.by_path(sh.state["params"])
+    a, b = param_groups.by_path(rep.state["params"]), param_groups.by_path(sh.state["params"])
     for path in a:
         np.testing.assert_allclose(np.asarray(b[path]), np.asarray(a[path]), rtol=1e-4, atol=1e-6, err_msg=path)
 
@@ -67,7 +67,7 @@ def test_sharded_equals_replicated(runs):
 def test_large_leaves_and_their_moments_are_sharded(runs):
     _, out = runs
     rep, sh = out[False][1], out[True][1]
-    params = optim.by_path(sh.state["params"])
+    params = param_groups.by_path(sh.state["params"])
     kernel = "detector/backbone/vision_backbone/trunk/block_groups/blocks_0/mlp/fc1/kernel"
     assert _spec(params[kernel])[0] is None  # the scanned layer axis stays whole
     assert ("data", "frame") in _spec(params[kernel])
@@ -93,7 +93,7 @@ def test_sharded_checkpoint_resumes_on_another_mesh(runs):
     with mock.patch.object(sharding, "MIN_SHARDED", 1024):
         resumed = loop.Trainer(config, sh_dir)
     assert int(resumed.state["step"]) == 3 and resumed.mesh.size == 4
-    a, b = optim.by_path(sh.state["params"]), optim.by_path(resumed.state["params"])
+    a, b = param_groups.by_path(sh.state["params"]), param_groups.by_path(resumed.state["params"])
     for path in a:
         np.testing.assert_array_equal(np.asarray(b[path]), np.asarray(a[path]), err_msg=path)
     kernel = b["detector/backbone/vision_backbone/trunk/block_groups/blocks_0/mlp/fc1/kernel"]
@@ -110,7 +110,7 @@ def test_sharded_run_starts_a_replicated_one(runs, tmp_path):
     config = _config(tmp, shard=False)
     config.init_from = sh_dir
     started = loop.Trainer(config, str(tmp_path / "replicated"))
-    a, b = optim.by_path(sh.state["params"]), optim.by_path(started.state["params"])
+    a, b = param_groups.by_path(sh.state["params"]), param_groups.by_path(started.state["params"])
     for path in a:
         assert all(s is None for s in _spec(b[path]))
         np.testing.assert_array_equal(np.asarray(b[path]), np.asarray(a[path]), err_msg=path)

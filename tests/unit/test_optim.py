@@ -24,7 +24,7 @@ from sam3_jax.convert import keymap
 from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.detector import abstract_params
-from sam3_jax.train import optim
+from sam3_jax.train import optim, param_groups
 
 TINY = ModelConfig.tiny()
 DEPTH = TINY.vit.depth
@@ -87,7 +87,7 @@ def tiny_tree():
 # ---------------------------------------------------------------------------------------------- groups
 def test_groups_cover_the_tiny_detector(tiny_tree):
     cfg = optim.default_config()
-    labels = optim.by_path(optim.param_labels(tiny_tree, cfg))
+    labels = param_groups.by_path(param_groups.param_labels(tiny_tree, cfg))
     assert set(labels.values()) == {"vision", "text", "rest"}
     for path, label in labels.items():
         want = ("vision" if path.startswith("backbone/vision_backbone/") else
@@ -97,13 +97,13 @@ def test_groups_cover_the_tiny_detector(tiny_tree):
     assert sum(c["tensors"] for c in counts.values()) == len(labels)
     assert sum(c["params"] for c in counts.values()) == sum(x.size for x in jax.tree.leaves(tiny_tree))
 
-    frozen = optim.by_path(optim.param_labels(tiny_tree, config(freeze="^backbone/")))
+    frozen = param_groups.by_path(param_groups.param_labels(tiny_tree, config(freeze="^backbone/")))
     assert all((frozen[p] == "frozen") == p.startswith("backbone/") for p in labels)
     assert all(frozen[p] == labels[p] for p in labels if not p.startswith("backbone/"))
 
 
 def test_weight_decay_exemptions_follow_the_reference(tiny_tree):
-    decayed = {p for p in optim.by_path(tiny_tree) if optim.decays(p)}
+    decayed = {p for p in param_groups.by_path(tiny_tree) if param_groups.decays(p)}
     for path in ("backbone/vision_backbone/trunk/blocks_0/attn/qkv/kernel", "backbone/vision_backbone/trunk/pos_embed",
                  "backbone/language_backbone/encoder/token_embedding/embedding",
                  "backbone/language_backbone/encoder/positional_embedding", "transformer/decoder/query_embed/embedding",
@@ -114,14 +114,14 @@ def test_weight_decay_exemptions_follow_the_reference(tiny_tree):
                  "segmentation_head/pixel_decoder/norms_0/bias"):
         assert path not in decayed, path
     # The tracker's LayerNorm2d weights are decayed, its LayerNorms are not.
-    assert optim.decays("tracker/maskmem_backbone/fuser/layers_0/norm/scale")
-    assert optim.decays("tracker/sam_mask_decoder/output_upscaling_1/scale")
-    assert not optim.decays("tracker/sam_mask_decoder/transformer/layers_0/norm1/scale")
+    assert param_groups.decays("tracker/maskmem_backbone/fuser/layers_0/norm/scale")
+    assert param_groups.decays("tracker/sam_mask_decoder/output_upscaling_1/scale")
+    assert not param_groups.decays("tracker/sam_mask_decoder/transformer/layers_0/norm1/scale")
 
 
 # ----------------------------------------------------------------------------------------- layer decay
 def test_layer_decay_factors(tiny_tree):
-    scales = optim.by_path(optim.layer_scales(tiny_tree, optim.default_config()))
+    scales = param_groups.by_path(param_groups.layer_scales(tiny_tree, optim.default_config()))
     trunk = "backbone/vision_backbone/trunk/"
     for path, s in scales.items():
         if path.startswith(trunk + "blocks_"):
@@ -133,13 +133,13 @@ def test_layer_decay_factors(tiny_tree):
             assert s == 1.0, path
 
     stacked_cfg = TINY.replace(vit=dataclasses.replace(TINY.vit, scan_blocks=True))
-    stacked = optim.by_path(optim.layer_scales(abstract_params(stacked_cfg), optim.default_config()))
+    stacked = param_groups.by_path(param_groups.layer_scales(abstract_params(stacked_cfg), optim.default_config()))
     n = stacking.vit_group_size(TINY.vit)
     for j in range(n):
         got = stacked[f"{trunk}block_groups/blocks_{j}/attn/qkv/kernel"]
         want = [scales[f"{trunk}blocks_{g * n + j}/attn/qkv/kernel"] for g in range(DEPTH // n)]
         assert got.shape == (DEPTH // n, 1, 1) and np.allclose(got.ravel(), want)  # kernel (G, C, 3C)
-    assert optim.layer_scales(tiny_tree, config(layer_decay=1.0)) == jax.tree.map(lambda _: 1.0, tiny_tree)
+    assert param_groups.layer_scales(tiny_tree, config(layer_decay=1.0)) == jax.tree.map(lambda _: 1.0, tiny_tree)
 
 
 def test_stacked_trunk_updates_equal_unrolled():
@@ -201,8 +201,8 @@ def test_frozen_params_do_not_move_and_hold_no_state():
     params = mini_tree(0)
     cfg = constant_lr(freeze="^backbone/")
     new, state = run(cfg, params, [mini_tree(1), mini_tree(2)], jit=True)
-    labels = optim.by_path(optim.param_labels(params, cfg))
-    before, after = optim.by_path(params), optim.by_path(new)
+    labels = param_groups.by_path(param_groups.param_labels(params, cfg))
+    before, after = param_groups.by_path(params), param_groups.by_path(new)
     for path, label in labels.items():
         frozen = path.startswith("backbone/") or path.endswith("positional_encoding_gaussian_matrix")
         assert (label == "frozen") == frozen, path
@@ -213,8 +213,8 @@ def test_frozen_params_do_not_move_and_hold_no_state():
     # The prompt encoder's Fourier matrix stays frozen with no freeze pattern at all.
     new, _ = run(constant_lr(), params, [mini_tree(1)])
     key = "tracker/sam_prompt_encoder/pe_layer/positional_encoding_gaussian_matrix"
-    assert np.array_equal(optim.by_path(new)[key], before[key])
-    assert not np.array_equal(optim.by_path(new)["transformer/decoder/layers_0/linear1/kernel"],
+    assert np.array_equal(param_groups.by_path(new)[key], before[key])
+    assert not np.array_equal(param_groups.by_path(new)["transformer/decoder/layers_0/linear1/kernel"],
                               before["transformer/decoder/layers_0/linear1/kernel"])
 
 
@@ -227,8 +227,8 @@ def test_accumulation_equals_one_step_on_the_mean_gradient():
     got, _ = run(config(accumulate_steps=k, **schedule), params, grads, total_steps=2 * k, jit=True)
     want, _ = run(config(**schedule), params, means, total_steps=2)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), got, want)
-    assert not np.allclose(optim.by_path(got)["transformer/decoder/layers_0/linear1/kernel"],
-                           optim.by_path(params)["transformer/decoder/layers_0/linear1/kernel"])
+    assert not np.allclose(param_groups.by_path(got)["transformer/decoder/layers_0/linear1/kernel"],
+                           param_groups.by_path(params)["transformer/decoder/layers_0/linear1/kernel"])
 
 
 def test_clipping_bounds_the_trainable_gradient_norm():
@@ -238,21 +238,21 @@ def test_clipping_bounds_the_trainable_gradient_norm():
     _, state = run(cfg, params, [grads])
     packing = optim.Packing(params, cfg)
     mu = packing.unpack(optax.tree_utils.tree_get(state, "mu"))  # frozen leaves: zeros
-    labels = optim.by_path(optim.param_labels(params, cfg))
-    clipped = {p: np.asarray(m) / (1 - cfg.b1) for p, m in optim.by_path(mu).items()  # mu = (1 - b1) * first gradient
+    labels = param_groups.by_path(param_groups.param_labels(params, cfg))
+    clipped = {p: np.asarray(m) / (1 - cfg.b1) for p, m in param_groups.by_path(mu).items()  # mu = (1 - b1) * first gradient
                if labels[p] != "frozen"}
     assert set(clipped) == {p for p, label in labels.items() if label != "frozen"}
     norm = np.sqrt(sum(np.sum(g ** 2) for g in clipped.values()))
     assert norm == pytest.approx(cfg.clip_norm, rel=1e-5)
-    raw = {p: np.asarray(g) for p, g in optim.by_path(grads).items() if p in clipped}
+    raw = {p: np.asarray(g) for p, g in param_groups.by_path(grads).items() if p in clipped}
     raw_norm = np.sqrt(sum(np.sum(g ** 2) for g in raw.values()))  # frozen gradients take no part
     for p in clipped:
         np.testing.assert_allclose(clipped[p], raw[p] * cfg.clip_norm / raw_norm, rtol=1e-5, atol=1e-9)
     # Small gradients pass unclipped.
     _, state = run(cfg, params, [mini_tree(1, scale=1e-4)])
     key = "transformer/decoder/layers_0/linear1/kernel"
-    small = optim.by_path(packing.unpack(optax.tree_utils.tree_get(state, "mu")))[key] / (1 - cfg.b1)
-    np.testing.assert_allclose(small, optim.by_path(mini_tree(1, scale=1e-4))[key], rtol=1e-5)
+    small = param_groups.by_path(packing.unpack(optax.tree_utils.tree_get(state, "mu")))[key] / (1 - cfg.b1)
+    np.testing.assert_allclose(small, param_groups.by_path(mini_tree(1, scale=1e-4))[key], rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- packing
@@ -261,19 +261,19 @@ def test_packing_groups_trainable_leaves_by_group_decay_and_dtype():
     params["transformer"]["decoder"]["layers_0"]["linear1"]["bias"] = jnp.arange(4, dtype=jnp.bfloat16)
     cfg = constant_lr(freeze="^backbone/language_backbone/")
     packing = optim.Packing(params, cfg)
-    labels = optim.by_path(optim.param_labels(params, cfg))
+    labels = param_groups.by_path(param_groups.param_labels(params, cfg))
     flat = packing.pack(params)
     assert set(flat) == {"vision/decay/float32", "vision/no_decay/float32", "rest/decay/float32",
                          "rest/no_decay/float32", "rest/no_decay/bfloat16"}
     assert flat["rest/no_decay/bfloat16"].dtype == jnp.bfloat16
-    assert sum(v.size for v in flat.values()) == sum(x.size for p, x in optim.by_path(params).items()
+    assert sum(v.size for v in flat.values()) == sum(x.size for p, x in param_groups.by_path(params).items()
                                                      if labels[p] != "frozen")
-    back = optim.by_path(packing.unpack(flat))
-    for path, x in optim.by_path(params).items():
+    back = param_groups.by_path(packing.unpack(flat))
+    for path, x in param_groups.by_path(params).items():
         want = np.zeros_like(x) if labels[path] == "frozen" else x
         assert back[path].dtype == x.dtype and np.array_equal(back[path], want), path
     assert set(packing.pack(params, ["rest/decay/float32"])) == {"rest/decay/float32"}
-    norm = np.sqrt(sum(float(jnp.sum(jnp.asarray(x, jnp.float32) ** 2)) for p, x in optim.by_path(params).items()
+    norm = np.sqrt(sum(float(jnp.sum(jnp.asarray(x, jnp.float32) ** 2)) for p, x in param_groups.by_path(params).items()
                        if labels[p] != "frozen"))
     assert float(packing.norm(params)) == pytest.approx(norm, rel=1e-5)
 
@@ -342,15 +342,15 @@ def test_groups_decay_and_layer_decay_match_the_reference_on_the_tiny_detector(r
 
     cfg = optim.default_config()
     paths = set(traverse_util.flatten_dict(tiny_tree))
-    labels = optim.by_path(optim.param_labels(tiny_tree, cfg))
-    scales = optim.by_path(optim.layer_scales(tiny_tree, cfg))
+    labels = param_groups.by_path(param_groups.param_labels(tiny_tree, cfg))
+    scales = param_groups.by_path(param_groups.layer_scales(tiny_tree, cfg))
     seen = set()
     for name in names:
         if keymap.dead_reason(name):
             continue
         path = "/".join(keymap.flax_path(name, paths))
         seen.add(path)
-        assert optim.decays(path) == (name not in no_decay), name
+        assert param_groups.decays(path) == (name not in no_decay), name
         group = ("vision" if fnmatch.fnmatch(name, "backbone.vision_backbone.*") else
                  "text" if fnmatch.fnmatch(name, "backbone.language_backbone.*") else "rest")
         assert labels[path] == group, name
@@ -368,19 +368,19 @@ def test_updates_match_torch_adamw_with_param_groups_and_clipping(ref):
     grads = [mini_tree(s, scale=scale) for s, scale in ((1, 1.0), (2, 1e-3), (3, 0.5))]  # the 2nd not clipped
     got, _ = run(cfg, params, grads)
 
-    labels, scales = optim.by_path(optim.param_labels(params, cfg)), optim.by_path(optim.layer_scales(params, cfg))
-    tensors = {p: torch.nn.Parameter(torch.tensor(np.asarray(x))) for p, x in optim.by_path(params).items()
+    labels, scales = param_groups.by_path(param_groups.param_labels(params, cfg)), param_groups.by_path(param_groups.layer_scales(params, cfg))
+    tensors = {p: torch.nn.Parameter(torch.tensor(np.asarray(x))) for p, x in param_groups.by_path(params).items()
                if labels[p] != "frozen"}
     groups = [{"params": [t], "lr": cfg.lr[labels[p]] * scales[p],
-               "weight_decay": cfg.weight_decay[labels[p]] if optim.decays(p) else 0.0} for p, t in tensors.items()]
+               "weight_decay": cfg.weight_decay[labels[p]] if param_groups.decays(p) else 0.0} for p, t in tensors.items()]
     opt = torch.optim.AdamW(groups, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
     for g in grads:
-        g = optim.by_path(g)
+        g = param_groups.by_path(g)
         for p, t in tensors.items():
             t.grad = torch.tensor(np.asarray(g[p]))
         torch.nn.utils.clip_grad_norm_(list(tensors.values()), max_norm=cfg.clip_norm)
         opt.step()
-    got = optim.by_path(got)
+    got = param_groups.by_path(got)
     for p, t in tensors.items():
         np.testing.assert_allclose(got[p], t.detach().numpy(), rtol=1e-5, atol=2e-6, err_msg=p)
 
@@ -390,10 +390,10 @@ def test_trainer_tree_gets_the_detector_groups_and_factors(tiny_tree):
     ``detector/``; the tracker is ``rest`` and undecayed by layer."""
     cfg = optim.default_config()
     tree = {"detector": tiny_tree, "tracker": {"sam_mask_decoder": {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}}}
-    labels = optim.by_path(optim.param_labels(tree, cfg))
-    scales = optim.by_path(optim.layer_scales(tree, cfg))
-    for path, label in optim.by_path(optim.param_labels(tiny_tree, cfg)).items():
+    labels = param_groups.by_path(param_groups.param_labels(tree, cfg))
+    scales = param_groups.by_path(param_groups.layer_scales(tree, cfg))
+    for path, label in param_groups.by_path(param_groups.param_labels(tiny_tree, cfg)).items():
         assert labels["detector/" + path] == label, path
-    for path, s in optim.by_path(optim.layer_scales(tiny_tree, cfg)).items():
+    for path, s in param_groups.by_path(param_groups.layer_scales(tiny_tree, cfg)).items():
         assert scales["detector/" + path] == s, path
     assert labels["tracker/sam_mask_decoder/w"] == "rest" and scales["tracker/sam_mask_decoder/w"] == 1.0

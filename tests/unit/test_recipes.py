@@ -18,7 +18,7 @@ from sam3_jax.model.detector import abstract_params
 from sam3_jax.model.tracker import tracker as tracker_lib
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.train import config as config_lib
-from sam3_jax.train import optim, overrides, validate
+from sam3_jax.train import optim, overrides, param_groups, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The groups before they were rules: the vision backbone, the text backbone, everything else.
@@ -68,7 +68,7 @@ def test_rules_give_each_leaf_the_documented_lr_decay_and_freezing(spec, trees):
     assert validate.errors(load(spec)) == []
     lr = dict(zip(("vision", "text", "rest"), want["lr"]))
     for tree in trees:
-        labels = optim.by_path(optim.param_labels(tree, cfg))
+        labels = param_groups.by_path(param_groups.param_labels(tree, cfg))
         packing = optim.Packing(tree, cfg, fuse=False)
         assert set(packing.members) == {p for p, label in labels.items() if label != "frozen"}
         for path, label in labels.items():
@@ -78,14 +78,14 @@ def test_rules_give_each_leaf_the_documented_lr_decay_and_freezing(spec, trees):
             assert label == ("frozen" if frozen else group), path
             if not frozen:
                 assert cfg.lr[label] == lr[group], path
-                assert packing.weight_decay[path] == (want["wd"] if optim.decays(path) else 0.0), path
+                assert packing.weight_decay[path] == (want["wd"] if param_groups.decays(path) else 0.0), path
                 assert packing.group[path] == group, path
         counts = optim.group_counts(tree, cfg)
         assert sum(c["tensors"] for c in counts.values()) == len(labels)
 
 
 def test_tracker_demo_trains_the_tracker_and_the_backbone_it_reads(trees):
-    labels = optim.by_path(optim.param_labels(trees[0], load("configs/video.py:tracker_demo").optim))
+    labels = param_groups.by_path(param_groups.param_labels(trees[0], load("configs/video.py:tracker_demo").optim))
     for path, label in labels.items():
         reads = path.startswith(("tracker/", "detector/backbone/vision_backbone/trunk/",
                                  "detector/backbone/vision_backbone/sam2_convs"))
@@ -113,7 +113,7 @@ def test_command_line_overrides_of_the_recipe(trees):
     c = _parse(["--config.optim.lr.vision=1e-5", "--config.optim.weight_decay.rest=0.05",
                 "--config.optim.groups=(('vision', '^detector/backbone/'), ('text', '^$'), ('rest', '.*'))"])
     assert validate.errors(c) == []
-    labels = optim.by_path(optim.param_labels(trees[0], c.optim))
+    labels = param_groups.by_path(param_groups.param_labels(trees[0], c.optim))
     assert all(labels[p] == "vision" for p in labels if p.startswith("detector/backbone/"))
     assert "text" not in labels.values()
     lrs = optim.learning_rates(c.optim, c.total_steps, 10)  # the end of the warmup: the peak lr
@@ -150,7 +150,7 @@ def test_each_group_decays_at_its_own_rate():
                            "transformer": {"c": leaf}}}
     tx = optim.make_optimizer(c, params, 10)
     updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
-    got = {p: float(u[0]) for p, u in optim.by_path(updates).items()}
+    got = {p: float(u[0]) for p, u in param_groups.by_path(updates).items()}
     assert got == pytest.approx({
         "detector/backbone/vision_backbone/a/kernel": -0.1, "detector/backbone/language_backbone/b/kernel": -0.4,
         "detector/transformer/c/kernel": -0.9, "detector/backbone/vision_backbone/a/bias": 0.0,
