@@ -101,12 +101,11 @@ def peak_flops(device_kind: str) -> float | None:
     return next((f for name, f in PEAK_BF16_FLOPS if name in device_kind), None)
 
 
-def model_config(size: str, dtype: str, scan: bool = False):
-    from sam3_jax.model import stacking
+def model_config(size: str, dtype: str):
     from sam3_jax.model.config import ModelConfig
 
     cfg = ModelConfig.official() if size == "official" else ModelConfig.tiny()
-    return stacking.set_scans(cfg.replace(compute_dtype=dtype), scan)
+    return cfg.replace(compute_dtype=dtype)
 
 
 def without_remat(cfg):
@@ -114,21 +113,19 @@ def without_remat(cfg):
     einsum-softmax-einsum, not cuDNN's fused kernel (a custom call that XLA's cost analysis counts
     as 0 FLOPs), for counting model FLOPs (nothing runs). The tracker's small SAM-decoder
     attentions have no such switch; on a GPU they may still count as 0, a negligible share."""
-    from sam3_jax.model import stacking
     from sam3_jax.model.config import ModelConfig
 
     d = dataclasses.asdict(cfg)
     for part in ("vit", "text", "encoder", "decoder"):
         d[part]["remat"] = False
     d["vit"]["attention_impl"] = "xla"
-    return stacking.set_scans(ModelConfig.from_dict(d), False)  # XLA counts a loop body once: unrolled
+    return ModelConfig.from_dict(d)
 
 
-def tracker_config(size: str, scan: bool = False):
-    from sam3_jax.model import stacking
+def tracker_config(size: str):
     from sam3_jax.model.tracker.config import TrackerConfig
 
-    return stacking.set_scans(TrackerConfig.official() if size == "official" else TrackerConfig.tiny(), scan)
+    return TrackerConfig.official() if size == "official" else TrackerConfig.tiny()
 
 
 def prompt_config(prompts: str):
@@ -168,6 +165,7 @@ def run_jax(args, batch_path: str) -> dict:
 
     from sam3_jax.model.detector import abstract_params, init_params
     from sam3_jax.model.tracker import tracker as tracker_lib
+    from sam3_jax.nn import repeat
     from sam3_jax.train import config as config_lib
     from sam3_jax.train import mesh as mesh_lib
     from sam3_jax.train import optim, param_groups, tracker_stage
@@ -177,7 +175,7 @@ def run_jax(args, batch_path: str) -> dict:
 
     batch_np = load_batch(batch_path)
     batch_np.pop("phrase_text")
-    cfg = model_config(args.size, args.dtype, args.scan)
+    cfg = model_config(args.size, args.dtype)
     n_dev = jax.device_count()
     mesh = mesh_lib.make_mesh(1, n_dev)  # the clip's frames over every device
     mesh_lib.check_divisible(mesh, 1, args.frames)
@@ -187,7 +185,7 @@ def run_jax(args, batch_path: str) -> dict:
     abstract = {"detector": abstract_params(cfg)}
     stage = None
     if args.mode != "detector":
-        tracker_cfg = tracker_config(args.size, args.scan)
+        tracker_cfg = tracker_config(args.size)
         abstract["tracker"] = tracker_lib.abstract_params(tracker_cfg)
         stage = tracker_stage.make_tracker_stage(tracker_cfg, prompt_config(args.prompts), TrackerLossConfig(),
                                                  dtype=cfg.compute_dtype)
@@ -212,9 +210,9 @@ def run_jax(args, batch_path: str) -> dict:
         # Model FLOPs: forward + backward of the loss without remat, as lowered (nothing is compiled).
         plain_cfg = without_remat(cfg)
         plain_loss = step_lib.make_loss_fn(plain_cfg, loss_cfg, mesh, clip_stage=stage, detect=detect)
-        plain_params = dict(abstract, detector=abstract_params(plain_cfg))  # the detector unrolled
-        model_cost = jax.jit(jax.value_and_grad(plain_loss, has_aux=True)).lower(
-            plain_params, batch, jax.random.key(1)).cost_analysis() or {}
+        with repeat.unrolled():  # XLA counts a loop's body once: the layer stacks traced unrolled
+            model_cost = jax.jit(jax.value_and_grad(plain_loss, has_aux=True)).lower(
+                abstract, batch, jax.random.key(1)).cost_analysis() or {}
         step = jax.jit(step_lib.make_train_step(loss_fn, tx, frozen=frozen, grad_norm=grad_norm), donate_argnums=(0,))
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()
@@ -280,8 +278,7 @@ def report_compile_only(args, j: dict) -> None:
     m = j["memory_gib"]
     total = m["argument"] + m["output"] - m["alias"] + m["temp"]
     print(f"{args.mode} train step, {args.size} size, 1 clip x {args.frames} frames at "
-          f"{model_config(args.size, 'float32').image_size}px, {args.dtype}"
-          f"{', layer stacks scanned' if args.scan else ''}: compiled, not run")
+          f"{model_config(args.size, 'float32').image_size}px, {args.dtype}: compiled, not run")
     print(f"JAX: lowered in {j['lower_s']:.1f} s, compiled in {j['compile_s']:.1f} s on {j['devices']} x "
           f"{j['device_kind']} ({j['platform']}); peak host RSS {j['peak_rss_gib']:.2f} GiB")
     print(f"optimised HLO: {j['fusions']} fusions, {j['whiles']} while loops")
@@ -473,10 +470,6 @@ def main():
                              "recipe (JAX only); see prompt_config")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None,
-                        help="JAX: scan the layer stacks (ViT block groups, text blocks, fusion-encoder layers; "
-                             "model.stacking) instead of unrolling them; default: as the trainer's "
-                             "configs, on at official size, off for tiny")
     parser.add_argument("--side", default="both", choices=["jax", "torch", "both"])
     parser.add_argument("--compile-only", action="store_true",
                         help="JAX only: compile the step from shapes (nothing is initialised or run) and print "
@@ -489,8 +482,6 @@ def main():
     args = parser.parse_args()
     if args.size is None:  # not via jax.devices(): this process must not claim the GPU's memory
         args.size = "official" if glob.glob("/dev/nvidia[0-9]*") else "tiny"
-    if args.scan is None:
-        args.scan = args.size == "official"
 
     if args.mode != "detector" and args.prompts == "recipe" and args.side != "jax":
         print("--prompts=recipe: SAM 2's sampled prompts and corrective clicks run on the JAX side only")
@@ -513,7 +504,6 @@ def main():
                      f"--repeats={args.repeats}", f"--mode={args.mode}", f"--objects={args.objects}",
                      f"--dtype={args.dtype}", f"--torch-threads={args.torch_threads}", f"--batch={batch_path}",
                      f"--prompts={args.prompts}"]
-            flags += ["--scan" if args.scan else "--no-scan"]
             flags += ["--compile-only"] if args.compile_only else []
             results[name] = sides.run(__file__, flags, f"{name} run")
     if args.compile_only:

@@ -70,7 +70,7 @@ def build_parts(args) -> list[Part]:
 
     def train(mode, side, n_frames, share):
         flags = [f"--mode={mode}", f"--size={size}", f"--frames={n_frames}", "--objects=3", "--dtype=bfloat16",
-                 "--repeats=3", "--scan", f"--side={side}", "--json", *threads]
+                 "--repeats=3", f"--side={side}", "--json", *threads]
         return Part(f"train_{mode}_{n_frames}", side, "bench_train_step.py", flags, share, "train", n_frames)
 
     def tracks(side, share):

@@ -59,8 +59,8 @@ def _latest_step_dir(directory: str) -> str | None:
 def _restore_params(path: str, abstract_params: dict) -> dict:
     """Restores ``{"params": abstract_params}`` from the pytree item at ``path``, which may hold more
     (the other model's parameters, the optimiser state): Orbax's partial restore reads only these.
-    Layer stacks are read in the layout stored (unrolled as converted, or scanned) and given in the
-    one asked for (``stacking``)."""
+    Layer stacks are read in the layout stored (scanned, or unrolled as checkpoints converted before
+    the models were scan-only store them) and given in the one asked for (``stacking``)."""
     handler = ocp.PyTreeCheckpointHandler()
     saved = handler.metadata(epath.Path(path)).tree.get("params", {})
     stored_abstract, to_target = _stack_layout(saved, abstract_params)
@@ -75,8 +75,8 @@ def _restore_params(path: str, abstract_params: dict) -> dict:
 
 def _stack_layout(saved, abstract_params: dict):
     """(the abstract params with the layer stacks in the saved layout, params -> the layout asked
-    for): a converted checkpoint stores every stack unrolled, a training run's checkpoint stores
-    them as its config scanned them."""
+    for): the models and the converter stack every layer stack; checkpoints converted before the
+    models were scan-only store them unrolled."""
     stored, wanted = stacking.layout(saved), stacking.layout(abstract_params)
     if stored == wanted:
         return abstract_params, lambda params: params

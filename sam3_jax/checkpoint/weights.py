@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 
 from sam3_jax.checkpoint import converted, finite, restore
-from sam3_jax.model import detector, stacking, tokenizer
+from sam3_jax.model import detector, tokenizer
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker import tracker as tracker_lib
 from sam3_jax.model.tracker.config import TrackerConfig
@@ -66,8 +66,7 @@ def read(directory: str, *, tracker: bool, allow_nonfinite: bool = False) -> Wei
         with open(os.path.join(workdir, MODEL), encoding="utf-8") as f:
             manifest, vocab = json.load(f), tokenizer.DEFAULT_BPE_PATH
     stored_cfg, stored_tracker_cfg = converted.configs(manifest)
-    cfg = stacking.set_scans(stored_cfg, True)
-    tracker_cfg = stacking.set_scans(stored_tracker_cfg, True) if stored_tracker_cfg is not None else None
+    cfg, tracker_cfg = stored_cfg, stored_tracker_cfg
     abstract = converted.abstract_params(cfg, tracker_cfg if tracker else None)
     if workdir is None:
         params = restore.load_params(directory, abstract)
@@ -106,7 +105,7 @@ def _read_run(directory: str, workdir: str, abstract: dict, run_cfgs: dict) -> d
     keys = init_keys(config.get("seed", 0))
     for name in sorted(set(missing) - from_init):
         fresh = {name: jax.jit(INITS[name], static_argnums=0)(run_cfgs[name], keys[name])}
-        params[name] = stacking.relayout(fresh, stacking.layout({name: abstract[name]}), owned=True)[name]
+        params[name] = fresh[name]
     for name in missing:
         log.warning("%s: the run did not train the %s; it is the run's starting point (%s)", directory, name,
                     f"init_from={init_from}" if name in from_init else f"random, seed {config.get('seed', 0)}")

@@ -6,8 +6,8 @@ The run's checkpoints hold parameters and optimiser state but none of what the e
 them (the key map, the dead weights, the source dtypes, the vocabulary), so those come from the
 converted checkpoint the run started from (its ``init_from``, followed through runs started from
 runs) or any converted checkpoint of the same sizes; for a run trained from scratch, from the
-layout of its sizes (`torch_layout`). Every layer stack is written unrolled, the layout of a
-converted checkpoint, however the run scanned it.
+layout of its sizes (`torch_layout`). The layer stacks are written stacked, as the models and the
+converter hold them.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import numpy as np
 
 from sam3_jax.checkpoint import converted, finite, restore, weights
 from sam3_jax.convert import sam3_checkpoint, torch_layout
-from sam3_jax.model import stacking
 
 
 def base_of(run_dir: str) -> str | None:
@@ -73,7 +72,7 @@ def source(run_dir: str, base_dir: str | None = None, *, allow_nonfinite: bool =
     read = weights.read(run_dir, tracker=True, allow_nonfinite=allow_nonfinite)
     manifest, dead = torch_layout.layout(read.model_cfg, read.tracker_cfg)
     manifest["trained"] = {"run": os.path.abspath(run_dir), "models": sorted(read.params), "base": None}
-    return stacking.relayout(read.params, {}, owned=True), manifest, dead, read.vocab
+    return read.params, manifest, dead, read.vocab
 
 
 def write_from_run(run_dir: str, base_dir: str | None, output_dir: str, *, overwrite: bool = False,

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from flax import traverse_util
 
+from sam3_jax.model import stacking
+
 CONV_TRANSPOSE = re.compile(r"(^|\.)(dconv_2x2(_[01])?|output_upscaling\.[03])\.weight$")
 
 # Buffers recomputed from the config (the converter checks them against the stored values).
@@ -129,13 +131,18 @@ def convert(state_dict: dict[str, np.ndarray], abstract_params, *, source: str =
             consume: bool = False) -> Conversion:
     """Maps every key of ``state_dict`` onto ``abstract_params`` (a tree of arrays or ShapeDtypeStructs).
 
+    The keys name layers one by one (``blocks.3``); a layer stack that ``abstract_params`` holds
+    scanned is mapped in that torch layout, then stacked (``stacking``): the params come back in
+    the layout of ``abstract_params``, the ``fate`` paths in the torch layout.
+
     Raises ConversionError listing every unmapped, missing, shape-mismatched key, and every integer or
     bool tensor mapped onto a floating-point parameter (casting would hide a quantised or damaged
     file; the converter never guesses a scale). With
     ``consume`` entries are popped from ``state_dict`` as they are converted, so a large checkpoint
     is never held twice.
     """
-    targets = traverse_util.flatten_dict(abstract_params)
+    layout = abstract_params
+    targets = traverse_util.flatten_dict(stacking.unrolled_shapes(abstract_params))
     flat: dict = {}
     result = Conversion(params={})
     unmapped, mismatched, wrong_dtype = [], [], []
@@ -175,5 +182,5 @@ def convert(state_dict: dict[str, np.ndarray], abstract_params, *, source: str =
                 lines.append(f"  {title} ({len(items)}):")
                 lines.extend(f"    {item}" for item in items)
         raise ConversionError("\n".join(lines))
-    result.params = traverse_util.unflatten_dict(flat)
+    result.params = stacking.stacked_like(traverse_util.unflatten_dict(flat), layout, owned=consume)
     return result

@@ -78,7 +78,7 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
     ``cfg`` / ``tracker_cfg`` give the sizes the file holds (default: official). The output is checked
     first (``converted.check_output``); tensors holding NaN or Inf are refused, all named, unless
     ``allow_nonfinite`` (then the manifest lists them under ``"nonfinite"``)."""
-    from sam3_jax.model import detector, stacking, tokenizer
+    from sam3_jax.model import detector, tokenizer
     from sam3_jax.model.tracker import tracker
 
     cfg = cfg or ModelConfig.official()
@@ -94,10 +94,8 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
     video_layout = any(k.startswith(DETECTOR) for k in state_dict)
     if not video_layout and not any(k.startswith("backbone.vision_backbone.sam2_convs.") for k in det_sd):
         cfg = cfg.replace(neck=dataclasses.replace(cfg.neck, add_sam2_neck=False))  # image-model file
-    # The key map targets the torch layout (every stack unrolled); scanned stacks are stacked after.
-    unrolled = stacking.set_scans(cfg, False)
     del state_dict  # det_sd / trk_sd now own the tensors; convert frees each one as it goes
-    conversion = keymap.convert(det_sd, detector.abstract_params(unrolled), source=f"{torch_ckpt} (detector.*)",
+    conversion = keymap.convert(det_sd, detector.abstract_params(cfg), source=f"{torch_ckpt} (detector.*)",
                                 consume=True)
     problems = check_rope(conversion.recomputed, cfg)
     if problems:
@@ -107,8 +105,8 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
     params = {"detector": conversion.params}
     del det_sd, conversion
     if video_layout:
-        tracked = keymap.convert(trk_sd, tracker.abstract_params(stacking.set_scans(tracker_cfg, False)),
-                                 source=f"{torch_ckpt} (tracker.*)", consume=True)
+        tracked = keymap.convert(trk_sd, tracker.abstract_params(tracker_cfg), source=f"{torch_ckpt} (tracker.*)",
+                                 consume=True)
         if tracked.recomputed:  # the tracker's RoPE tables are not buffers of the state_dict
             raise keymap.ConversionError(f"{torch_ckpt}: unexpected tracker buffers: " + ", ".join(tracked.recomputed))
         fate.update({TRACKER + k: v for k, v in tracked.fate.items()})
@@ -129,7 +127,6 @@ def convert_file(torch_ckpt: str, output_dir: str, *, cfg: ModelConfig | None = 
     }
     if nonfinite:
         manifest["nonfinite"] = nonfinite  # converted with allow_nonfinite
-    params = stacking.relayout(params, stacking.group_sizes(cfg, tracker_cfg if video_layout else None))
     converted.write(output_dir, params, manifest=manifest, dead=dead, vocab_path=vocab, overwrite=overwrite)
     return manifest
 

@@ -33,10 +33,8 @@ FREQS_CIS = "backbone.vision_backbone.trunk.blocks.{}.attn.freqs_cis"
 def layout(cfg: ModelConfig, tracker_cfg: TrackerConfig | None) -> tuple[dict, dict[str, np.ndarray]]:
     """(manifest, dead weights) of a checkpoint of these sizes, as `sam3_checkpoint.convert_file`
     would have written them from the reference's own file."""
-    cfg = stacking.set_scans(cfg, False)
-    tracker_cfg = stacking.set_scans(tracker_cfg, False) if tracker_cfg is not None else None
     keys, dead = {}, {}
-    for root, tree in converted.abstract_params(cfg, tracker_cfg).items():
+    for root, tree in stacking.unrolled_shapes(converted.abstract_params(cfg, tracker_cfg)).items():
         for path, leaf in traverse_util.flatten_dict(tree).items():
             local = keymap.torch_key(path)
             keys[f"{root}.{local}"] = "mapped to " + "/".join(path)

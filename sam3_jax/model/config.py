@@ -35,9 +35,6 @@ class ViTConfig:
     # None turns YNNPACK's dot fusions off from ``compiler.FULL_WIDTH`` on, where XLA's own dots are
     # faster, and keeps XLA's defaults below; True keeps XLA's defaults, False turns them off.
     cpu_ynn: bool | None = None
-    # Compile time: scan over the repeating [windowed..., global] groups of blocks (params stacked
-    # per position in the group, see ``stacking``) instead of unrolling every block.
-    scan_blocks: bool = False
 
     @property
     def grid(self) -> int:
@@ -67,8 +64,6 @@ class TextConfig:
     # the policy is a name in jax.checkpoint_policies.
     remat: bool = True
     remat_policy: str = "nothing_saveable"
-    # Compile time: one ``nn.scan`` over the blocks (params stacked, see ``stacking``), not unrolled.
-    scan_blocks: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,7 +73,6 @@ class GeometryConfig:
     dim_feedforward: int = 2048
     dropout: float = 0.1
     roi_size: int = 7
-    scan_layers: bool = False  # compile time: one ``nn.scan`` over the layers (see ``stacking``)
 
 
 @dataclass(frozen=True)
@@ -88,7 +82,6 @@ class EncoderConfig:
     dim_feedforward: int = 2048
     dropout: float = 0.1
     remat: bool = True  # rematerialise each layer in the backward pass, as the reference checkpoints
-    scan_layers: bool = False  # compile time: one ``nn.scan`` over the layers (see ``stacking``)
 
 
 @dataclass(frozen=True)
@@ -102,7 +95,6 @@ class DecoderConfig:
     box_rpb: str = "log"
     presence_token: bool = True
     remat: bool = True  # rematerialise each layer in the backward pass, as the reference checkpoints
-    scan_layers: bool = False  # compile time: one ``nn.scan`` over the layers (see ``stacking``)
     scoring_mlp_dim: int = 2048  # hidden width of the dot-product scorer's prompt MLP
 
 

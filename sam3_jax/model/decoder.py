@@ -21,7 +21,7 @@ from sam3_jax.nn.attention import MultiheadAttention
 from sam3_jax.nn.boxes import box_cxcywh_to_xyxy
 from sam3_jax.nn.layers import MLP, LayerNorm
 from sam3_jax.nn.position import sine_embed_for_position
-from sam3_jax.nn.repeat import varying_like
+from sam3_jax.nn.repeat import unroll, varying_like
 
 
 def inverse_sigmoid(x, eps: float = 1e-3):
@@ -87,10 +87,17 @@ class TransformerDecoderLayer(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    """``transformer.decoder``: ``layers_{i}``, ``norm``, ``query_embed``, ``reference_points``,
-    ``bbox_embed``, ``ref_point_head``, ``boxRPB_embed_{x,y}`` and the presence token with its
-    ``presence_token_head`` / ``presence_token_out_norm``. With ``config.scan_layers`` the layers
-    are one stacked tree ``layers_scan/layers_0`` (``stacking``), run as one scan."""
+    """``transformer.decoder``: ``layers_scan/layers_0`` (the layers, stacked; torch ``layers.{i}``),
+    ``norm``, ``query_embed``, ``reference_points``, ``bbox_embed``, ``ref_point_head``,
+    ``boxRPB_embed_{x,y}`` and the presence token with its ``presence_token_head`` /
+    ``presence_token_out_norm``.
+
+    The layers run as one scan, but not through ``nn.repeat``: between two layers the decoder's own
+    heads (box refinement, query positions, boxRPB, presence) run on the stream, so each step needs
+    the layer's slice of the stacked parameters and the heads' parameters whole. Flax's
+    ``nn.scan`` splits variables by collection, not by module, so the heads are broadcast
+    (``variable_broadcast``) and the stacked layer parameters are the scan's input, applied to an
+    unbound layer."""
 
     config: DecoderConfig = DecoderConfig()
     d_model: int = 256
@@ -100,14 +107,7 @@ class TransformerDecoder(nn.Module):
         cfg, c = self.config, self.d_model
         if cfg.box_rpb not in ("none", "log", "linear", "both"):
             raise ValueError(f"unknown box_rpb mode {cfg.box_rpb!r}")
-        if cfg.scan_layers:  # one stacked tree, ``layers_scan/layers_0``, applied in ``_scan_layers``
-            self.layers_scan = self.param("layers_scan", self._init_stacked_layers)
-        else:
-            layer_cls = TransformerDecoderLayer
-            if cfg.remat:
-                layer_cls = nn.remat(TransformerDecoderLayer, static_argnums=(8, 9))
-            self.layers = [layer_cls(c, cfg.num_heads, cfg.dim_feedforward, cfg.dropout, dtype=self.dtype)
-                           for _ in range(cfg.num_layers)]  # named layers_0 .. by Flax
+        self.layers_scan = self.param("layers_scan", self._init_stacked_layers)
         self.norm = LayerNorm(dtype=self.dtype)
         self.query_embed = nn.Embed(cfg.num_queries, c)
         self.reference_points = nn.Embed(cfg.num_queries, 4)
@@ -164,22 +164,14 @@ class TransformerDecoder(nn.Module):
         num_extra = 0 if presence is None else 1
         num_self = num_extra + cfg.num_queries
 
-        # `ref` feeds the next layer (gradient stopped after layer 0); `ref_kept` keeps the gradient
-        # for the per-layer box predictions.
-        carry = (tgt, ref, ref, presence)
+        # The carry (tgt, ref, ref_kept, presence): `ref` feeds the next layer (gradient stopped after
+        # layer 0); `ref_kept` keeps the gradient for the per-layer box predictions. A scan's carry
+        # keeps its dtype: the stream as the layers return it.
         inputs = (memory, memory_pos, prompt, prompt_mask)
-        if cfg.scan_layers:  # a scan's carry keeps its dtype: the stream as the layers return it
-            stream = jnp.result_type(self.dtype or jnp.float32)
-            carry = (tgt.astype(stream), ref, ref, None if presence is None else presence.astype(stream))
-            carry = varying_like(carry, memory)
-            carry, outs = self._scan_layers(carry, inputs, hw, num_self, deterministic)
-        else:
-            per_layer = []
-            for layer in self.layers:
-                carry, out = self._layer_step(
-                    carry, lambda *args, layer=layer: layer(*args, num_self, deterministic), inputs, hw)
-                per_layer.append(out)
-            outs = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+        stream = jnp.result_type(self.dtype or jnp.float32)
+        carry = (tgt.astype(stream), ref, ref, None if presence is None else presence.astype(stream))
+        carry = varying_like(carry, memory)
+        carry, outs = self._scan_layers(carry, inputs, hw, num_self, deterministic)
         hs, ref_boxes, pred_boxes, presence_logits = outs
         return DecoderOutput(hs=hs, ref_boxes=ref_boxes, pred_boxes=pred_boxes, presence_logits=presence_logits,
                              presence_feats=carry[3])
@@ -226,8 +218,8 @@ class TransformerDecoder(nn.Module):
         return {"layers_0": layers}
 
     def _scan_layers(self, carry, inputs, hw, num_self: int, deterministic: bool):
-        """The layers as one ``nn.scan`` over ``layers_scan``: the shared heads' parameters are
-        broadcast to every step, each step gets its slice of the stacked layer parameters."""
+        """The layers as one ``nn.scan`` over ``layers_scan`` (each step its slice of the stacked
+        layer parameters; the heads' parameters broadcast)."""
         layer_def = self._layer_def()
 
         def apply_layer(params, rng, *args):
@@ -242,5 +234,5 @@ class TransformerDecoder(nn.Module):
             return module._layer_step(carry, lambda *args: apply_layer(params, rng, *args), inputs, hw)
 
         scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False, "dropout": True},
-                       length=self.config.num_layers)
+                       length=self.config.num_layers, unroll=unroll(self.config.num_layers))
         return scan(self, carry, self.layers_scan["layers_0"])

@@ -66,8 +66,7 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerEncoderFusion(nn.Module):
-    """Stack of ``layers_{i}`` (with ``config.scan_layers`` scanned: ``layers_scan/layers_0``, stacked);
-    returns the encoded image tokens ("memory")."""
+    """The layers, scanned as ``layers_scan/layers_0`` (torch ``layers.{i}``); returns the encoded image tokens ("memory")."""
 
     config: EncoderConfig = EncoderConfig()
     d_model: int = 256
@@ -79,9 +78,8 @@ class TransformerEncoderFusion(nn.Module):
         cfg = self.config
         layer_cls = TransformerEncoderLayer
         if cfg.remat:  # static: (self, ..., deterministic)
-            layer_cls = nn.remat(TransformerEncoderLayer, static_argnums=(7,), prevent_cse=not cfg.scan_layers)
+            layer_cls = nn.remat(TransformerEncoderLayer, static_argnums=(7,), prevent_cse=False)
         make = functools.partial(layer_cls, self.d_model, cfg.num_heads, cfg.dim_feedforward, cfg.dropout,
                                  pos_enc_at_attn=True, pos_enc_at_cross_attn_keys=False, dtype=self.dtype)
-        stacked = stacking.FUSION_ENCODER.stacked if cfg.scan_layers else None
-        return repeat(make, cfg.num_layers, stacking.FUSION_ENCODER.prefix, stacked,
+        return repeat([make], cfg.num_layers, stacking.FUSION_ENCODER.prefix, stacking.FUSION_ENCODER.stacked,
                       src, prompt, None, prompt_mask, None, src_pos, deterministic)

@@ -44,7 +44,7 @@ class SequenceGeometryEncoder(nn.Module):
     values that no consumer should read. Nb or Np may be 0 (the cls token is always there).
     Param tree: ``label_embed``, ``cls_embed``, ``points_{direct,pool,pos_enc}_project``,
     ``boxes_{direct,pool,pos_enc}_project``, ``final_proj``, ``norm``, ``img_pre_norm``,
-    ``encode_{i}`` (with ``config.scan_layers``: ``encode_scan/encode_0``, stacked), ``encode_norm``.
+    ``encode_scan/encode_0`` (the layers, scanned; torch ``encode.{i}``), ``encode_norm``.
     """
 
     config: GeometryConfig
@@ -100,8 +100,7 @@ class SequenceGeometryEncoder(nn.Module):
         memory_pos = img_pos.reshape(b, h * w, -1)
         make = functools.partial(TransformerEncoderLayer, d, cfg.num_heads, cfg.dim_feedforward, cfg.dropout,
                                  dtype=self.dtype)
-        stacked = stacking.GEOMETRY.stacked if cfg.scan_layers else None
         # (tgt, memory, tgt_key_padding_mask, memory_key_padding_mask, pos, query_pos, deterministic)
-        x = repeat(make, cfg.num_layers, stacking.GEOMETRY.prefix, stacked,
+        x = repeat([make], cfg.num_layers, stacking.GEOMETRY.prefix, stacking.GEOMETRY.stacked,
                    x, memory, mask, None, memory_pos, None, deterministic)
         return layers.LayerNorm(name="encode_norm", dtype=self.dtype)(x), mask

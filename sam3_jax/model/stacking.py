@@ -1,15 +1,17 @@
-"""The layer stacks that a config may scan, and their two parameter layouts.
+"""The models' layer stacks and their two parameter layouts.
 
-Unrolled, a stack's layers are children ``<prefix>_{i}`` of one module: the torch numbering, the
-layout the converter writes and Meta's tools read. Scanned (``nn.scan``), they sit under one child
-``<stacked>`` as ``<prefix>_{j}``, j < n, every leaf with a leading axis over groups of n consecutive
-layers: layer i = g * n + j is index g of ``<stacked>/<prefix>_{j}``. n is 1 where all layers are
-alike (text encoder, fusion encoder, decoder, geometry encoder, the tracker's memory attention); for
-the ViT it is the period of its windowed/global pattern.
+The models scan every stack (``nn.repeat``): its layers sit under one child ``<stacked>`` as
+``<prefix>_{j}``, j < n, every leaf with a leading axis over groups of n consecutive layers: layer
+i = g * n + j is index g of ``<stacked>/<prefix>_{j}``. n is 1 where all layers are alike (text
+encoder, fusion encoder, decoder, geometry encoder, the tracker's memory attention); for the ViT
+it is the period of its windowed/global pattern.
 
-``relayout`` moves a parameter tree ``{"detector": ..., "tracker": ...}`` (or any tree of that
-shape: gradients, abstract shapes; either model may be absent) between layouts, so a checkpoint
-stored in one loads into a model built with the other.
+Unrolled, a stack's layers are children ``<prefix>_{i}`` of one module: the torch numbering. That
+layout exists only at the conversion boundary (the key map reads and writes it) and in
+checkpoints converted before the models were scan-only. ``relayout`` moves a parameter tree
+``{"detector": ..., "tracker": ...}`` (or any tree of that shape: gradients, abstract shapes;
+either model may be absent) between the layouts; ``unrolled_shapes`` gives the torch-layout
+abstract tree of a model's.
 """
 from __future__ import annotations
 
@@ -22,8 +24,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from sam3_jax import host_memory
-from sam3_jax.model.config import ModelConfig, ViTConfig
-from sam3_jax.model.tracker.config import TrackerConfig
+from sam3_jax.model.config import ViTConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,37 +44,48 @@ STACKS = (VIT, TEXT, FUSION_ENCODER, DECODER, GEOMETRY, MEMORY_ATTENTION)
 
 
 def vit_group_size(config: ViTConfig) -> int:
-    """Length of the repeating [windowed * (n - 1), global] block pattern that a scanned ViT scans
-    over: 8 for the official model (global blocks 7, 15, 23, 31)."""
+    """Length of the repeating [windowed * (n - 1), global] block pattern that the ViT scans over:
+    8 for the official model (global blocks 7, 15, 23, 31)."""
     n = config.global_att_blocks[0] + 1
     if tuple(config.global_att_blocks) != tuple(range(n - 1, config.depth, n)) or config.depth % n:
-        raise ValueError(f"scan_blocks needs global blocks every n-th block up to the last, "
+        raise ValueError(f"the scanned ViT needs global blocks every n-th block up to the last, "
                          f"got {config.global_att_blocks} for depth {config.depth}")
     return n
 
 
-def group_sizes(cfg: ModelConfig | None = None, tracker: TrackerConfig | None = None) -> dict[Stack, int]:
-    """The stacks that the configs scan, each with its group size; the others are unrolled."""
-    sizes = {}
-    if cfg is not None:
-        scans = {VIT: cfg.vit.scan_blocks, TEXT: cfg.text.scan_blocks, FUSION_ENCODER: cfg.encoder.scan_layers,
-                 DECODER: cfg.decoder.scan_layers, GEOMETRY: cfg.geometry.scan_layers}
-        sizes.update({s: vit_group_size(cfg.vit) if s is VIT else 1 for s, on in scans.items() if on})
-    if tracker is not None and tracker.scan_layers:
-        sizes[MEMORY_ATTENTION] = 1
-    return sizes
+def scanned_stacks(tree, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple[Stack, int]]:
+    """Every stack that ``tree`` (a model's parameter tree, or any subtree of one) holds scanned:
+    the path of the module holding it -> (the stack, its group size)."""
+    found = {}
+    if not isinstance(tree, Mapping):
+        return found
+    for s in STACKS:
+        if isinstance(tree.get(s.stacked), Mapping) and f"{s.prefix}_0" in tree[s.stacked]:
+            found[path] = (s, len(tree[s.stacked]))
+            break
+    for key, child in tree.items():
+        found.update(scanned_stacks(child, path + (key,)))
+    return found
 
 
-def set_scans(cfg, scan: bool):
-    """A ``ModelConfig`` or ``TrackerConfig`` with every stack scanned, or every stack unrolled (the
-    layout of the torch key map)."""
-    if isinstance(cfg, TrackerConfig):
-        return cfg.replace(scan_layers=scan)
-    return cfg.replace(vit=dataclasses.replace(cfg.vit, scan_blocks=scan),
-                       text=dataclasses.replace(cfg.text, scan_blocks=scan),
-                       encoder=dataclasses.replace(cfg.encoder, scan_layers=scan),
-                       decoder=dataclasses.replace(cfg.decoder, scan_layers=scan),
-                       geometry=dataclasses.replace(cfg.geometry, scan_layers=scan))
+def unrolled(tree) -> dict:
+    """``tree`` (any subtree of a model's) with every stack unrolled: the torch layout."""
+    for path, (s, _) in scanned_stacks(tree).items():
+        tree = _put(tree, path, unstack(_get(tree, path), s))
+    return tree
+
+
+def stacked_like(tree, like, *, owned: bool = False) -> dict:
+    """``tree``, unrolled, with the stacks that ``like`` (the same subtree) holds scanned stacked
+    (``owned``: as in `relayout`)."""
+    for path, (s, n) in scanned_stacks(like).items():
+        tree = _put(tree, path, stack(_get(tree, path), s, n, owned=owned))
+    return tree
+
+
+def unrolled_shapes(abstract) -> dict:
+    """``abstract`` (``jax.ShapeDtypeStruct`` or array leaves) as shapes in the torch layout."""
+    return jax.eval_shape(unrolled, abstract)
 
 
 def layout(params: dict) -> dict[Stack, int]:

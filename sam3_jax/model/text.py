@@ -61,8 +61,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``transformer``: the stack of blocks ``resblocks_{i}``, each optionally rematerialised,
-    unrolled or (``config.scan_blocks``) scanned."""
+    """``transformer``: the blocks, scanned as ``resblocks_scan/resblocks_0`` (torch
+    ``resblocks.{i}``), each optionally rematerialised."""
 
     config: TextConfig
     dtype: jnp.dtype | None = None
@@ -73,10 +73,9 @@ class Transformer(nn.Module):
         block = ResidualAttentionBlock
         if cfg.remat:
             block = nn.remat(block, static_argnums=(3,), policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
-                             prevent_cse=not cfg.scan_blocks)
+                             prevent_cse=False)
         make = functools.partial(block, cfg.width, cfg.heads, cfg.mlp_ratio, dtype=self.dtype)
-        stacked = stacking.TEXT.stacked if cfg.scan_blocks else None
-        return repeat(make, cfg.layers, stacking.TEXT.prefix, stacked, x, attn_bias, deterministic)
+        return repeat([make], cfg.layers, stacking.TEXT.prefix, stacking.TEXT.stacked, x, attn_bias, deterministic)
 
 
 def causal_bias(length: int):

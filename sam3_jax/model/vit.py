@@ -6,6 +6,7 @@ whole grid. Channels-last throughout: images (B, H, W, 3) -> features (B, H/14, 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ import numpy as np
 from sam3_jax.model import stacking
 from sam3_jax.model.config import ViTConfig
 from sam3_jax.nn import attention, layers, rope
+from sam3_jax.nn.repeat import repeat
 
 
 def window_partition(x, window: int):
@@ -149,25 +151,7 @@ def _block_class(config: ViTConfig):
     if not config.remat:
         return Block
     return nn.remat(Block, static_argnums=(3,), policy=getattr(jax.checkpoint_policies, config.remat_policy),
-                    prevent_cse=not config.scan_blocks)
-
-
-class BlockGroup(nn.Module):
-    """One period of the block pattern, ``blocks_0 .. blocks_{n-1}`` (the last one global): the
-    body that ``ViT`` scans over when ``config.scan_blocks``."""
-
-    config: ViTConfig
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x, drop_path_rates, deterministic: bool = True):
-        cfg = self.config
-        n = drop_path_rates.shape[0]
-        block = _block_class(cfg)
-        for j in range(n):
-            window = cfg.window_size if j < n - 1 else 0
-            x = block(cfg, window, name=f"blocks_{j}", dtype=self.dtype)(x, drop_path_rates[j], deterministic)
-        return x, None
+                    prevent_cse=False)  # inside a scan: nothing to protect from CSE
 
 
 class ViT(nn.Module):
@@ -175,9 +159,9 @@ class ViT(nn.Module):
 
     Params: ``patch_embed/proj/kernel``, ``pos_embed`` (1, 1 + pretrain_grid², C) (slot 0 is the
     unused cls position), ``ln_pre``, and per block ``{norm1, attn/qkv, attn/proj, norm2, mlp/fc1,
-    mlp/fc2}``: unrolled as ``blocks_{i}`` (the torch layout), or with ``config.scan_blocks`` as
-    ``block_groups/blocks_{j}`` whose leaves are stacked over groups: torch block i = g * n + j sits
-    at index g (``stacking.relayout`` converts). With ``config.remat`` each block is
+    mlp/fc2}`` as ``block_groups/blocks_{j}``, scanned over the repeating groups of n blocks
+    (n - 1 windowed, then a global one) with every leaf stacked over the groups: torch block
+    i = g * n + j sits at index g (``stacking`` converts). With ``config.remat`` each block is
     rematerialised in the backward pass (the reference checkpoints every block in training) under
     the ``jax.checkpoint_policies`` named by ``config.remat_policy``.
     """
@@ -194,18 +178,13 @@ class ViT(nn.Module):
         x = x + self._tiled_pos_embed(x.shape[1], x.shape[2]).astype(x.dtype)
         x = layers.LayerNorm(cfg.ln_eps, name="ln_pre", dtype=self.dtype)(x)
         rates = drop_path_rates(cfg)
-        if cfg.scan_blocks:
-            n = stacking.vit_group_size(cfg)
-            groups = nn.scan(BlockGroup, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                             in_axes=(0, nn.broadcast), length=cfg.depth // n)
-            x, _ = groups(cfg, name=stacking.VIT.stacked, dtype=self.dtype)(x, jnp.asarray(rates.reshape(-1, n)),
-                                                                      deterministic)
-            return x
+        n = stacking.vit_group_size(cfg)
         block = _block_class(cfg)
-        for i, rate in enumerate(rates):
-            window = 0 if i in cfg.global_att_blocks else cfg.window_size
-            x = block(cfg, window, name=f"blocks_{i}", dtype=self.dtype)(x, float(rate), deterministic)
-        return x
+
+        period = [functools.partial(block, cfg, cfg.window_size if j < n - 1 else 0, dtype=self.dtype)
+                  for j in range(n)]
+        return repeat(period, cfg.depth // n, stacking.VIT.prefix, stacking.VIT.stacked, x, deterministic,
+                      per_layer=(jnp.asarray(rates),))
 
     def _tiled_pos_embed(self, h: int, w: int):
         """The pretraining grid's embedding repeated over the token grid: token (i, j) gets

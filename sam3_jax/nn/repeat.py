@@ -1,41 +1,69 @@
-"""Running a stack of identical layers either unrolled or as one ``nn.scan``.
+"""Running a stack of layers as one ``nn.scan``.
 
-Unrolled, the layers are children ``<prefix>_{i}`` of the calling module (the torch numbering).
-Scanned, they are one child ``<stacked>`` whose body holds ``<prefix>_0``, every leaf stacked over
-the layers on a leading axis (``sam3_jax.model.stacking`` converts between the two). XLA compiles a
-scanned body once, so a deep stack costs one layer's compile time, not one per layer.
+The layers sit under one child ``<stacked>`` of the calling module as ``<prefix>_{j}``, j < group,
+every leaf with a leading axis over the scan's steps: layer i = g * n + j is index g of
+``<stacked>/<prefix>_{j}``, n the length of the repeating unit the scan steps over: 1 where all
+layers are alike, the period of the pattern otherwise (the ViT's windowed and global blocks). XLA compiles the body
+once, so a deep stack costs one step's compile time, not one per layer. The torch checkpoint
+numbers the layers ``<prefix>_{i}``; `sam3_jax.model.stacking` converts between the two layouts.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 
 
 class _Step(nn.Module):
-    """One scan step: the layer ``<prefix>_0`` on the carried stream."""
+    """One scan step: one period of the stack, layers ``<prefix>_0 .. <prefix>_{n-1}``, each given
+    its own slice of the per-layer inputs."""
 
-    make_layer: Callable[..., nn.Module]
+    period: Sequence[Callable[..., nn.Module]]
     prefix: str
 
     @nn.compact
-    def __call__(self, x, *args):
-        return self.make_layer(name=f"{self.prefix}_0")(x, *args), None
+    def __call__(self, x, per_step, *args):
+        for j, make_layer in enumerate(self.period):
+            x = make_layer(name=f"{self.prefix}_{j}")(x, *(p[j] for p in per_step), *args)
+        return x, None
 
 
-def repeat(make_layer: Callable[..., nn.Module], length: int, prefix: str, stacked: str | None, x, *args):
-    """``x`` through ``length`` layers ``make_layer(name=...)(x, *args)``; ``args`` are the same for
-    every layer. ``stacked`` None unrolls; a name scans. Call inside a ``@nn.compact`` method: the
-    layers become children of that module."""
-    if stacked is None:
-        for i in range(length):
-            x = make_layer(name=f"{prefix}_{i}")(x, *args)
-        return x
+def repeat(period: Sequence[Callable[..., nn.Module]], length: int, prefix: str, stacked: str, x, *args,
+           per_layer: tuple = ()):
+    """``x`` through ``length`` repetitions of ``period``, as one scan.
+
+    ``period[j](name=...)`` builds layer j of the repeating unit (one entry where all layers are
+    alike); each is called as ``layer(x, *per_layer_slices, *args)``: every ``per_layer`` array has a
+    leading axis of ``length * len(period)``, one entry per layer (e.g. drop-path rates), and
+    ``args`` are the same for every layer. Call inside a ``@nn.compact`` method: the stack becomes
+    its child ``stacked``."""
+    per_step = tuple(p.reshape(length, len(period), *p.shape[1:]) for p in per_layer)
     scan = nn.scan(_Step, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=(nn.broadcast,) * len(args), length=length)
-    x, _ = scan(make_layer, prefix, name=stacked)(x, *args)
+                   in_axes=(0,) + (nn.broadcast,) * len(args), length=length, unroll=unroll(length))
+    x, _ = scan(tuple(period), prefix, name=stacked)(x, per_step, *args)
     return x
+
+
+_UNROLLED = [False]
+
+
+@contextlib.contextmanager
+def unrolled():
+    """Within it, every stack's scan is traced fully unrolled: the same parameters, but no loop in
+    the program, for XLA's cost analysis (which counts a loop's body once). Only what is traced
+    within it: ``jax.jit`` reuses a function's earlier trace."""
+    _UNROLLED.append(True)
+    try:
+        yield
+    finally:
+        _UNROLLED.pop()
+
+
+def unroll(length: int) -> int:
+    """The ``unroll`` of a stack's scan of ``length`` steps: 1, or all of them within `unrolled`."""
+    return length if _UNROLLED[-1] else 1
 
 
 def varying_like(tree, like):

@@ -15,7 +15,6 @@ import os
 
 import ml_collections
 
-from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.train import optim
@@ -35,10 +34,8 @@ def as_config(dataclass_value) -> ml_collections.ConfigDict:
 
 
 def official_model() -> ModelConfig:
-    """The official size as the trainer runs it: bf16 compute, and every layer stack (ViT, text
-    encoder, fusion encoder) scanned, which XLA compiles far faster than unrolled layers
-    (converted checkpoints store the layers unrolled; ``init_from`` stacks them)."""
-    return stacking.set_scans(ModelConfig.official().replace(compute_dtype="bfloat16"), True)
+    """The official size as the trainer runs it: bf16 compute."""
+    return ModelConfig.official().replace(compute_dtype="bfloat16")
 
 
 def base_config(model: ModelConfig, data: ml_collections.ConfigDict,
@@ -71,7 +68,7 @@ def base_config(model: ModelConfig, data: ml_collections.ConfigDict,
     c.mode = "detector"  # one of MODES
     c.model = as_config(model)
     # The tracker (modes "tracker" and "joint"): its sizes, SAM 2's prompt simulation and losses.
-    tracker = tracker or stacking.set_scans(TrackerConfig.official(), True)  # as official_model()
+    tracker = tracker or TrackerConfig.official()
     c.tracker = ml_collections.ConfigDict(dict(
         model=dataclasses.asdict(tracker.replace(image_size=model.image_size)),
         prompts=dataclasses.asdict(PromptConfig()), loss=dataclasses.asdict(TrackerLossConfig())))

@@ -7,8 +7,8 @@
     decay in ``optim.weight_decay[name]`` (the recipe, written in ``configs/*.py``);
   * layer-wise lr decay over the ViT trunk as ``ViT.get_layer_id``: patch_embed / ln_pre = layer 0,
     block i = i + 1, anything else = depth + 1; a parameter at layer l gets decay ** (depth + 1 - l),
-    on top of its group's lr, except ``layer_decay_exempt`` (the reference's ``pos_embed``). With
-    ``ViTConfig.scan_blocks`` the blocks' leaves are stacked over groups and their factor is a vector;
+    on top of its group's lr, except ``layer_decay_exempt`` (the reference's ``pos_embed``). The
+    blocks' leaves are stacked over groups of blocks (``stacking``), so their factor is a vector;
   * weight decay except where the reference exempts it: names containing "bias" and the weights of
     ``torch.nn.LayerNorm`` modules only (GroupNorm, LayerNorm2d, embeddings and position embeddings
     are decayed there, so they are here);
@@ -130,21 +130,17 @@ def _model_path(path: str) -> str:
 
 
 def trunk_depth(params) -> int | None:
-    """Number of ViT blocks in the tree (unrolled ``blocks_i`` or stacked ``block_groups``), or None."""
-    unrolled, stacked = set(), {}
+    """Number of ViT blocks in the tree (groups x blocks a group under ``block_groups``), or None."""
+    groups = {}
     for path, x in by_path(params).items():
-        path = _model_path(path)
-        if m := re.match(re.escape(TRUNK) + r"blocks_(\d+)/", path):
-            unrolled.add(int(m[1]))
-        elif m := re.match(re.escape(TRUNK) + r"block_groups/blocks_(\d+)/", path):
-            stacked[int(m[1])] = x.shape[0]
-    if stacked:
-        return len(stacked) * next(iter(stacked.values()))
-    return max(unrolled) + 1 if unrolled else None
+        if m := re.match(re.escape(TRUNK) + r"block_groups/blocks_(\d+)/", _model_path(path)):
+            groups[int(m[1])] = x.shape[0]
+    return len(groups) * next(iter(groups.values())) if groups else None
 
 
 def vit_layer_id(trunk_path: str, depth: int, leaf_shape=()) -> int | np.ndarray:
-    """``ViT.get_layer_id`` for a path below the trunk, same precedence; stacked blocks give a vector."""
+    """``ViT.get_layer_id`` for a path below the trunk, same precedence; a block leaf (stacked over
+    the groups) gives a vector, one id per group."""
     if "rel_pos" in trunk_path:
         return depth + 1
     if any(name in trunk_path for name in ("ln_pre", "pos_embed", "cls_token", "patch_embed")):
@@ -152,14 +148,12 @@ def vit_layer_id(trunk_path: str, depth: int, leaf_shape=()) -> int | np.ndarray
     if m := re.match(r"block_groups/blocks_(\d+)/", trunk_path):
         groups = leaf_shape[0]
         return np.arange(groups) * (depth // groups) + int(m[1]) + 1
-    if m := re.match(r"blocks_(\d+)/", trunk_path):
-        return int(m[1]) + 1
     return depth + 1
 
 
 def layer_scales(params, cfg):
     """Each leaf's lr factor: 1.0 outside the trunk, decay ** (depth + 1 - layer id) inside it; a
-    stacked block leaf gets an array broadcastable to its shape (one factor per stacked block)."""
+    block leaf (stacked) gets an array broadcastable to its shape (one factor per stacked block)."""
     depth = trunk_depth(params)
 
     def scale(path, x):

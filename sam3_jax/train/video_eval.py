@@ -21,7 +21,6 @@ from sam3_jax.evaluation import davis, jf
 from sam3_jax.infer import video_outputs
 from sam3_jax.infer.video_inputs import ImageFolderFrames
 from sam3_jax.infer.video_predictor import VideoPredictor
-from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.train import mesh as mesh_lib
@@ -61,16 +60,13 @@ class VideoEvaluator:
     def __init__(self, sources, model_cfg: ModelConfig, tracker_cfg: TrackerConfig, mesh):
         check_sources(sources)
         self.sources = sources
-        model_cfg, tracker_cfg = stacking.set_scans(model_cfg, True), stacking.set_scans(tracker_cfg, True)
-        self.layout = stacking.group_sizes(model_cfg, tracker_cfg)
         self.model_cfg, self.tracker_cfg = model_cfg, tracker_cfg
         self.predictor: VideoPredictor | None = None
         self._gather = jax.jit(lambda p: p, out_shardings=mesh_lib.replicated(mesh))
 
     def predictor_params(self, params: dict) -> dict:
-        """The run's parameters whole on one local device, every stack scanned."""
-        local = jax.tree.map(lambda x: x.addressable_data(0), self._gather(params))
-        return stacking.relayout(local, self.layout)
+        """The run's parameters whole on one local device."""
+        return jax.tree.map(lambda x: x.addressable_data(0), self._gather(params))
 
     def scores(self, params: dict) -> list[jf.VideoScores]:
         """Each held-out video's per-frame J and F, in the order of the sources and their splits."""

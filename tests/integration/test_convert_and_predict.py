@@ -224,9 +224,7 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(tiny_state_dict, tmp_pat
 
 
 def test_scanned_layouts_are_converted(tiny_state_dict, tmp_path):
-    from sam3_jax.model import stacking
-
-    cfg = stacking.set_scans(ModelConfig.tiny(), True)
+    cfg = ModelConfig.tiny()
     src = write_torch(tiny_state_dict, tmp_path / "in.pt")
     convert_file(src, str(tmp_path / "scan"), cfg=cfg, tracker_cfg=TrackerConfig.tiny())
     params = converted.read_params(str(tmp_path / "scan"), converted.abstract_params(cfg, TrackerConfig.tiny()))

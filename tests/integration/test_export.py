@@ -33,11 +33,9 @@ def _converted(sd, tmp_path, cfg=None):
     return tmp_path / "ckpt"
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_round_trip_is_bit_exact(tiny_state_dict, tmp_path, scan):
-    """Unrolled, and with every layer stack scanned (stored stacked, exported unrolled)."""
-    cfg = stacking.set_scans(ModelConfig.tiny(), scan)
-    ckpt = _converted(tiny_state_dict, tmp_path, cfg)
+def test_round_trip_is_bit_exact(tiny_state_dict, tmp_path):
+    """Every layer stack stored stacked, exported unrolled."""
+    ckpt = _converted(tiny_state_dict, tmp_path)
     out = export.export_checkpoint(str(ckpt))
     assert any(k.endswith("freqs_cis") for k in out) and "tracker.no_mem_pos_enc" in out
     _assert_same(out, tiny_state_dict)
@@ -88,7 +86,7 @@ def test_a_training_run_exports_through_from_run(tiny_state_dict, tmp_path):
     manifest = converted.read_manifest(str(base))
     abstract = converted.abstract_params(*converted.configs(manifest))
     tuned = jax.tree.map(lambda x: np.asarray(x) + 1.0, converted.read_params(str(base), abstract)["detector"])
-    scanned = stacking.relayout({"detector": tuned}, stacking.group_sizes(stacking.set_scans(ModelConfig.tiny(), True)))
+    scanned = {"detector": tuned}
     assert len(stacking.layout(scanned)) == len(stacking.STACKS) - 1  # all but the tracker's
     _save_run(tmp_path / "run", scanned["detector"])
     out_dir = tmp_path / "tuned"

@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 
-from sam3_jax.model import stacking
 from sam3_jax.train import config as config_lib
 from sam3_jax.train import loop, param_groups, sharding
 
@@ -21,8 +20,6 @@ pytestmark = pytest.mark.slow
 def _config(tmp_path, shard: bool, total_steps: int = 3):
     c = config_lib.video_config("tracker_demo")
     c.mode = "joint"
-    c.model = config_lib.as_config(stacking.set_scans(loop.program.model_config(c), True))
-    c.tracker.model.scan_layers = True
     c.data.synthetic.output_dir = str(tmp_path / "videos")
     c.data.update(dict(num_frames=4, batch_size=2, max_phrases=2, max_objects=4, num_workers=0))
     c.mesh.update(dict(data=2, frame=4, shard_params=shard))

@@ -17,11 +17,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason='libtpu (the TPU compiler) is not installed: pip install -e ".[tpu-aot]"')]
 
-SCANNED = [f"--config.model.{part}={True}" for part in (
-    "vit.scan_blocks", "text.scan_blocks", "encoder.scan_layers", "decoder.scan_layers", "geometry.scan_layers")]
 TINY = ["--config=configs/video.py:demo", "--topology=v5e:2x2", "--config.mesh.shard_params=True",
         "--config.mesh.frame=2", "--config.data.num_frames=2", "--config.data.batch_size=2",
-        "--config.data.max_objects=4", "--config.tracker.model.scan_layers=True", *SCANNED]
+        "--config.data.max_objects=4"]
 
 
 def _aot(*args, timeout):

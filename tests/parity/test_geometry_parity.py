@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.geometry import SequenceGeometryEncoder
 from sam3_jax.testing.parity import flax_params, max_abs_diff, randomize_, t2n
@@ -92,19 +91,16 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case,scan", [(case, False) for case in CASES] + [("72x72", True)])
-def test_geometry_encoder(ref, case, scan):
-    """Unrolled, and scanned over its layers (``scan_layers``) with the converted params stacked."""
+@pytest.mark.parametrize("case", list(CASES))
+def test_geometry_encoder(ref, case):
     d, cfg = CFG.d_model, CFG.geometry
     t_enc = reference_encoder(ref, d, cfg)
     randomize_(t_enc, seed=0)
     x = make_inputs(d=d, **CASES[case])
     want, want_mask = run_reference(ref, t_enc, x)
 
-    params = flax_params(t_enc, SequenceGeometryEncoder(cfg, d), **x)
-    enc = SequenceGeometryEncoder(dataclasses.replace(cfg, scan_layers=scan), d)
-    if scan:
-        params = stacking.stack(params, stacking.GEOMETRY, 1)
+    enc = SequenceGeometryEncoder(cfg, d)
+    params = flax_params(t_enc, enc, **x)
     got, got_mask = jax.jit(lambda p, x: enc.apply({"params": p}, **x))(params, x)
     np.testing.assert_array_equal(np.asarray(got_mask), want_mask)
     valid = ~want_mask

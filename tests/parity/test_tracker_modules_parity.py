@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from sam3_jax.convert import keymap
-from sam3_jax.model import stacking
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.model.tracker.mask_decoder import MaskDecoder
 from sam3_jax.model.tracker.memory_attention import MemoryAttention
@@ -86,13 +85,9 @@ def memory_attention(ref):
     return enc, module, params
 
 
-@pytest.mark.parametrize("num_frames,num_ptr_tokens,scan", [(1, 0, False), (2, 8, False), (3, 4, False), (2, 8, True)])
-def test_memory_attention(ref, memory_attention, num_frames, num_ptr_tokens, scan):
-    """Unrolled, and scanned over its layers (``scan_layers``) with the converted params stacked."""
+@pytest.mark.parametrize("num_frames,num_ptr_tokens", [(1, 0), (2, 8), (3, 4)])
+def test_memory_attention(ref, memory_attention, num_frames, num_ptr_tokens):
     enc, module, params = memory_attention
-    if scan:
-        module = MemoryAttention(stacking.set_scans(CFG, True))
-        params = stacking.stack(params, stacking.MEMORY_ATTENTION, 1)
     rng = np.random.default_rng(num_frames)
     curr, curr_pos = _normal(rng, 2, HW, CFG.d_model), _normal(rng, 2, HW, CFG.d_model)
     n = num_frames * HW + num_ptr_tokens

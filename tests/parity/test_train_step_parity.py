@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sam3_jax.model import detector, stacking
+from sam3_jax.model import detector
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.train import config as config_lib
 from sam3_jax.train import mesh as mesh_lib
@@ -93,7 +93,7 @@ def reference_step(ref, clip, tmp_path_factory):
     file holding its weights."""
     from sam3_jax.testing import train_reference
 
-    cfg = stacking.set_scans(program_lib.model_config(train_config()), False)
+    cfg = program_lib.model_config(train_config())
     out = str(tmp_path_factory.mktemp("reference_step"))
     step = train_reference.step_one_in_child(cfg, clip, out, pad_n_queries=CLIP["pad_n_queries"], seed=SEED)
     return types.SimpleNamespace(terms=step["terms"], grad_norm=step["grad_norm"],
@@ -106,8 +106,7 @@ def reference_params(path: str, cfg: ModelConfig) -> dict:
     from sam3_jax.convert import keymap
 
     with np.load(path) as f:
-        conversion = keymap.convert(dict(f), detector.abstract_params(stacking.set_scans(cfg, False)), consume=True)
-    return stacking.relayout({"detector": conversion.params}, stacking.group_sizes(cfg), owned=True)
+        return {"detector": keymap.convert(dict(f), detector.abstract_params(cfg), consume=True).params}
 
 
 @pytest.fixture(scope="module")

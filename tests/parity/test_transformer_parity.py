@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.decoder import TransformerDecoder
 from sam3_jax.model.encoder import TransformerEncoderFusion
@@ -128,15 +127,13 @@ def test_fusion_encoder(ref):
     params = flax_params(t_enc, enc, src, pos, prompt, mask)
     got = jax.jit(lambda p: enc.apply({"params": p}, src, pos, prompt, mask))(params)
     assert max_abs_diff(got, want) < TOL
-    # Scanned over its layers (``scan_layers``), with the converted params stacked: the same output
-    # and, unstacked, the same gradients.
-    scanned = TransformerEncoderFusion(dataclasses.replace(CFG.encoder, scan_layers=True), CFG.d_model)
-    stacked = stacking.stack(params, stacking.FUSION_ENCODER, 1)
-    assert max_abs_diff(jax.jit(lambda p: scanned.apply({"params": p}, src, pos, prompt, mask))(stacked), want) < TOL
-    grads = [jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, src, pos, prompt, mask) ** 2)))(p)
-             for m, p in ((enc, params), (scanned, stacked))]
-    diffs = jax.tree.map(lambda a, b: max_abs_diff(a, b) / float(jnp.abs(a).max()), grads[0],
-                         stacking.unstack(grads[1], stacking.FUSION_ENCODER))
+    # Without remat: the same output and the same gradients.
+    assert CFG.encoder.remat
+    plain = TransformerEncoderFusion(dataclasses.replace(CFG.encoder, remat=False), CFG.d_model)
+    assert max_abs_diff(jax.jit(lambda p: plain.apply({"params": p}, src, pos, prompt, mask))(params), want) < TOL
+    grads = [jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, src, pos, prompt, mask) ** 2)))(params)
+             for m in (enc, plain)]
+    diffs = jax.tree.map(lambda a, b: max_abs_diff(a, b) / float(jnp.abs(a).max()), grads[0], grads[1])
     assert max(jax.tree.leaves(diffs)) < 1e-5  # relative to each leaf's largest gradient
 
     # Dropout path runs (and changes the output) under jit.
@@ -199,30 +196,20 @@ def _check_outputs(got, want, num_queries):
     assert all(e < TOL for e in errors.values()), errors
 
 
-def _decoder(scan: bool, **changes):
-    """Our decoder, unrolled or scanned (``scan_layers``), and the converted params -> its layout."""
-    dec = TransformerDecoder(dataclasses.replace(CFG.decoder, scan_layers=scan, **changes), CFG.d_model)
-    if not scan:
-        return dec, lambda params: params
-    return dec, lambda params: stacking.stack(params, stacking.DECODER, 1)
-
-
-@pytest.mark.parametrize("scan", [False, True])
-def test_decoder_eval(ref, scan):
+def test_decoder_eval(ref):
     torch = ref.torch
     t_dec = _torch_decoder(ref, dropout=0.1).eval()
     randomize_(t_dec, seed=11)
     src, pos, prompt, mask = _inputs(1)
     with torch.no_grad():
         want = _run_torch_decoder(ref, t_dec, src, pos, prompt, mask, apply_dac=False)
-    params = flax_params(t_dec, TransformerDecoder(CFG.decoder, CFG.d_model), src, pos, (H, W), prompt, mask)
-    dec, to_layout = _decoder(scan)
-    got = jax.jit(lambda p: dec.apply({"params": p}, src, pos, (H, W), prompt, mask))(to_layout(params))
+    dec = TransformerDecoder(CFG.decoder, CFG.d_model)
+    params = flax_params(t_dec, dec, src, pos, (H, W), prompt, mask)
+    got = jax.jit(lambda p: dec.apply({"params": p}, src, pos, (H, W), prompt, mask))(params)
     _check_outputs(got, want, CFG.decoder.num_queries)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_decoder_train_dac_with_gradients(ref, scan):
+def test_decoder_train_dac_with_gradients(ref):
     """Training mode with DAC (torch dropout 0 so both runs are deterministic): outputs, and the
     gradients of a loss on every layer's boxes and queries. The gradients pin down the box
     refinement: the next layer's refs are detached, each layer's prediction keeps its input refs'
@@ -243,17 +230,15 @@ def test_decoder_train_dac_with_gradients(ref, scan):
     t_grads = {k: (np.zeros(v.shape, np.float32) if v.grad is None else v.grad.numpy())
                for k, v in t_dec.named_parameters()}
 
-    params = flax_params(t_dec, TransformerDecoder(CFG.decoder, CFG.d_model), src, pos, (H, W), prompt, mask)
-    dec, to_layout = _decoder(scan)
+    dec = TransformerDecoder(CFG.decoder, CFG.d_model)
+    params = flax_params(t_dec, dec, src, pos, (H, W), prompt, mask)
 
     def loss(p):
         out = dec.apply({"params": p}, src, pos, (H, W), prompt, mask, train=True)
         return (out.pred_boxes * w_box).sum() + 1e-2 * (out.hs * w_hs).sum(), out
 
-    (_, got), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(to_layout(params))
+    (_, got), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     _check_outputs(got, want, q)
-    if scan:
-        grads = stacking.unstack(grads, stacking.DECODER)
 
     from sam3_jax.convert import keymap
 
@@ -266,11 +251,10 @@ def test_decoder_train_dac_with_gradients(ref, scan):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_decoder_dropout_runs(scan):
-    """deterministic=False under jit (unrolled: one layer, to keep the compile short; scanned: two,
-    so the scan carries the dropout stream from step to step)."""
-    dec, _ = _decoder(scan, num_layers=2 if scan else 1)
+def test_decoder_dropout_runs():
+    """deterministic=False under jit (two layers: the scan carries the dropout stream from step to
+    step)."""
+    dec = TransformerDecoder(dataclasses.replace(CFG.decoder, num_layers=2), CFG.d_model)
     src, pos, prompt, mask = _inputs(3)
     abstract = jax.eval_shape(lambda: dec.init(jax.random.key(0), src, pos, (H, W), prompt, mask))["params"]
     rng = np.random.default_rng(0)  # random weights without compiling `init`

@@ -1,5 +1,4 @@
 """The reference initialisation drawn from parameter shapes alone (`model.init.reference_init`)."""
-import dataclasses
 import re
 
 import jax
@@ -14,10 +13,9 @@ from sam3_jax.model.tracker.config import TrackerConfig
 
 
 def test_scanned_vit_blocks_get_the_reference_rules():
-    """With ``vit.scan_blocks`` the blocks are stacked under ``block_groups``: their kernels are
-    N(0, 0.02) and their biases zero, as the unrolled blocks'."""
+    """The blocks are stacked under ``block_groups``: their kernels are N(0, 0.02) and their biases
+    zero, as the reference's blocks'."""
     cfg = ModelConfig.tiny()
-    cfg = cfg.replace(vit=dataclasses.replace(cfg.vit, scan_blocks=True))
     trunk = detector.init_params(cfg, jax.random.key(0))["backbone"]["vision_backbone"]["trunk"]
     fc1 = trunk["block_groups"]["blocks_0"]["mlp"]["fc1"]
     assert fc1["kernel"].ndim == 3
@@ -27,8 +25,8 @@ def test_scanned_vit_blocks_get_the_reference_rules():
 
 def test_scanned_stacks_get_the_rules_of_one_layer():
     """Every scanned stack (the detector's and the tracker's memory attention) initialises each
-    stacked leaf by the rule of the unrolled layer's leaf: bounds from one layer's shape, not the
-    stacked one's."""
+    stacked leaf by the rule of the torch layer's leaf (the unrolled layout): bounds from one
+    layer's shape, not the stacked one's."""
     cfg, tracker = ModelConfig.tiny(), TrackerConfig.tiny()
 
     def rules(params):
@@ -37,10 +35,8 @@ def test_scanned_stacks_get_the_rules_of_one_layer():
         return {"/".join(p): init.rule_for(p, shapes) for p in flat}
 
     seen = set()
-    for unrolled_params, scanned_params in (
-            (detector.abstract_params(cfg), detector.abstract_params(stacking.set_scans(cfg, True))),
-            (tracker_lib.abstract_params(tracker), tracker_lib.abstract_params(stacking.set_scans(tracker, True)))):
-        unrolled = rules(unrolled_params)
+    for scanned_params in (detector.abstract_params(cfg), tracker_lib.abstract_params(tracker)):
+        unrolled = rules(stacking.unrolled_shapes(scanned_params))
         for path, rule in rules(scanned_params).items():
             for s in stacking.STACKS:  # the first group's layer j is unrolled layer j
                 if s.stacked in path:
@@ -48,7 +44,7 @@ def test_scanned_stacks_get_the_rules_of_one_layer():
                     path = re.sub(rf"{s.stacked}/({s.prefix}_\d+)/", r"\1/", path)
             assert rule == unrolled[path], path
     assert seen == {s.stacked for s in stacking.STACKS}
-    stacked = detector.init_params(stacking.set_scans(cfg, True), jax.random.key(0))
+    stacked = detector.init_params(cfg, jax.random.key(0))
     kernel = np.asarray(stacked["transformer"]["encoder"]["layers_scan"]["layers_0"]["self_attn"]["in_proj_kernel"])
     bound = np.sqrt(6.0 / sum(kernel.shape[1:]))  # Xavier of one (d, 3d) matrix
     assert kernel.shape[0] == cfg.encoder.num_layers and np.abs(kernel).max() <= bound
@@ -60,9 +56,11 @@ def test_draws_are_independent_across_leaves_and_deterministic():
     a = detector.init_params(cfg, jax.random.key(0))
     b = detector.init_params(cfg, jax.random.key(0))
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-    blocks = a["backbone"]["vision_backbone"]["trunk"]
-    k0, k1 = blocks["blocks_0"]["mlp"]["fc1"]["kernel"], blocks["blocks_1"]["mlp"]["fc1"]["kernel"]
-    assert abs(float(np.corrcoef(np.ravel(k0), np.ravel(k1))[0, 1])) < 0.05
+    blocks = a["backbone"]["vision_backbone"]["trunk"]["block_groups"]  # torch blocks 0, 1 and 2
+    k0, k1 = blocks["blocks_0"]["mlp"]["fc1"]["kernel"][0], blocks["blocks_1"]["mlp"]["fc1"]["kernel"][0]
+    k2 = blocks["blocks_0"]["mlp"]["fc1"]["kernel"][1]
+    for x, y in ((k0, k1), (k0, k2)):
+        assert abs(float(np.corrcoef(np.ravel(x), np.ravel(y))[0, 1])) < 0.05
 
 
 def test_abstract_leaf_without_a_rule_is_named():

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from sam3_jax.checkpoint import converted, training, weights
-from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tokenizer import DEFAULT_BPE_PATH
 from sam3_jax.model.tracker import tracker as tracker_lib
@@ -35,18 +34,16 @@ def _run(workdir, detector_by_step: dict, init_from: str = "", seed: int = 3, be
     the detector's parameters (scanned, as the trainer stores them), and optionally a best one."""
     workdir.mkdir()
     (workdir / "config.json").write_text(json.dumps({"init_from": init_from, "seed": seed}))
-    weights.write_run_models(str(workdir), stacking.set_scans(MCFG, True), stacking.set_scans(TCFG, True))
-    sizes = stacking.group_sizes(stacking.set_scans(MCFG, True))
+    weights.write_run_models(str(workdir), MCFG, TCFG)
     for directory, steps in (("checkpoints", detector_by_step), ("checkpoints_best", dict([best] if best else []))):
         manager = training.Checkpointer(str(workdir / directory), async_save=False)
         for step, detector in steps.items():
-            manager.save(step, {"params": stacking.relayout({"detector": detector}, sizes), "step": np.int32(step)})
+            manager.save(step, {"params": {"detector": detector}, "step": np.int32(step)})
         manager.close()
     return str(workdir)
 
 
 def _same(got, want):
-    got, want = stacking.relayout(got, {}), stacking.relayout(want, {})
     assert jax.tree.structure(got) == jax.tree.structure(want)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 
@@ -59,7 +56,7 @@ def test_the_newest_the_best_or_a_named_step_of_a_run(base, tmp_path):
                             (f"{run}/checkpoints_best", plus[3])):
         read = weights.read(directory, tracker=False)
         assert read.params.keys() == {"detector"} and read.vocab == DEFAULT_BPE_PATH
-        assert read.model_cfg == stacking.set_scans(MCFG, True) and read.tracker_cfg.scan_layers
+        assert read.model_cfg == MCFG and read.tracker_cfg == TCFG
         _same(read.params, {"detector": want})
 
 
@@ -68,7 +65,7 @@ def test_the_model_a_run_did_not_train_is_the_one_it_started_from(base, tmp_path
     tuned = jax.tree.map(lambda x: x + 1, params["detector"])
     from_scratch = weights.read(_run(tmp_path / "scratch", {2: tuned}, seed=3), tracker=True)
     _same({"detector": from_scratch.params["detector"]}, {"detector": tuned})
-    fresh = tracker_lib.init_params(stacking.set_scans(TCFG, True), jax.random.split(jax.random.key(3))[1])
+    fresh = tracker_lib.init_params(TCFG, jax.random.split(jax.random.key(3))[1])
     _same({"tracker": from_scratch.params["tracker"]}, {"tracker": fresh})  # the trainer's own draw for seed 3
     fine_tuned = weights.read(_run(tmp_path / "tuned", {2: tuned}, init_from=directory), tracker=True)
     _same(fine_tuned.params, {"detector": tuned, "tracker": params["tracker"]})

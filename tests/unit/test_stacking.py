@@ -1,4 +1,4 @@
-"""Moving parameter trees between the unrolled and scanned layouts (`model.stacking.relayout`), and
+"""Moving parameter trees between the unrolled and scanned layouts (`model.stacking`), and
 giving the memory of the layout left behind back (`host_memory.trim`)."""
 import gc
 import weakref
@@ -80,3 +80,39 @@ def test_trim_gives_freed_heap_memory_back():
     del freed
     host_memory.trim()
     assert resident_mib() < before - 300
+
+
+def test_any_subtree_goes_to_the_torch_layout_and_back():
+    """`unrolled` and `stacked_like` find the stacks wherever a (sub)tree holds them: a lone trunk,
+    or the whole tree, and `unrolled_shapes` gives the shapes of the same."""
+    scanned = stacking.relayout(_unrolled(), SIZES)
+    trunk = scanned["detector"]["backbone"]["vision_backbone"]["trunk"]
+    assert stacking.scanned_stacks(trunk) == {(): (stacking.VIT, 2)}
+    _assert_same(stacking.unrolled(trunk), _unrolled()["detector"]["backbone"]["vision_backbone"]["trunk"])
+    _assert_same(stacking.unrolled(scanned), _unrolled())
+    _assert_same(stacking.stacked_like(_unrolled(), scanned), scanned)
+    shapes = stacking.unrolled_shapes(scanned)
+    assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, _unrolled())
+
+
+def test_repeat_unrolled_traces_every_layer():
+    """Within `repeat.unrolled` a stack's scan leaves no loop in the program, with the same
+    parameters and outputs; XLA's FLOP count then covers every layer, not one."""
+    import flax.linen as nn
+
+    from sam3_jax.nn import repeat
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return repeat.repeat([lambda name: nn.Dense(8, name=name)], 6, "layers", "layers_scan", x)
+
+    model, x = Stack(), jnp.ones((4, 8))
+    params = model.init(jax.random.key(0), x)
+    assert params["params"]["layers_scan"]["layers_0"]["kernel"].shape == (6, 8, 8)
+    scanned = jax.jit(lambda p, x: model.apply(p, x)).lower(params, x)
+    with repeat.unrolled():
+        flat = jax.jit(lambda p, x: model.apply(p, x)).lower(params, x)
+    assert " while(" in scanned.compile().as_text() and " while(" not in flat.compile().as_text()
+    assert flat.cost_analysis()["flops"] > 5 * scanned.cost_analysis()["flops"]
+    np.testing.assert_allclose(flat.compile()(params, x), scanned.compile()(params, x), rtol=1e-6)

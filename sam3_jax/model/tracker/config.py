@@ -66,8 +66,6 @@ class TrackerConfig:
     # over the body of `train.tracker_clip`'s scan), so the scan keeps its carry (the memory bank)
     # per frame, not every activation of every frame.
     remat: bool = True
-    # Compile time: the memory attention's layers as one ``nn.scan`` (params stacked, ``stacking``).
-    scan_layers: bool = False
 
     @property
     def grid(self) -> int:

@@ -58,8 +58,8 @@ class MemoryAttentionLayer(nn.Module):
 
 
 class MemoryAttention(nn.Module):
-    """``TransformerEncoderCrossAttention``: params ``layers_{i}`` (with ``cfg.scan_layers``:
-    ``layers_scan/layers_0``, stacked), ``norm``."""
+    """``TransformerEncoderCrossAttention``: params ``layers_scan/layers_0`` (the layers, scanned;
+    torch ``layers.{i}``), ``norm``."""
 
     cfg: TrackerConfig
     dtype: jnp.dtype | None = None
@@ -82,8 +82,7 @@ class MemoryAttention(nn.Module):
         x = curr + 0.1 * curr_pos
         make = functools.partial(MemoryAttentionLayer, cfg.d_model, cfg.mem_attn_heads, cfg.mem_attn_ffn,
                                  cfg.mem_attn_dropout, cfg.rope_theta, dtype=self.dtype)
-        stacked = stacking.MEMORY_ATTENTION.stacked if cfg.scan_layers else None
-        x = repeat(make, cfg.mem_attn_layers, stacking.MEMORY_ATTENTION.prefix, stacked,
+        x = repeat([make], cfg.mem_attn_layers, stacking.MEMORY_ATTENTION.prefix, stacking.MEMORY_ATTENTION.stacked,
                    x, memory, memory_pos, memory_mask, num_ptr_tokens, deterministic)
         return LayerNorm(name="norm", dtype=self.dtype)(x)
 
