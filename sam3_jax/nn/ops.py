@@ -111,10 +111,12 @@ def resize_bilinear(x, size: tuple[int, int], antialias: bool = False):
 
 
 def resize_masks(x, size: tuple[int, int], antialias: bool = False):
-    """(B, h, w) -> (B, *size) float32 with ``resize_bilinear``; only cast when the size already matches."""
-    if tuple(x.shape[1:]) == tuple(size):
+    """(..., h, w) -> (..., *size) float32, each map resized with ``resize_bilinear``; only cast when
+    the size already matches."""
+    if tuple(x.shape[-2:]) == tuple(size):
         return x.astype(jnp.float32)
-    return resize_bilinear(x[..., None].astype(jnp.float32), tuple(size), antialias=antialias)[..., 0]
+    maps = x.reshape(-1, *x.shape[-2:], 1).astype(jnp.float32)
+    return resize_bilinear(maps, tuple(size), antialias=antialias).reshape(*x.shape[:-2], *size)
 
 
 def resize_nearest(x, size: tuple[int, int]):

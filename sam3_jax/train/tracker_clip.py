@@ -62,14 +62,6 @@ def eval_plan(num_clips: int, num_frames: int, prompt_cfg: PromptConfig) -> dict
             "from_gt": jnp.zeros((num_clips, num_frames, prompt_cfg.num_correction_points), bool)}
 
 
-def _resize_masks(x, size: int):
-    """(B, K, h, w) logits -> (B, K, size, size), bilinear (the reference's F.interpolate)."""
-    if x.shape[-1] == size:
-        return x
-    y = ops.resize_bilinear(jnp.moveaxis(x, 1, -1).astype(jnp.float32), (size, size), antialias=False)
-    return jnp.moveaxis(y, -1, 1)
-
-
 def _f32(tree):
     """Floating leaves in float32, so both branches of a ``lax.cond`` agree whatever the compute dtype."""
     return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
@@ -115,7 +107,7 @@ def track_clip(tracker: Tracker, params, feats: ClipFeatures, obj_clip, gt_masks
 
     def losses(heads, gt, active):
         def compute(all_masks, all_ious, score, candidates):
-            terms = step_losses(_resize_masks(all_masks, m), all_ious, score, gt, candidates, loss_cfg)
+            terms = step_losses(ops.resize_masks(all_masks, (m, m)), all_ious, score, gt, candidates, loss_cfg)
             return {k: jnp.where(active, terms[k], 0.0) for k in TERMS}
         return jax.checkpoint(compute)(heads["all_masks"], heads["all_ious"], heads["score"], heads["candidates"])
 
@@ -159,7 +151,7 @@ def track_clip(tracker: Tracker, params, feats: ClipFeatures, obj_clip, gt_masks
         def corrections(carry):
             def click(carry, i):
                 heads, coords, labels, point_ok, terms = carry
-                pred = _resize_masks(heads["masks"][:, None], m)[:, 0] > 0
+                pred = ops.resize_masks(heads["masks"], (m, m)) > 0
                 key = jax.vmap(jax.random.fold_in, (0, None))(keys, i + 1)
                 xy, label = jax.vmap(
                     lambda k, g, p, gt_only: correction_point(k, g, p, cfg.image_size, prompt_cfg,
@@ -188,7 +180,7 @@ def track_clip(tracker: Tracker, params, feats: ClipFeatures, obj_clip, gt_masks
         out = apply(Tracker.frame_outputs, pix, heads, num_points, mask_input, mask_in, deterministic=deterministic)
         bank = bank.write(f, jnp.where(frame_ok, f, -1), out["maskmem_features"], out["obj_ptr"], init | corr,
                           out["memory_score"])
-        masks = _resize_masks(out["pred_masks_high_res"][:, None], m)[:, 0] > 0 if record_masks else None
+        masks = ops.resize_masks(out["pred_masks_high_res"], (m, m)) > 0 if record_masks else None
         return bank, (terms, masks)
 
     if cfg.remat and not deterministic:

@@ -59,13 +59,6 @@ def _take(x, idx):
     return jnp.take_along_axis(x, idx.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
 
 
-def _resize(x, size: int, antialias: bool):
-    """(B, H, W) -> (B, size, size), float32."""
-    if x.shape[1:] == (size, size):
-        return x
-    return ops.resize_bilinear(x[..., None].astype(jnp.float32), (size, size), antialias=antialias)[..., 0]
-
-
 def use_multimask(cfg: TrackerConfig, is_init_cond_frame, num_points):
     """``_use_multimask``, per object (B,): several candidate masks for ambiguous prompts (few points)."""
     return (cfg.multimask_output_in_sam & (is_init_cond_frame | cfg.multimask_output_for_tracking)
@@ -162,7 +155,7 @@ class Tracker(nn.Module):
         if has_mask_input is None:
             has_mask_input = jnp.ones(mask_inputs.shape[:1], bool)
         prompt = self.mask_downsample(mask_inputs.astype(jnp.float32)[..., None])[..., 0]
-        prompt = _resize(prompt, self.cfg.low_res_mask_size, antialias=True)
+        prompt = ops.resize_masks(prompt, (self.cfg.low_res_mask_size,) * 2, antialias=True)
         return self.sam_heads(ops.where_rows(has_mask_input, pix.astype(feats.dtype), feats), high_res, coords, labels,
                               point_valid & ~has_mask_input[:, None], multimask & ~has_mask_input, prompt,
                               deterministic, mask_valid=has_mask_input)
@@ -236,21 +229,24 @@ class Tracker(nn.Module):
         cfg = self.cfg
         b = pix.shape[0]
         low_res, iou, obj_ptr, score = heads["masks"], heads["iou"], heads["obj_ptr"], heads["score"]
-        high_res_masks = _resize(low_res, cfg.image_size, antialias=False)
+        high_res_masks = ops.resize_masks(low_res, (cfg.image_size,) * 2)
         mem_masks = self.mask_for_memory(high_res_masks, (num_points > 0) & deterministic)
         if mask_inputs is not None:
             if has_mask_input is None:
                 has_mask_input = jnp.ones((b,), bool)
             m_logits, m_ptr, m_score = self.mask_as_output(mask_inputs, obj_ptr)
-            low_res = ops.where_rows(has_mask_input, _resize(m_logits, cfg.low_res_mask_size, antialias=True), low_res)
-            high_res_masks = ops.where_rows(has_mask_input, _resize(m_logits, cfg.image_size, antialias=True), high_res_masks)
+            low_res = ops.where_rows(has_mask_input, ops.resize_masks(m_logits, (cfg.low_res_mask_size,) * 2, True),
+                                     low_res)
+            high_res_masks = ops.where_rows(has_mask_input, ops.resize_masks(m_logits, (cfg.image_size,) * 2, True),
+                                            high_res_masks)
             iou = jnp.where(has_mask_input, 1.0, iou)
             obj_ptr = ops.where_rows(has_mask_input, m_ptr, obj_ptr)
             score = ops.where_rows(has_mask_input, m_score, score)
             # Both memory inputs at the size the memory encoder resizes to (its first step) so one call serves both.
             size = cfg.mask_interpol_size
             m_mem = self.mask_for_memory(m_logits, jnp.zeros((b,), bool))
-            mem_masks = ops.where_rows(has_mask_input, _resize(m_mem, size, True), _resize(mem_masks, size, True))
+            mem_masks = ops.where_rows(has_mask_input, ops.resize_masks(m_mem, (size, size), True),
+                                       ops.resize_masks(mem_masks, (size, size), True))
         out = {"pred_masks": low_res, "pred_masks_high_res": high_res_masks, "obj_ptr": obj_ptr,
                "object_score_logits": score, "iou_score": iou,
                "memory_score": memory_score.presence(score[:, 0]) * iou}
