@@ -14,7 +14,7 @@ loss weights. `sam3_jax.train.config` builds the sections (every field and its d
   trains on a laptop CPU in minutes; ``demo`` is the README's main command.
 
 Parameter groups are ``optim.groups``, ``(name, regex)`` rules in match order: a parameter (its
-'/'-joined path, e.g. ``detector/backbone/vision_backbone/trunk/blocks_3/attn/qkv/kernel``) belongs
+'/'-joined path, e.g. ``detector/backbone/vision_backbone/trunk/block_groups/blocks_3/attn/qkv/kernel``) belongs
 to the first rule whose regex it matches, and the last rule, ``rest``, matches everything. Each
 group's peak lr is ``optim.lr.<name>`` and its decoupled weight decay ``optim.weight_decay.<name>``;
 the ViT trunk's layer-wise lr decay (``optim.layer_decay``) multiplies its group's lr. Every field

@@ -56,7 +56,7 @@ def test_params_round_trip_through_orbax(tiny_ckpt):
 
     out, sd = tiny_ckpt
     params = converted.read_params(str(out), converted.abstract_params(ModelConfig.tiny(), TrackerConfig.tiny()))
-    kernel = np.asarray(params["detector"]["backbone"]["vision_backbone"]["trunk"]["blocks_0"]["attn"]["qkv"]["kernel"])
+    kernel = np.asarray(params["detector"]["backbone"]["vision_backbone"]["trunk"]["block_groups"]["blocks_0"]["attn"]["qkv"]["kernel"][0])
     np.testing.assert_array_equal(kernel, sd["detector.backbone.vision_backbone.trunk.blocks.0.attn.qkv.weight"].T)
     np.testing.assert_array_equal(np.asarray(params["tracker"]["no_obj_ptr"]), sd["tracker.no_obj_ptr"])
 
