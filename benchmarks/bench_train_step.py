@@ -303,7 +303,7 @@ def run_torch(args, batch_path: str) -> dict:
     ``track_step`` under SAM 2's recipe). joint: the detector's training forward, whose backbone pass
     also feeds the tracker (with gradient), detector + tracker losses. Then backward, gradient
     clipping and AdamW as the trainer."""
-    import reference_tracker_step as rts
+    from sam3_jax.testing import reference_tracker_step as rts
 
     from sam3_jax.testing import reference, train_reference
     from sam3_jax.testing.parity import randomize_
