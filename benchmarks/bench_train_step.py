@@ -3,7 +3,7 @@
 ``--mode``: ``detector`` (the detector's losses), ``tracker`` (SAM 3's stage 4: the tracker's
 losses under SAM 2's recipe, detector frozen, ``--objects`` objects) or ``joint`` (both). The
 reference has no tracker training path (``Sam3TrackerBase.forward`` raises ``NotImplementedError``);
-its tracker side here is ``reference_tracker_step.py``: the reference's SAM 3 tracker modules and
+its tracker side here is ``sam3_jax.testing.reference_tracker_step``: the reference's SAM 3 tracker modules and
 their own ``track_step``, in train mode with autograd, driven as SAM 2's ``SAM2Train`` drives them,
 with SAM 2's ``MultiStepMultiMasksAndIous`` built from the reference's loss functions.
 
