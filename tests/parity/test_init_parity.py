@@ -7,7 +7,7 @@ import pytest
 from flax import traverse_util
 
 from sam3_jax.convert import keymap
-from sam3_jax.model import detector
+from sam3_jax.model import detector, stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker import tracker as tracker_lib
 from sam3_jax.model.tracker.config import TrackerConfig
@@ -26,8 +26,9 @@ def _is_uniform(x: np.ndarray) -> bool:
 
 
 def init_mismatches(torch_state: dict, params) -> list[str]:
-    """Every tensor whose initial values do not match the reference's in kind, constant or spread."""
-    flat = traverse_util.flatten_dict(jax.device_get(params))
+    """Every tensor whose initial values do not match the reference's in kind, constant or spread (each
+    layer of a stack on its own, in the torch layout)."""
+    flat = traverse_util.flatten_dict(stacking.unrolled(jax.device_get(params)))
     problems = []
     for key, want in torch_state.items():
         if keymap.dead_reason(key) or keymap.recomputed_reason(key) or key.endswith(UNINITIALISED):

@@ -11,6 +11,7 @@ import pytest
 from sam3_jax.checkpoint import converted
 from sam3_jax.data.synthetic import render_video
 from sam3_jax.infer import detect_track as dt
+from sam3_jax.model import stacking
 from sam3_jax.model.config import ModelConfig
 from sam3_jax.model.tracker.config import TrackerConfig
 from sam3_jax.model.tracker.memory_bank import MemoryBank
@@ -170,8 +171,9 @@ def test_group_mean_over_valid_members():
 
 
 def _random_params(mcfg, tcfg, seed=0, score_bias=2.0):
-    """Seeded noise for the tiny detector + tracker (scaled by fan-in, as ``parity.randomize_``); the
-    tracker's object-score bias raised so that tracks live on."""
+    """Seeded noise for the tiny detector + tracker (scaled by fan-in, as ``parity.randomize_``), drawn
+    layer by layer in the torch layout, then stacked as the models hold them; the tracker's
+    object-score bias raised so that tracks live on."""
     rng = np.random.default_rng(seed)
 
     def init(path, s):
@@ -181,7 +183,8 @@ def _random_params(mcfg, tcfg, seed=0, score_bias=2.0):
             x = (path[-1].key == "scale") + 0.1 * rng.standard_normal(s.shape)
         return jnp.asarray(x, s.dtype)
 
-    params = jax.tree_util.tree_map_with_path(init, converted.abstract_params(mcfg, tcfg))
+    abstract = converted.abstract_params(mcfg, tcfg)
+    params = stacking.stacked_like(jax.tree_util.tree_map_with_path(init, stacking.unrolled_shapes(abstract)), abstract)
     head = params["tracker"]["sam_mask_decoder"]["pred_obj_score_head"]["layers_2"]
     head["bias"] = head["bias"] + score_bias
     return params
