@@ -4,16 +4,19 @@ import numpy as np
 import pytest
 
 from sam3_jax.infer.image_predictor import ImagePredictor, Prompt
-from sam3_jax.model import detector
+from sam3_jax.model import detector, stacking
 from sam3_jax.model.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
 def predictor():
-    """The tiny model with random weights drawn on the host (compiling its init would cost more than the test)."""
+    """The tiny model with random weights drawn on the host (compiling its init would cost more than the
+    test), layer by layer in the torch layout, then stacked as the model holds them."""
     cfg = ModelConfig.tiny()
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda a: rng.normal(0.0, 0.1, a.shape).astype(a.dtype), detector.abstract_params(cfg))
+    abstract = detector.abstract_params(cfg)
+    params = stacking.stacked_like(jax.tree.map(lambda a: rng.normal(0.0, 0.1, a.shape).astype(a.dtype),
+                                                stacking.unrolled_shapes(abstract)), abstract)
     return ImagePredictor(cfg, params, max_boxes=4)
 
 
