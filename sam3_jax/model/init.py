@@ -38,8 +38,8 @@ _CONV_TRANSPOSE = re.compile(r"(^|/)(dconv_2x2(_[01])?|output_upscaling_[03])/ke
 # at +-2, i.e. 100 standard deviations: a plain normal. Blocks are ``blocks_i`` or, scanned,
 # ``block_groups/blocks_i`` stacked over the groups (``stacking``).
 _EXPLICIT: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), r) for p, r in (
-    (r"vision_backbone/trunk/(block_groups/)?blocks(_\d+)?/.*/kernel$", "normal_0.02"),
-    (r"vision_backbone/trunk/(block_groups/)?blocks(_\d+)?/.*/bias$", "zeros"),
+    (r"vision_backbone/trunk/blocks_\d+/.*/kernel$", "normal_0.02"),
+    (r"vision_backbone/trunk/blocks_\d+/.*/bias$", "zeros"),
     (r"vision_backbone/trunk/(pos_embed|.*rel_pos_[hw])$", "normal_0.02"),
     (r"^transformer/.*box_embed/layers_\d+/(kernel|bias)$", "box_head"),
     (r"^transformer/.*(query_embed|reference_points)/embedding$", "normal_1"),
@@ -58,9 +58,13 @@ def reference_init(params, rng: jax.Array):
 
     All random leaves come out of two draws (standard normal, uniform on [-1, 1); ``_draw``), sliced
     and scaled: each threefry draw is a hash loop of its own for XLA to compile, so one draw per leaf
-    made the official detector's init slow to compile (benchmarks/README.md)."""
-    flat = traverse_util.flatten_dict(params)
-    shapes = {path: stacking.layer_shape(path, leaf.shape) for path, leaf in flat.items()}
+    made the official detector's init slow to compile (benchmarks/README.md). The draws are sliced
+    layer by layer in the torch layout (``stacking``), then stacked as ``params`` holds the layers: each
+    layer gets its own torch module's rule, and the values do not depend on the layout."""
+    layout = params
+    abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+    flat = traverse_util.flatten_dict(stacking.unrolled_shapes(params) if abstract else stacking.unrolled(params))
+    shapes = {path: leaf.shape for path, leaf in flat.items()}
     out, random = {}, {"normal": [], "uniform": []}
     for path in sorted(flat):
         leaf, rule = flat[path], rule_for(path, shapes)
@@ -80,7 +84,7 @@ def reference_init(params, rng: jax.Array):
             size = int(np.prod(leaf.shape))
             out[path] = (scale * draw[offset:offset + size].reshape(leaf.shape)).astype(leaf.dtype)
             offset += size
-    return traverse_util.unflatten_dict(out)
+    return stacking.stacked_like(traverse_util.unflatten_dict(out), layout)
 
 
 DRAW_BLOCK = 1 << 24  # values a random draw makes at once
@@ -101,8 +105,8 @@ def _draw(kind: str, key, total: int):
 
 
 def rule_for(path: tuple[str, ...], shapes: dict) -> tuple | None:
-    """The reference's initialiser for the leaf at ``path``, given every leaf's shape in one layer
-    (``shapes``: path -> shape; a scanned stack's leaves without their stacking axis):
+    """The reference's initialiser for the leaf at ``path`` (the torch layout), given every leaf's shape
+    (``shapes``: path -> shape):
     ("normal", std) | ("uniform", bound) | ("constant", c), or None for a raw parameter whose
     module initialises it as the reference does."""
     name = "/".join(path)

@@ -164,11 +164,6 @@ def _settled(tree, owned: bool):
     return tree
 
 
-def layer_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape one layer has of the leaf at ``path`` (stacked leaves lose their leading axis)."""
-    return tuple(shape[1:]) if any(s.stacked in path for s in STACKS) else tuple(shape)
-
-
 def _get(tree, path):
     for key in path:
         if not isinstance(tree, Mapping) or key not in tree:

@@ -1,10 +1,8 @@
 """The reference initialisation drawn from parameter shapes alone (`model.init.reference_init`)."""
-import re
 
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from sam3_jax.model import detector, init, stacking
 from sam3_jax.model.config import ModelConfig
@@ -23,27 +21,20 @@ def test_scanned_vit_blocks_get_the_reference_rules():
     assert not np.any(np.asarray(fc1["bias"]))
 
 
-def test_scanned_stacks_get_the_rules_of_one_layer():
-    """Every scanned stack (the detector's and the tracker's memory attention) initialises each
-    stacked leaf by the rule of the torch layer's leaf (the unrolled layout): bounds from one
-    layer's shape, not the stacked one's."""
+def test_scanned_stacks_get_the_rules_and_values_of_the_torch_layers():
+    """A model's initial values do not depend on its layout: the stacked tree (the detector's and the
+    tracker's) holds, layer by layer, what the torch layout draws, each layer by its own rule (bounds
+    from one layer's shape, not the stacked one's)."""
     cfg, tracker = ModelConfig.tiny(), TrackerConfig.tiny()
-
-    def rules(params):
-        flat = traverse_util.flatten_dict(params)
-        shapes = {p: stacking.layer_shape(p, x.shape) for p, x in flat.items()}
-        return {"/".join(p): init.rule_for(p, shapes) for p in flat}
-
-    seen = set()
-    for scanned_params in (detector.abstract_params(cfg), tracker_lib.abstract_params(tracker)):
-        unrolled = rules(stacking.unrolled_shapes(scanned_params))
-        for path, rule in rules(scanned_params).items():
-            for s in stacking.STACKS:  # the first group's layer j is unrolled layer j
-                if s.stacked in path:
-                    seen.add(s.stacked)
-                    path = re.sub(rf"{s.stacked}/({s.prefix}_\d+)/", r"\1/", path)
-            assert rule == unrolled[path], path
-    assert seen == {s.stacked for s in stacking.STACKS}
+    key = jax.random.key(0)
+    modules = tracker_lib.Tracker(tracker).init(key, method=tracker_lib.Tracker.all_paths)["params"]  # raw gammas
+    for layout, torch_layout in ((detector.abstract_params(cfg), stacking.unrolled_shapes(detector.abstract_params(cfg))),
+                                 (modules, stacking.unrolled(modules))):
+        assert stacking.scanned_stacks(layout)
+        got = stacking.unrolled(jax.jit(lambda r, t=layout: init.reference_init(t, r))(key))
+        want = jax.jit(lambda r, t=torch_layout: init.reference_init(t, r))(key)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
     stacked = detector.init_params(cfg, jax.random.key(0))
     kernel = np.asarray(stacked["transformer"]["encoder"]["layers_scan"]["layers_0"]["self_attn"]["in_proj_kernel"])
     bound = np.sqrt(6.0 / sum(kernel.shape[1:]))  # Xavier of one (d, 3d) matrix
