@@ -1,11 +1,11 @@
 """Running a stack of layers as one ``nn.scan``.
 
-The layers sit under one child ``<stacked>`` of the calling module as ``<prefix>_{j}``, j < group,
-every leaf with a leading axis over the scan's steps: layer i = g * n + j is index g of
-``<stacked>/<prefix>_{j}``, n the length of the repeating unit the scan steps over: 1 where all
-layers are alike, the period of the pattern otherwise (the ViT's windowed and global blocks). XLA compiles the body
-once, so a deep stack costs one step's compile time, not one per layer. The torch checkpoint
-numbers the layers ``<prefix>_{i}``; `sam3_jax.model.stacking` converts between the two layouts.
+The scan steps over a repeating unit of n layers: n = 1 where all layers are alike, the period of
+the pattern otherwise (the ViT's windowed and global blocks). The layers sit under one child
+``<stacked>`` of the calling module as ``<prefix>_{j}``, j < n, every leaf with a leading axis over
+the steps: layer i = g * n + j is index g of ``<stacked>/<prefix>_{j}``. XLA compiles the body once,
+so a deep stack costs one step's compile time, not one per layer. The torch checkpoint numbers the
+layers ``<prefix>_{i}``; `sam3_jax.model.stacking` converts between the two layouts.
 """
 from __future__ import annotations
 
