@@ -30,7 +30,7 @@ def export_params(params: dict, manifest: dict, dead: dict[str, np.ndarray]) -> 
 
     Raises ConversionError listing every key it cannot fill and every parameter no key reads."""
     cfg, _ = converted.configs(manifest)
-    params = stacking.relayout(params, {})  # the torch layout
+    params = stacking.unrolled(params)  # the torch layout
     flat = traverse_util.flatten_dict(params)
     used, problems, out = set(), [], {}
     for key, fate in manifest["keys"].items():
