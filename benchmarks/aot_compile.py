@@ -11,18 +11,22 @@ machine without a TPU, and prints the TPU compiler's own per-chip memory and FLO
 ``v6e:2x4``, ...). The global batch is ``data.batch_size`` x the slice's hosts, as a multi-host run
 assembles it: libtpu's ``v5e:2x4`` has two hosts of 4 chips; ``--chips_per_host=2x4`` makes it the
 single-host v5e-8. A step that does not fit is still compiled (libtpu's no-crash-on-OOM option), so
-its figure comes back with ``fits: false``.
+its figure comes back with ``fits: false``. Far over a chip's memory that option fails too ("Invalid
+TPU program", or an allocation larger than the chip); the step is then compiled as a pod would compile
+it, and the peak is read from the compiler's refusal, the one figure it gives (``refused: true``, the
+parts and flops null).
 
 Prints a table, then as its last line one JSON object: topology, chips, hosts, device_kind, mode,
 frames, shard_params, compile_s, per_chip_bytes (the compiler's peak where it reports one, else
 arguments + outputs + temporaries - aliased), its parts, hbm_bytes (what the compiler lets one
 program use of a chip's memory), fits, flops
-(XLA's count for one chip's program, a loop body counted once), per_chip_param_bytes.
+(XLA's count for one chip's program, a loop body counted once), per_chip_param_bytes, refused.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -51,6 +55,9 @@ GIB = 2**30
 HBM_BYTES = {"TPU v4": int(15.25 * GIB), "TPU v5 lite": int(15.75 * GIB), "TPU v5": int(95.74 * GIB),
              "TPU v6 lite": int(31.25 * GIB)}
 NO_CRASH_ON_OOM = {"xla_tpu_no_crash_on_oom": "true"}
+# libtpu's out-of-memory refusal, e.g. "... the total memory required for HLO temporaries (17.54G)
+# exceeds available HBM (15.75G)": G is GiB, the figure is the compiler's peak for one chip.
+REFUSAL = re.compile(r"required for HLO temporaries \(([0-9.]+)G\) exceeds available HBM")
 
 
 def parse_flags(argv):
@@ -71,6 +78,22 @@ def per_chip_bytes(memory) -> tuple[int, dict]:
     peak = getattr(memory, "peak_memory_in_bytes", 0) or (
         parts["argument"] + parts["output"] - parts["alias"] + parts["temp"])
     return int(peak), parts
+
+
+def compile_or_refusal(lowered):
+    """``(compiled, None)``, or ``(None, peak bytes)`` read from the compiler's refusal when not even
+    no-crash-on-OOM gets a program out of it (module docstring)."""
+    import jax
+
+    try:
+        return lowered.compile(NO_CRASH_ON_OOM), None
+    except jax.errors.JaxRuntimeError as no_crash_error:
+        try:
+            return lowered.compile(), None
+        except jax.errors.JaxRuntimeError as e:
+            if refusal := REFUSAL.search(str(e)):
+                return None, int(float(refusal.group(1)) * GIB)
+            raise no_crash_error from e
 
 
 def compile_step(config, topology: str, chips_per_host: str = "") -> dict:
@@ -101,11 +124,14 @@ def compile_step(config, topology: str, chips_per_host: str = "") -> dict:
         prog = program.build(config, mesh)
         with jax.set_mesh(mesh):
             lowered = prog.train_step.lower(prog.abstract_state, prog.abstract_batch(global_batch))
-        compiled = lowered.compile(NO_CRASH_ON_OOM)
+        compiled, refused_peak = compile_or_refusal(lowered)
     compile_s = time.perf_counter() - start
-    peak, parts = per_chip_bytes(compiled.memory_analysis())
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if compiled is None:
+        peak, parts, flops = refused_peak, dict.fromkeys(("argument", "output", "alias", "temp", "generated_code")), None
+    else:
+        peak, parts = per_chip_bytes(compiled.memory_analysis())
+        cost = compiled.cost_analysis()
+        flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0))
     kind = devices[0].device_kind
     hbm = HBM_BYTES.get(kind)
     _, param_bytes = sharding.sharded_bytes(prog.abstract_params, prog.param_specs, mesh)
@@ -115,23 +141,25 @@ def compile_step(config, topology: str, chips_per_host: str = "") -> dict:
             "compile_s": round(compile_s, 1), "per_chip_bytes": peak,
             **{f"{name}_bytes": value for name, value in parts.items()},
             "per_chip_param_bytes": param_bytes, "hbm_bytes": hbm,
-            "fits": None if hbm is None else peak <= hbm, "flops": float(cost.get("flops", 0.0))}
+            "fits": None if hbm is None else peak <= hbm, "flops": flops, "refused": compiled is None}
 
 
 def table(result: dict) -> str:
+    def gib(key):
+        return "-" if result[key] is None else f"{result[key] / GIB:.2f}"
+
     rows = [("topology", f"{result['topology']} ({result['chips']} x {result['device_kind']}, "
                          f"{result['hosts']} host(s))"),
             ("mode, frames, mesh", f"{result['mode']}, {result['frames']}, {result['mesh']}"),
             ("parameters sharded", str(result["shard_params"])),
             ("compile", f"{result['compile_s']:.1f} s"),
-            ("per chip: peak", f"{result['per_chip_bytes'] / GIB:.2f} GiB"),
-            ("  arguments / outputs / aliased", f"{result['argument_bytes'] / GIB:.2f} / "
-                                                f"{result['output_bytes'] / GIB:.2f} / {result['alias_bytes'] / GIB:.2f} GiB"),
-            ("  temporaries", f"{result['temp_bytes'] / GIB:.2f} GiB"),
-            ("  parameters", f"{result['per_chip_param_bytes'] / GIB:.2f} GiB"),
-            ("chip HBM available", "unknown" if result["hbm_bytes"] is None else f"{result['hbm_bytes'] / GIB:.2f} GiB"),
+            ("per chip: peak", f"{gib('per_chip_bytes')} GiB" + (" (the compiler's refusal)" if result["refused"] else "")),
+            ("  arguments / outputs / aliased", f"{gib('argument_bytes')} / {gib('output_bytes')} / {gib('alias_bytes')} GiB"),
+            ("  temporaries", f"{gib('temp_bytes')} GiB"),
+            ("  parameters", f"{gib('per_chip_param_bytes')} GiB"),
+            ("chip HBM available", "unknown" if result["hbm_bytes"] is None else f"{gib('hbm_bytes')} GiB"),
             ("fits", str(result["fits"])),
-            ("XLA flops (one chip)", f"{result['flops']:.4g}")]
+            ("XLA flops (one chip)", "-" if result["flops"] is None else f"{result['flops']:.4g}")]
     return "\n".join(f"{name:<32} {value}" for name, value in rows)
 
 
