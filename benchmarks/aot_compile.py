@@ -11,10 +11,10 @@ machine without a TPU, and prints the TPU compiler's own per-chip memory and FLO
 ``v6e:2x4``, ...). The global batch is ``data.batch_size`` x the slice's hosts, as a multi-host run
 assembles it: libtpu's ``v5e:2x4`` has two hosts of 4 chips; ``--chips_per_host=2x4`` makes it the
 single-host v5e-8. A step that does not fit is still compiled (libtpu's no-crash-on-OOM option), so
-its figure comes back with ``fits: false``. Far over a chip's memory that option fails too ("Invalid
-TPU program", or an allocation larger than the chip); the step is then compiled as a pod would compile
-it, and the peak is read from the compiler's refusal, the one figure it gives (``refused: true``, the
-parts and flops null).
+its figure comes back with ``fits: false``. Over a chip's memory that option can fail too (seen:
+"Invalid TPU program", and an allocation larger than the chip); the step is then compiled as a pod
+would compile it, and the peak is read from the compiler's refusal, the one figure it gives
+(``refused: true``, the parts and flops null).
 
 Prints a table, then as its last line one JSON object: topology, chips, hosts, device_kind, mode,
 frames, shard_params, compile_s, per_chip_bytes (the compiler's peak where it reports one, else
@@ -55,6 +55,7 @@ GIB = 2**30
 HBM_BYTES = {"TPU v4": int(15.25 * GIB), "TPU v5 lite": int(15.75 * GIB), "TPU v5": int(95.74 * GIB),
              "TPU v6 lite": int(31.25 * GIB)}
 NO_CRASH_ON_OOM = {"xla_tpu_no_crash_on_oom": "true"}
+PARTS = ("argument", "output", "alias", "temp", "generated_code")  # memory_analysis()'s *_size_in_bytes
 # libtpu's out-of-memory refusal, e.g. "... the total memory required for HLO temporaries (17.54G)
 # exceeds available HBM (15.75G)": G is GiB, the figure is the compiler's peak for one chip.
 REFUSAL = re.compile(r"required for HLO temporaries \(([0-9.]+)G\) exceeds available HBM")
@@ -73,8 +74,7 @@ def parse_flags(argv):
 
 def per_chip_bytes(memory) -> tuple[int, dict]:
     """(peak bytes a chip, the parts it is made of) from ``compiled.memory_analysis()``."""
-    parts = {name: int(getattr(memory, f"{name}_size_in_bytes"))
-             for name in ("argument", "output", "alias", "temp", "generated_code")}
+    parts = {name: int(getattr(memory, f"{name}_size_in_bytes")) for name in PARTS}
     peak = getattr(memory, "peak_memory_in_bytes", 0) or (
         parts["argument"] + parts["output"] - parts["alias"] + parts["temp"])
     return int(peak), parts
@@ -88,6 +88,8 @@ def compile_or_refusal(lowered):
     try:
         return lowered.compile(NO_CRASH_ON_OOM), None
     except jax.errors.JaxRuntimeError as no_crash_error:
+        print(f"no-crash-on-OOM compile failed ({str(no_crash_error).splitlines()[0][:200]}); "
+              "compiling without it for the compiler's own figure", file=sys.stderr)
         try:
             return lowered.compile(), None
         except jax.errors.JaxRuntimeError as e:
@@ -127,7 +129,7 @@ def compile_step(config, topology: str, chips_per_host: str = "") -> dict:
         compiled, refused_peak = compile_or_refusal(lowered)
     compile_s = time.perf_counter() - start
     if compiled is None:
-        peak, parts, flops = refused_peak, dict.fromkeys(("argument", "output", "alias", "temp", "generated_code")), None
+        peak, parts, flops = refused_peak, dict.fromkeys(PARTS), None
     else:
         peak, parts = per_chip_bytes(compiled.memory_analysis())
         cost = compiled.cost_analysis()
