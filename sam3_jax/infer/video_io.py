@@ -71,6 +71,7 @@ class VideoFileFrames:
             with container:
                 rate = stream.average_rate or stream.guessed_rate
                 self.fps = Fraction(rate) if rate else DEFAULT_FPS
+                listed = stream.frames  # read while open: PyAV 18.1.1 refuses a closed stream's attributes
                 for frame in container.decode(stream):
                     size = (frame.height, frame.width)
                     if self.size is None:
@@ -83,9 +84,8 @@ class VideoFileFrames:
             raise VideoInputError(f"{self.path}: cannot be read as a video, frame {count} ({e})") from e
         if not count:
             raise VideoInputError(f"{self.path}: no frames")
-        if stream.frames > count:
-            log.warning("%s: %d frames decode of the %d its container lists (truncated?)", self.path, count,
-                        stream.frames)
+        if listed > count:
+            log.warning("%s: %d frames decode of the %d its container lists (truncated?)", self.path, count, listed)
         self._len = count
 
     def __len__(self) -> int:
