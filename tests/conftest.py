@@ -12,6 +12,12 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked ``first`` run before the others (the order is otherwise kept): by the end of the
+    suite its own process holds gigabytes that a test's memory-heavy child processes would share."""
+    items.sort(key=lambda item: item.get_closest_marker("first") is None)
+
+
 @pytest.fixture(scope="session")
 def ref():
     """Meta's sam3 (PyTorch, CPU) with its CUDA-only paths shimmed; see sam3_jax/testing/reference.py."""

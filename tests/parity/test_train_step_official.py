@@ -2,10 +2,10 @@
 
 ``test_train_step_parity.py``'s two step-1 comparisons (every loss term and the gradient norm, float32,
 1 frame at 1008 px, 1 phrase, 3 objects) at ``SAM3_TRAIN_PARITY_SIZE=official``, run by a child
-pytest so that their memory (the reference's own child process, then ours: about 11 and 17 GiB, one
-after the other) is returned before the suite goes on and is not added to what the suite's process
-holds. The two real bfloat16 train steps of that module are left out here: with the optimiser's
-state they need about 23 GiB in one process (benchmarks/README.md).
+pytest so that their memory (the reference's own child process, then ours: about 10 and 16 GiB, one
+after the other) is returned before the suite goes on; it runs first (``first``), while the suite's
+own process is small. The two real bfloat16 train steps of that module are left out here: with the
+optimiser's state they need about 23 GiB in one process (benchmarks/README.md).
 """
 import os
 import subprocess
@@ -14,7 +14,7 @@ import tempfile
 
 import pytest
 
-pytestmark = [pytest.mark.parity, pytest.mark.slow]
+pytestmark = [pytest.mark.parity, pytest.mark.slow, pytest.mark.first]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
